@@ -1,0 +1,41 @@
+# Two commands a new user needs: `make run` (train with DiLoCo on this machine) and `make test`.
+VENV        ?= .venv
+PYTHON      ?= python3
+# Pins torch to the CPU wheel on machines without a GPU; `make CONSTRAINTS= ...` installs an unpinned torch.
+CONSTRAINTS ?= constraints.txt
+EXTRAS      ?= test
+PYTEST_ARGS ?=
+
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRAS)
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install run test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[$(EXTRAS)]'
+	touch $@
+
+## Train on this machine: a lighthouse and two replica groups, launched by TorchX (see .torchxconfig).
+run: install
+	$(BIN)/torchx run
+
+## The whole test suite, the end-to-end tests included (what CI runs).
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Everything but the slow end-to-end tests.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+## Quick versions of every benchmark; tables on stdout, JSON and PNG under benchmarks/results/.
+bench:
+	$(MAKE) install EXTRAS=test,bench
+	$(BIN)/python benchmarks/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""TorchX components of torchx-diloco (installed as the package ``torchx_diloco_components``)."""

@@ -1,0 +1,5 @@
+import sys
+
+from torchx_diloco.train import main
+
+sys.exit(main())

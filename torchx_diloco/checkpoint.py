@@ -1,0 +1,190 @@
+"""Durable backups of DiLoCo's global state on any fsspec URL (local path, memory://, s3://, gs://, ...).
+
+Layout, one folder per committed outer step::
+
+    <root>/step_00000005/global.pt               global weights, outer optimizer, step (one group writes it)
+    <root>/step_00000005/replica_group_1.pt      that group's inner optimizer, data position, RNG
+    <root>/step_00000005/MANIFEST.global.json    size and sha256 of global.pt, written after it
+    <root>/step_00000005/MANIFEST.replica_group_1.json
+
+A part exists only once its manifest does, and manifests are written last, so a crash at any instant leaves
+the previous complete step loadable. Loading checks sizes and checksums and unpickles with
+``weights_only=True``: a checkpoint from a shared bucket cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import fsspec
+import torch
+
+from torchx_diloco.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+GLOBAL_PART = "global"
+_STEP_DIR = re.compile(r"step_(\d{8})$")
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint part that is missing, truncated, altered or unsafe to load."""
+
+
+def group_part(group_id: int) -> str:
+    return f"replica_group_{group_id}"
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    global_state: Dict[str, Any]
+    group_state: Optional[Dict[str, Any]]  # None when this group wrote no part at that step
+
+
+class CheckpointStore:
+    """Reads and writes step folders under one fsspec URL."""
+
+    def __init__(self, url: str, keep: int = 3) -> None:
+        if keep < 1:
+            raise UserError(f"--keep-checkpoints must be >= 1, got {keep}")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url)
+        except (ValueError, ImportError) as e:
+            raise UserError(
+                f"--checkpoint-dir {url!r} is not a usable fsspec URL ({e}); "
+                "pass a local path or a URL like s3://bucket/run (install s3fs/gcsfs for those)"
+            ) from e
+        self.url = url
+        self.root = self.root.rstrip("/")
+        self.keep = keep
+
+    def check_writable(self) -> None:
+        """Fail now, with one line, rather than at the first outer step."""
+        probe = f"{self.root}/.write-test"
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ok")
+            self.fs.rm_file(probe)
+        except Exception as e:  # noqa: BLE001 - any storage error becomes one line for the user
+            raise UserError(
+                f"--checkpoint-dir {self.url!r} is not writable ({type(e).__name__}: {e}); "
+                "pass a directory or bucket you can write to"
+            ) from e
+
+    def step_dir(self, step: int) -> str:
+        return f"{self.root}/step_{step:08d}"
+
+    # --- writing -------------------------------------------------------------------------------------------
+    def write_part(self, step: int, part: str, payload: Dict[str, Any]) -> None:
+        """Write one part of step ``step``; its manifest last, so a crash leaves no half part visible."""
+        folder = self.step_dir(step)
+        manifest = f"{folder}/MANIFEST.{part}.json"
+        self.fs.makedirs(folder, exist_ok=True)
+        if self.fs.exists(manifest):  # rewriting a step (after a resume): unpublish the old part first
+            self.fs.rm_file(manifest)
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        data = buf.getvalue()
+        with self.fs.open(f"{folder}/{part}.pt", "wb") as f:
+            f.write(data)
+        entry = {"file": f"{part}.pt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        body = json.dumps({"format": FORMAT_VERSION, "step": step, "part": part, **entry}).encode()
+        with self.fs.open(manifest, "wb") as f:
+            f.write(body)
+
+    def prune(self) -> None:
+        """Delete all but the newest ``keep`` step folders."""
+        for step in self.steps()[: -self.keep]:
+            self.fs.rm(self.step_dir(step), recursive=True)
+
+    # --- reading -------------------------------------------------------------------------------------------
+    def steps(self) -> List[int]:
+        """Step folders present (complete or not), oldest first."""
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        found = (_STEP_DIR.search(n.rstrip("/")) for n in names)
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def read_part(self, step: int, part: str) -> Dict[str, Any]:
+        folder = self.step_dir(step)
+        try:
+            manifest = json.loads(self.fs.cat_file(f"{folder}/MANIFEST.{part}.json"))
+            data = self.fs.cat_file(f"{folder}/{manifest['file']}")
+        except FileNotFoundError as e:
+            raise CorruptCheckpoint(f"{folder}: {part} is missing ({e})") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpoint(f"{folder}: the manifest of {part} is malformed ({e})") from e
+        if len(data) != manifest.get("bytes"):
+            raise CorruptCheckpoint(f"{folder}: {part}.pt has {len(data)} bytes, the manifest says {manifest.get('bytes')}")
+        if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
+            raise CorruptCheckpoint(f"{folder}: {part}.pt does not match its checksum")
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - unpickling errors have many types; all mean "refuse"
+            raise CorruptCheckpoint(f"{folder}: {part}.pt refused by the safe loader ({str(e).splitlines()[0]})") from e
+
+    def has_part(self, step: int, part: str) -> bool:
+        return self.fs.exists(f"{self.step_dir(step)}/MANIFEST.{part}.json")
+
+    def latest(self, group_id: int) -> Optional[Checkpoint]:
+        """The newest step whose global part is complete and sound, with this group's part if it has one.
+
+        A corrupt or partial step is reported and skipped in favour of the one before.
+        """
+        for step in reversed(self.steps()):
+            if not self.has_part(step, GLOBAL_PART):
+                logger.warning("checkpoint %s is incomplete (no manifest): skipping it", self.step_dir(step))
+                continue
+            try:
+                global_state = self.read_part(step, GLOBAL_PART)
+                part = group_part(group_id)
+                group_state = self.read_part(step, part) if self.has_part(step, part) else None
+            except CorruptCheckpoint as e:
+                logger.warning("checkpoint skipped: %s", e)
+                continue
+            return Checkpoint(step, global_state, group_state)
+        return None
+
+
+class AsyncWriter:
+    """Runs storage work off the training thread, at most one job in flight.
+
+    A failed job is logged once and dropped: training goes on and the next job tries again.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._inflight: Optional[Future] = None
+        self.failures = 0
+
+    def submit(self, job: Callable[[], None], what: str) -> None:
+        self.wait()
+        self._inflight = self._pool.submit(self._run, job, what)
+
+    def _run(self, job: Callable[[], None], what: str) -> None:
+        try:
+            job()
+        except Exception as e:  # noqa: BLE001 - storage faults must not stop training; they are logged
+            self.failures += 1
+            logger.error("%s failed (training goes on, the previous checkpoint stays): %s: %s",
+                         what, type(e).__name__, e)
+
+    def wait(self) -> None:
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown(wait=True)

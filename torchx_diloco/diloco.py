@@ -1,0 +1,178 @@
+"""DiLoCo's outer loop on a torchft ``Manager``: the part of training that crosses replica groups.
+
+Every ``sync_every`` inner steps each group sends its pseudo-gradient ``global - local``; the average over the
+groups that contributed becomes the gradient of an outer optimizer step (SGD with Nesterov momentum in the
+paper) taken from the last global weights. Between syncs the groups never talk, which is the point.
+
+Differences from ``torchft.local_sgd.DiLoCo`` (which gives the same weights when nothing fails):
+- one flat all-reduce per sync instead of one per parameter;
+- a group that healed from a peer at this sync contributes nothing (its own weights are stale, so its
+  ``global - local`` is noise) and the average is over the groups that did contribute;
+- healing also resets the model to the global weights, not only the backup.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List
+
+import torch
+import torch.nn as nn
+from torch.distributed import ReduceOp
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "torchx_diloco"  # the name our global state is registered under with the manager
+
+
+def _param_ids(optimizer: torch.optim.Optimizer) -> set:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+class DiLoCo:
+    """Counts inner steps; every ``sync_every``-th call to :meth:`step` averages pseudo-gradients and steps.
+
+    Args:
+        manager: a torchft ``Manager`` built with ``use_async_quorum=False`` (a group that heals must hold the
+            global weights before it computes its pseudo-gradient).
+        model: the module the inner optimizer trains.
+        inner_optimizer: steps every batch (AdamW in the paper); only used here to check its parameters.
+        outer_optimizer: steps on the averaged pseudo-gradient (SGD, lr 0.7, momentum 0.9, Nesterov).
+        sync_every: H, inner steps between syncs.
+        backup_device: where the global weights are kept between syncs (host memory by default).
+    """
+
+    def __init__(
+        self,
+        manager: Any,
+        model: nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        sync_every: int,
+        backup_device: torch.device | str = "cpu",
+    ) -> None:
+        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+        if getattr(manager, "_use_async_quorum", False):
+            raise ValueError("DiLoCo needs a Manager built with use_async_quorum=False")
+        self._params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        if not self._params:
+            raise ValueError("the model has no trainable parameters")
+        model_ids = {id(p) for p in self._params}
+        for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
+            if _param_ids(opt) != model_ids:
+                raise ValueError(f"{name} must optimise exactly the model's trainable parameters")
+        if inner_optimizer is outer_optimizer:
+            raise ValueError("inner_optimizer and outer_optimizer must be different optimizers")
+
+        self.manager = manager
+        self.model = model
+        self.outer_optimizer = outer_optimizer
+        self.sync_every = sync_every
+        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
+        self._backup = [
+            torch.empty(p.shape, dtype=p.dtype, device=backup_device, pin_memory=pin) for p in self._params
+        ]
+        self._save_backup()
+        self._healed = False
+        self.local_step = 0  # inner steps since the last sync
+        manager.register_state_dict_fn(STATE_KEY, self._load_healed_state, self.state_dict)
+
+    # --- the global state: what a healing peer receives and what durable checkpoints hold ---------------
+    def state_dict(self) -> Dict[str, Any]:
+        """The global weights and the outer optimizer's state (the same in every group after a commit)."""
+        return {
+            "global_weights": dict(zip(self._names, self._backup)),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Adopt ``state`` as the global state and reset the model to those weights."""
+        weights = state["global_weights"]
+        missing = set(self._names) ^ set(weights)
+        if missing:
+            raise ValueError(f"global weights do not match the model: differing names {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, backup in zip(self._names, self._backup):
+                if weights[name].shape != backup.shape:
+                    raise ValueError(
+                        f"global weight {name} has shape {tuple(weights[name].shape)}, "
+                        f"the model has {tuple(backup.shape)}"
+                    )
+                backup.copy_(weights[name])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self._restore_backup()
+
+    def _load_healed_state(self, state: Dict[str, Any]) -> None:
+        self.load_state_dict(state)
+        self._healed = True
+        logger.info("healed from a peer at step %d", self.manager.current_step())
+
+    def global_weights(self) -> List[torch.Tensor]:
+        return list(self._backup)
+
+    # --- the loop --------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Call after each inner optimizer step. Returns True when this call committed an outer step."""
+        self.local_step += 1
+        if self.local_step < self.sync_every:
+            return False
+        self.local_step = 0
+        return self.sync()
+
+    def sync(self) -> bool:
+        """Average pseudo-gradients across groups and take the outer step; False if the round was dropped."""
+        self._healed = False
+        self.manager.start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
+        flat = self._pseudo_gradient()
+        self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
+        if not self.manager.should_commit():
+            logger.warning("outer step %d not committed: discarding the last inner steps",
+                           self.manager.current_step() + 1)
+            self._restore_backup()
+            return False
+        self._restore_backup()
+        contributors = float(flat[-1])
+        if contributors > 0:
+            self._apply_outer_step(flat[:-1] / contributors)
+        return True
+
+    # --- pieces ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _pseudo_gradient(self) -> torch.Tensor:
+        """``global - local`` of every parameter in one flat buffer, plus a last element: 1 if it counts."""
+        device = self._params[0].device
+        numel = sum(p.numel() for p in self._params)
+        flat = torch.empty(numel + 1, dtype=torch.float32, device=device)
+        offset = 0
+        for p, backup in zip(self._params, self._backup):
+            n = p.numel()
+            torch.sub(backup.to(device, non_blocking=True).view(-1), p.view(-1), out=flat[offset : offset + n])
+            offset += n
+        if self._healed:  # our local weights predate the global ones we just received
+            flat.zero_()
+        else:
+            flat[-1] = 1.0
+        return flat
+
+    @torch.no_grad()
+    def _apply_outer_step(self, avg: torch.Tensor) -> None:
+        offset = 0
+        for p in self._params:
+            n = p.numel()
+            p.grad = avg[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self._save_backup()
+
+    @torch.no_grad()
+    def _save_backup(self) -> None:
+        for p, backup in zip(self._params, self._backup):
+            backup.copy_(p.detach())  # blocking: a checkpoint writer may read the backup next
+
+    @torch.no_grad()
+    def _restore_backup(self) -> None:
+        for p, backup in zip(self._params, self._backup):
+            p.copy_(backup, non_blocking=False)

@@ -1,0 +1,63 @@
+"""What a run reports: two DiLoCo lines per outer step, a progress bar on terminals, and JSON lines on disk.
+
+The JSON lines (one file per group beside the checkpoints) carry a checksum of the global weights at every
+committed outer step, so anyone can check afterwards that all groups agreed at every step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from typing import Any, Dict, Iterable, List
+
+import fsspec
+import torch
+from tqdm import tqdm
+
+
+def weights_checksum(tensors: Iterable[torch.Tensor]) -> str:
+    """sha256 over the raw bytes of ``tensors`` (bit-identical weights give equal checksums)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def print_outer_step(inner_steps: int, outer_step: int, loss: float) -> None:
+    """The two lines torchft's DiLoCo example prints, which users and scripts look for."""
+    tqdm.write(f"DiLoCo: Number of inner optimizer steps completed: {inner_steps}", file=sys.stdout)
+    tqdm.write(f"DiLoCo: Number of outer optimizer steps completed: [{outer_step}] loss = {loss}", file=sys.stdout)
+    sys.stdout.flush()
+
+
+def progress_bar(total: int, initial: int, group_id: int) -> tqdm:
+    """A bar of outer steps, shown only when stderr is a terminal."""
+    return tqdm(total=total, initial=initial, desc=f"group {group_id}", unit="outer step",
+                disable=not sys.stderr.isatty(), leave=False)
+
+
+class MetricsLog:
+    """A JSON-lines file on any fsspec URL: appended to where the filesystem can, rewritten elsewhere."""
+
+    def __init__(self, url: str) -> None:
+        self.fs, self.path = fsspec.core.url_to_fs(url)
+        self._lines: List[str] = []
+        self._append = "file" in self.fs.protocol or "local" in self.fs.protocol
+        if self.fs.exists(self.path):  # a resumed run continues its file
+            self._lines = self.fs.cat_file(self.path).decode().splitlines()
+
+    def write(self, record: Dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True)
+        self._lines.append(line)
+        self.fs.makedirs(self.fs._parent(self.path), exist_ok=True)
+        if self._append:
+            with self.fs.open(self.path, "ab") as f:
+                f.write((line + "\n").encode())
+        else:
+            self.fs.pipe_file(self.path, ("\n".join(self._lines) + "\n").encode())
+
+
+def read_metrics(url: str) -> List[Dict[str, Any]]:
+    with fsspec.open(url, "rb") as f:
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]

@@ -1,0 +1,318 @@
+"""``python -m torchx_diloco.train``: one replica group of a DiLoCo run, assembled from the package's parts.
+
+Run it once per group (the TorchX components do, under torchrun) against one torchft lighthouse.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from torchx_diloco.checkpoint import GLOBAL_PART, AsyncWriter, Checkpoint, CheckpointStore, group_part
+from torchx_diloco.cluster import (
+    build_manager,
+    group_rank,
+    group_world_size,
+    pick_device,
+    wait_for_groups,
+    wait_for_lighthouse,
+)
+from torchx_diloco.config import TrainConfig, parse_config
+from torchx_diloco.data import Corpus, eval_batches, read_corpus
+from torchx_diloco.diloco import DiLoCo
+from torchx_diloco.errors import UserError
+from torchx_diloco.metrics import MetricsLog, print_outer_step, progress_bar, weights_checksum
+from torchx_diloco.model import build_model
+
+logger = logging.getLogger("torchx_diloco")
+
+
+def inner_lr(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak, over all inner steps of the run."""
+    total = cfg.total_inner_steps
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
+    if step < warmup:
+        return cfg.inner_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.inner_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig):
+    """The paper's pair: AdamW (decay on matrices only) inside, SGD with Nesterov momentum outside."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    inner = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.inner_lr,
+        betas=(0.9, 0.95),
+    )
+    outer = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.outer_momentum > 0)
+    return inner, outer
+
+
+def _to_cpu(obj: Any) -> Any:
+    """A detached CPU copy of a (nested) state dict, safe to serialise while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class TorchftDiLoCo:
+    """``torchft.local_sgd.DiLoCo`` behind our interface, so benchmarks and tests can compare the two."""
+
+    def __init__(self, manager, model, inner_optimizer, outer_optimizer, sync_every: int) -> None:
+        from torchft.local_sgd import DiLoCo as _TorchftDiLoCo
+
+        self.manager = manager
+        self.outer_optimizer = outer_optimizer
+        self._impl = _TorchftDiLoCo(manager, [model], inner_optimizer, outer_optimizer, sync_every=sync_every,
+                                    backup_device=torch.device("cpu"))
+        self._impl.__enter__()  # hooks the inner optimizer: the sync runs inside its H-th step()
+        self._fragment = self._impl._fragments[0]
+        self._last_step = manager.current_step()
+
+    def step(self) -> bool:
+        step = self.manager.current_step()
+        committed, self._last_step = step > self._last_step, step
+        return committed
+
+    def global_weights(self) -> List[torch.Tensor]:
+        return list(self._fragment.original_parameters.values())
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"global_weights": dict(self._fragment.original_parameters),
+                "outer_optimizer": self.outer_optimizer.state_dict()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for name, t in self._fragment.original_parameters.items():
+            t.copy_(state["global_weights"][name])
+        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+        self._fragment.restore_parameters()
+        self._last_step = self.manager.current_step()
+
+
+class Trainer:
+    """Owns one group's model, optimizers, data position and durable state; ``run()`` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.group = cfg.replica_group_id
+        self.is_group_leader = group_rank() == 0
+        self.device = pick_device(cfg.device)
+        self.store = CheckpointStore(cfg.checkpoint_dir, cfg.keep_checkpoints)
+        if self.is_group_leader:
+            self.store.check_writable()
+
+        corpus = Corpus.from_bytes(read_corpus(cfg.data), cfg.seq_len)
+        self.shard = corpus.shard(self.group, cfg.num_replica_groups, cfg.seq_len)
+        self.eval_tokens = corpus.eval
+        self.data_seed = cfg.seed * 7919 + self.group
+
+        torch.manual_seed(cfg.seed)  # the same initial weights in every group
+        self.model = build_model(cfg.model, block_size=cfg.seq_len).to(self.device)
+        self.train_model = self._wrap_for_group(self.model)
+        self.inner_opt, self.outer_opt = build_optimizers(self.model, cfg)
+        self.position = 0  # batches this group has drawn from its shard
+        self.inner_steps = 0  # inner steps this group has taken
+
+        self.resume_from = self.store.latest(self.group)
+        if self.resume_from is not None:
+            self._check_shape(self.resume_from)
+
+    def _wrap_for_group(self, model: nn.Module) -> nn.Module:
+        """Several ranks in one group (e.g. one per GPU) train as ordinary DDP between syncs."""
+        if group_world_size() == 1:
+            return model
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _check_shape(self, ckpt: Checkpoint) -> None:
+        saved = ckpt.global_state.get("model_config")
+        if saved != self.model.cfg.to_dict():
+            raise UserError(
+                f"the checkpoint at {self.store.step_dir(ckpt.step)} is for a different model ({saved}); "
+                f"this run builds {self.model.cfg.to_dict()}: pass the same --model and --seq-len, "
+                "or a new --checkpoint-dir"
+            )
+
+    # --- joining -----------------------------------------------------------------------------------------
+    def join(self) -> None:
+        cfg = self.cfg
+        wait_for_lighthouse(cfg.lighthouse, cfg.lighthouse_timeout)
+        self.manager = build_manager(self.group, self.device, cfg.min_replicas, cfg.collective_timeout,
+                                     max(cfg.lighthouse_timeout, cfg.collective_timeout), cfg.lighthouse)
+        if cfg.group_wait > 0 and cfg.num_replica_groups > 1:
+            wait_for_groups(cfg.lighthouse, cfg.num_replica_groups, cfg.group_wait, f"replica_group_{self.group}")
+        impl = DiLoCo if cfg.impl == "torchx_diloco" else TorchftDiLoCo
+        self.diloco = impl(self.manager, self.model, self.inner_opt, self.outer_opt, sync_every=cfg.sync_every)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        self.manager.load_state_dict(ckpt.global_state["manager"])
+        self.diloco.load_state_dict(ckpt.global_state["diloco"])
+        if ckpt.group_state is None:
+            logger.warning("checkpoint step %d has no part for group %d: its inner optimizer starts afresh",
+                           ckpt.step, self.group)
+        else:
+            self.inner_opt.load_state_dict(ckpt.group_state["inner_optimizer"])
+            self.position = ckpt.group_state["data_position"]
+            self.inner_steps = ckpt.group_state["inner_steps"]
+            torch.set_rng_state(ckpt.group_state["rng"])
+        logger.info("group %d resumed from %s (outer step %d)", self.group, self.store.step_dir(ckpt.step), ckpt.step)
+
+    # --- training ----------------------------------------------------------------------------------------
+    def run(self) -> int:
+        cfg = self.cfg
+        self.join()
+        self.writer = AsyncWriter()
+        self.metrics = MetricsLog(f"{cfg.checkpoint_dir.rstrip('/')}/metrics/{group_part(self.group)}.jsonl")
+        bar = progress_bar(cfg.outer_steps, self.manager.current_step(), self.group)
+        window_step, loss_sum, window_start, sync_s = 0, torch.zeros((), device=self.device), time.perf_counter(), 0.0
+        while self.manager.current_step() < cfg.outer_steps:
+            step = self.manager.current_step() * cfg.sync_every + window_step
+            for group in self.inner_opt.param_groups:
+                group["lr"] = inner_lr(step, cfg)
+            x, y = self.shard.batch(self.position, cfg.batch_size, cfg.seq_len, self.data_seed)
+            self.position += 1
+            _, loss = self.train_model(x.to(self.device), y.to(self.device))
+            loss.backward()
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            window_step += 1
+            syncing = window_step == cfg.sync_every
+            if syncing:
+                self.writer.wait()  # the sync rewrites the global state a checkpoint write may be reading
+            t0 = time.perf_counter()
+            self.inner_opt.step()  # (torchft's implementation syncs inside this call)
+            self.inner_opt.zero_grad(set_to_none=True)
+            self.inner_steps += 1
+            loss_sum += loss.detach()
+            committed = self.diloco.step()
+            if not syncing:
+                continue
+            sync_s = time.perf_counter() - t0
+            if committed:
+                self._after_commit(float(loss_sum) / window_step, window_step, time.perf_counter() - window_start,
+                                   sync_s)
+                bar.update(1)
+            else:
+                self._record({"outer_step": self.manager.current_step() + 1, "committed": False, "sync_s": sync_s})
+            window_step, loss_sum, window_start = 0, torch.zeros((), device=self.device), time.perf_counter()
+        bar.close()
+        self.writer.close()
+        self.manager.shutdown(wait=False)
+        if self.is_group_leader:
+            print(f"DiLoCo: group {self.group} finished at outer step {self.manager.current_step()}", flush=True)
+        return 0
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.cfg.eval_batches == 0:
+            return None
+        self.model.eval()
+        losses = [self.model(x.to(self.device), y.to(self.device))[1].item()
+                  for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len,
+                                           self.cfg.eval_batches)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def _after_commit(self, loss: float, window_steps: int, window_s: float, sync_s: float) -> None:
+        cfg, step = self.cfg, self.manager.current_step()
+        record = {
+            "outer_step": step,
+            "committed": True,
+            "inner_steps": self.inner_steps,
+            "loss": loss,
+            "eval_loss": self.evaluate(),
+            "participants": self.manager.num_participants(),
+            "tokens_per_s": window_steps * cfg.batch_size * cfg.seq_len * group_world_size() / window_s,
+            "sync_s": sync_s,
+        }
+        if self.is_group_leader:
+            print_outer_step(self.inner_steps, step, loss)
+        if step % cfg.checkpoint_every == 0 or step == cfg.outer_steps:
+            self._checkpoint(step, record)
+        else:
+            self._record(record)
+
+    def _record(self, record: Dict[str, Any]) -> None:
+        if not self.is_group_leader:
+            return
+        record = {**record, "group": self.group, "time": time.time()}
+        weights = self.diloco.global_weights() if record["committed"] else None
+
+        def job() -> None:
+            if weights is not None:
+                record["weights_sha"] = weights_checksum(weights)
+            self.metrics.write(record)
+
+        self.writer.submit(job, f"metrics of outer step {record['outer_step']}")
+
+    def _checkpoint(self, step: int, record: Dict[str, Any]) -> None:
+        """Queue this step's durable state; the global part is written by the quorum's first group only."""
+        if not self.is_group_leader:
+            return
+        writes_global = self.manager.participating_rank() == 0
+        global_state = {
+            "format": 1,
+            "outer_step": step,
+            "model_config": self.model.cfg.to_dict(),
+            "manager": self.manager.state_dict(),
+            "diloco": self.diloco.state_dict(),  # references: the writer is waited for before the next sync
+        }
+        group_state = {
+            "inner_optimizer": _to_cpu(self.inner_opt.state_dict()),
+            "data_position": self.position,
+            "inner_steps": self.inner_steps,
+            "rng": torch.get_rng_state(),
+        }
+        record = {**record, "group": self.group, "time": time.time()}
+        weights = self.diloco.global_weights()
+
+        def job() -> None:
+            record["weights_sha"] = weights_checksum(weights)
+            try:
+                self.store.write_part(step, group_part(self.group), group_state)
+                if writes_global:
+                    self.store.write_part(step, GLOBAL_PART, global_state)
+                    self.store.prune()
+                record["checkpoint"] = self.store.step_dir(step)
+            finally:  # the metrics line is written even when storage failed (then without "checkpoint")
+                self.metrics.write(record)
+
+        self.writer.submit(job, f"checkpoint of outer step {step}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO otherwise
+    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torchx_diloco").setLevel(os.environ.get("TORCHX_DILOCO_LOGLEVEL", "INFO").upper())
+    try:
+        cfg = parse_config(argv)
+        return Trainer(cfg).run()
+    except UserError as e:
+        print(f"torchx_diloco.train: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
