@@ -7,8 +7,9 @@ Layout, one folder per committed outer step::
     <root>/step_00000005/MANIFEST.global.json    size and sha256 of global.pt, written after it
     <root>/step_00000005/MANIFEST.replica_group_1.json
 
-A part exists only once its manifest does, and manifests are written last, so a crash at any instant leaves
-the previous complete step loadable. Loading checks sizes and checksums and unpickles with
+A part exists only once its manifest does, and manifests are written last; the global manifest is written
+after every group of the quorum has published its part, so a step with a global manifest is complete and a
+crash at any instant leaves the previous complete step loadable. Loading checks sizes and checksums and unpickles with
 ``weights_only=True``: a checkpoint from a shared bucket cannot run code.
 """
 
@@ -19,6 +20,7 @@ import io
 import json
 import logging
 import re
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -101,14 +103,31 @@ class CheckpointStore:
         with self.fs.open(manifest, "wb") as f:
             f.write(body)
 
+    def wait_for_group_parts(self, step: int, count: int, timeout_s: float) -> bool:
+        """Wait until ``count`` groups have published their part of ``step`` (the global part goes last)."""
+        deadline = time.monotonic() + timeout_s
+        pattern = f"{self.step_dir(step)}/MANIFEST.replica_group_*.json"
+        while len(self._fresh_glob(pattern)) < count:
+            if time.monotonic() > deadline:
+                logger.warning("step %d: only %d of %d group parts after %gs; publishing it without the rest",
+                               step, len(self._fresh_glob(pattern)), count, timeout_s)
+                return False
+            time.sleep(0.05)
+        return True
+
     def prune(self) -> None:
         """Delete all but the newest ``keep`` step folders."""
         for step in self.steps()[: -self.keep]:
             self.fs.rm(self.step_dir(step), recursive=True)
 
     # --- reading -------------------------------------------------------------------------------------------
+    def _fresh_glob(self, pattern: str) -> List[str]:
+        self.fs.invalidate_cache(self.fs._parent(pattern))  # object stores cache listings; others write here
+        return self.fs.glob(pattern)
+
     def steps(self) -> List[int]:
         """Step folders present (complete or not), oldest first."""
+        self.fs.invalidate_cache(self.root)
         try:
             names = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
@@ -135,6 +154,7 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{folder}: {part}.pt refused by the safe loader ({str(e).splitlines()[0]})") from e
 
     def has_part(self, step: int, part: str) -> bool:
+        self.fs.invalidate_cache(self.step_dir(step))
         return self.fs.exists(f"{self.step_dir(step)}/MANIFEST.{part}.json")
 
     def latest(self, group_id: int) -> Optional[Checkpoint]:

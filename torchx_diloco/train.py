@@ -271,6 +271,7 @@ class Trainer:
         if not self.is_group_leader:
             return
         writes_global = self.manager.participating_rank() == 0
+        participants = self.manager.num_participants()
         global_state = {
             "format": 1,
             "outer_step": step,
@@ -292,6 +293,7 @@ class Trainer:
             try:
                 self.store.write_part(step, group_part(self.group), group_state)
                 if writes_global:
+                    self.store.wait_for_group_parts(step, participants, self.cfg.collective_timeout)
                     self.store.write_part(step, GLOBAL_PART, global_state)
                     self.store.prune()
                 record["checkpoint"] = self.store.step_dir(step)

@@ -1,0 +1,163 @@
+"""The outer loop itself, in one process with a real torchft lighthouse and Manager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+torchft = pytest.importorskip("torchft")
+from torchft._torchft import LighthouseServer  # noqa: E402
+
+from torchx_diloco import DiLoCo  # noqa: E402
+from torchx_diloco.cluster import build_manager  # noqa: E402
+
+
+@pytest.fixture
+def lighthouse():
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
+    yield server.address()
+    server.shutdown()
+
+
+def make_manager(lighthouse: str, min_replicas: int = 1):
+    return build_manager(0, torch.device("cpu"), min_replicas, timeout_s=10, quorum_timeout_s=10,
+                         lighthouse=lighthouse)
+
+
+def regression_problem(seed: int = 0):
+    """A convex least-squares problem: y = X w*."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 8, generator=g)
+    w_star = torch.randn(8, 1, generator=g)
+    return x, x @ w_star
+
+
+def loss_of(model: nn.Module, x, y) -> float:
+    with torch.no_grad():
+        return float(((model(x) - y) ** 2).mean())
+
+
+def run_inner_steps(model, opt, x, y, steps: int, diloco: DiLoCo) -> list:
+    results = []
+    for _ in range(steps):
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        results.append(diloco.step())
+    return results
+
+
+def test_outer_step_moves_global_weights_towards_the_inner_solution(lighthouse):
+    """Sign and effect: with the pseudo-gradient global - local, the outer step lowers a convex loss."""
+    x, y = regression_problem()
+    model = nn.Linear(8, 1, bias=False)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7)  # no momentum: the step is exactly 0.7 * delta
+    manager = make_manager(lighthouse)
+    try:
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=5)
+        before = loss_of(model, x, y)
+        global_before = model.weight.detach().clone()
+        # the local weights after H inner steps, computed on a copy with the same optimizer settings
+        shadow = copy.deepcopy(model)
+        shadow_opt = torch.optim.SGD(shadow.parameters(), lr=0.05)
+        for _ in range(5):
+            ((shadow(x) - y) ** 2).mean().backward()
+            shadow_opt.step()
+            shadow_opt.zero_grad()
+
+        committed = run_inner_steps(model, inner, x, y, 5, diloco)
+
+        assert committed == [False, False, False, False, True]
+        after = loss_of(model, x, y)
+        assert after < before
+        expected = global_before - 0.7 * (global_before - shadow.weight.detach())
+        torch.testing.assert_close(model.weight.detach(), expected)
+        torch.testing.assert_close(diloco.global_weights()[0], expected)
+        assert manager.current_step() == 1
+    finally:
+        manager.shutdown(wait=False)
+
+
+def test_failed_commit_discards_inner_steps_and_restores_global_weights(lighthouse):
+    """A group alone while two are required: the round is not committed and the H inner steps vanish."""
+    x, y = regression_problem()
+    model = nn.Linear(8, 1, bias=False)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    manager = make_manager(lighthouse, min_replicas=2)  # the lighthouse forms a quorum of 1: too few to commit
+    try:
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=4)
+        global_before = model.weight.detach().clone()
+        committed = run_inner_steps(model, inner, x, y, 4, diloco)
+        assert committed == [False, False, False, False]
+        torch.testing.assert_close(model.weight.detach(), global_before, rtol=0, atol=0)
+        torch.testing.assert_close(diloco.global_weights()[0], global_before, rtol=0, atol=0)
+        assert manager.current_step() == 0
+        assert not outer.state, "the outer optimizer must not have stepped"
+        assert diloco.local_step == 0, "the next window starts afresh"
+    finally:
+        manager.shutdown(wait=False)
+
+
+def test_state_dict_round_trip_resets_model(lighthouse):
+    model = nn.Linear(8, 1, bias=False)
+    inner = torch.optim.AdamW(model.parameters())
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.9, nesterov=True)
+    manager = make_manager(lighthouse)
+    try:
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=2)
+        state = {"global_weights": {"weight": torch.full((1, 8), 3.0)}, "outer_optimizer": outer.state_dict()}
+        diloco.load_state_dict(state)
+        assert torch.equal(model.weight.detach(), torch.full((1, 8), 3.0))
+        with pytest.raises(ValueError, match="shape"):
+            diloco.load_state_dict({"global_weights": {"weight": torch.zeros(2, 8)},
+                                    "outer_optimizer": outer.state_dict()})
+        with pytest.raises(ValueError, match="do not match"):
+            diloco.load_state_dict({"global_weights": {"other": torch.zeros(1, 8)},
+                                    "outer_optimizer": outer.state_dict()})
+    finally:
+        manager.shutdown(wait=False)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(sync_every=0), "sync_every must be an integer >= 1"),
+        (dict(sync_every=2.5), "sync_every must be an integer >= 1"),
+        (dict(inner="other model"), "inner_optimizer must optimise exactly the model's trainable parameters"),
+        (dict(outer="other model"), "outer_optimizer must optimise exactly the model's trainable parameters"),
+        (dict(outer="same as inner"), "must be different optimizers"),
+    ],
+)
+def test_bad_arguments_are_refused(lighthouse, change, message):
+    model = nn.Linear(8, 1)
+    other = nn.Linear(8, 1)
+    inner = torch.optim.AdamW(model.parameters())
+    outer = torch.optim.SGD(model.parameters(), lr=0.7)
+    if change.get("inner") == "other model":
+        inner = torch.optim.AdamW(other.parameters())
+    if change.get("outer") == "other model":
+        outer = torch.optim.SGD(other.parameters(), lr=0.7)
+    if change.get("outer") == "same as inner":
+        outer = inner
+    manager = make_manager(lighthouse)
+    try:
+        with pytest.raises(ValueError, match=message):
+            DiLoCo(manager, model, inner, outer, sync_every=change.get("sync_every", 2))
+    finally:
+        manager.shutdown(wait=False)
+
+
+def test_async_quorum_manager_is_refused(lighthouse):
+    class AsyncManager:
+        _use_async_quorum = True
+
+    model = nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="use_async_quorum=False"):
+        DiLoCo(AsyncManager(), model, torch.optim.SGD(model.parameters(), lr=1),
+               torch.optim.SGD(model.parameters(), lr=1), sync_every=1)
