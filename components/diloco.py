@@ -1,0 +1,328 @@
+"""TorchX components that launch DiLoCo: a torchft lighthouse plus N replica groups.
+
+``diloco`` is the whole run as one app (one machine with ``local_cwd``, or one heterogeneous job on Slurm).
+``lighthouse`` and ``replica_group`` are its two halves, for submitting the groups as separate jobs
+against one long-lived lighthouse. All three build their roles with the helpers below, so they stay alike.
+
+The lighthouse is the first role: the groups find it through TorchX's ``rank0_env`` macro, which names
+the variable holding the first role's host (``TORCHX_RANK0_HOST=localhost`` on ``local_cwd``,
+``SLURM_JOB_NODELIST_HET_GROUP_0`` on Slurm), so one AppDef runs unchanged on both.
+
+Imports only torchx and the standard library (TorchX imports this file to list and lint components).
+"""
+
+import os
+import re
+import shlex
+import subprocess
+from typing import Dict, List, Optional
+
+import torchx.specs as specs
+from torchx.specs import macros
+
+# The GPU count the checks below compare requests with. Overrides `nvidia-smi -L` (the same detection
+# TorchX's local scheduler uses for `auto_set_cuda_visible_devices`): set it when submitting from a machine
+# whose GPUs differ from the ones the groups will run on; the tests use it to stand for an 8-GPU machine.
+GPUS_ENV = "TORCHX_DILOCO_GPUS"
+
+LIGHTHOUSE_ROLE = "lighthouse"
+TRAIN_MODULE = "torchx_diloco.train"
+LIGHTHOUSE_MODULE = "torchx_diloco.lighthouse"
+
+
+def diloco(
+    *script_args: str,
+    replica_groups: int = 2,
+    gpus_per_group: int = 0,
+    gpu_assignment: Optional[str] = None,
+    cpu: int = 1,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    max_restarts: int = 3,
+    lighthouse_port: int = 29510,
+    min_replicas: int = 1,
+    checkpoint_dir: str = "checkpoints/diloco",
+    outer_steps: int = 0,
+    sync_every: int = 0,
+    model: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    lighthouse_idle_exit: float = 20.0,
+    name: str = "diloco",
+) -> specs.AppDef:
+    """DiLoCo training: a torchft lighthouse plus ``replica_groups`` groups, each under ``torchrun``.
+
+    Usage: ``torchx run -s local_cwd diloco.diloco --replica_groups 2 -- --batch-size 8``
+    (arguments after ``--`` go to ``python -m torchx_diloco.train``; see its ``--help``).
+
+    Args:
+        script_args: extra flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones
+            this component sets
+        replica_groups: number of replica groups (DiLoCo workers) that average pseudo-gradients every H steps
+        gpus_per_group: GPUs (= torchrun processes) per group; 0 trains on CPU with one process per group
+        gpu_assignment: local_cwd only: explicit CUDA devices per group, groups separated by ';' (e.g. "0,1;2,3");
+            leave the scheduler option auto_set_cuda_visible_devices off when you use it (it would overwrite
+            these). Without it, turn auto_set_cuda_visible_devices on to give groups distinct GPUs
+        cpu: CPU cores per group; on CPU also the group's OMP_NUM_THREADS, so groups do not fight over cores
+        memMB: memory per group in MB (Slurm --mem)
+        h: a registered TorchX named resource for each group (wins over cpu, gpus_per_group and memMB)
+        max_restarts: times torchrun restarts a group's crashed workers; a restarted group heals from a peer
+        lighthouse_port: port of the torchft lighthouse on the first role's host
+        min_replicas: groups needed to commit an outer step (the others may be down or restarting)
+        checkpoint_dir: fsspec URL of the durable checkpoints (relative paths are under the job's working
+            directory); a re-run with the same directory resumes from its newest complete checkpoint
+            (use e.g. checkpoints/${app_id} for a fresh start each run)
+        outer_steps: outer steps (syncs) to train for; 0 = the training module's default
+        sync_every: H, inner steps between syncs; 0 = the training module's default
+        model: GPT preset nano, tiny, small or medium (default: the training module's)
+        env: environment variables for every role (e.g. LOGLEVEL=INFO,TORCHX_DILOCO_LOGLEVEL=DEBUG)
+        lighthouse_idle_exit: seconds every group must stay silent before the lighthouse exits 0 and the app
+            ends; keep it above a group's restart time
+        name: the app's name
+    """
+    _check_common(replica_groups, min_replicas, max_restarts, cpu, lighthouse_port)
+    resource = _group_resource(cpu, gpus_per_group, memMB, h)
+    devices = _parse_gpu_assignment(gpu_assignment, replica_groups, resource.gpu)
+    if devices is not None and resource.gpu == 0:
+        resource = _group_resource(cpu, len(devices[0]), memMB, h)
+    _check_gpu_count(resource.gpu * replica_groups, devices)
+    train_args = _train_args(checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args))
+    # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
+    url = f"http://$${{{macros.rank0_env}:-localhost}}:{lighthouse_port}"
+    roles = [_lighthouse_role(lighthouse_port, min_replicas, lighthouse_idle_exit, env)]
+    roles += [
+        _group_role(g, replica_groups, url, resource, devices[g] if devices else None, max_restarts, env, train_args)
+        for g in range(replica_groups)
+    ]
+    return specs.AppDef(name=name, roles=roles)
+
+
+def lighthouse(
+    port: int = 29510,
+    min_replicas: int = 1,
+    idle_exit: float = 60.0,
+    env: Optional[Dict[str, str]] = None,
+    name: str = "diloco-lighthouse",
+) -> specs.AppDef:
+    """The torchft lighthouse alone, for replica groups submitted as separate jobs (``diloco.replica_group``).
+
+    Under Slurm it listens on its node's address; on a laptop on 127.0.0.1. It exits 0 once every group
+    that joined has been silent for ``idle_exit`` seconds, or 1 if none joined within 10 minutes.
+
+    Args:
+        port: port to listen on; give the groups --lighthouse_url http://THIS_HOST:PORT
+        min_replicas: groups needed to commit an outer step
+        idle_exit: seconds every group must stay silent before the lighthouse exits (0 = serve forever)
+        env: environment variables for the lighthouse
+        name: the app's name
+    """
+    _check_common(1, min_replicas, 0, 1, port)
+    return specs.AppDef(name=name, roles=[_lighthouse_role(port, min_replicas, idle_exit, env)])
+
+
+def replica_group(
+    *script_args: str,
+    lighthouse_url: str,
+    group: int = 0,
+    replica_groups: int = 2,
+    gpus: int = 0,
+    cuda_visible_devices: Optional[str] = None,
+    cpu: int = 1,
+    memMB: int = 4096,
+    h: Optional[str] = None,
+    max_restarts: int = 3,
+    min_replicas: int = 1,
+    checkpoint_dir: str = "checkpoints/diloco",
+    outer_steps: int = 0,
+    sync_every: int = 0,
+    model: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    name: str = "diloco-group",
+) -> specs.AppDef:
+    """One DiLoCo replica group under ``torchrun``, joining a lighthouse that runs elsewhere.
+
+    Usage: ``torchx run diloco.replica_group --lighthouse_url http://HOST:29510 --group 1 --replica_groups 2``
+
+    Args:
+        script_args: extra flags for ``python -m torchx_diloco.train`` (after ``--``)
+        lighthouse_url: the lighthouse, http://HOST:PORT (from ``diloco.lighthouse``)
+        group: this group's id, 0 .. replica_groups-1 (REPLICA_GROUP_ID)
+        replica_groups: how many groups the run has in all (NUM_REPLICA_GROUPS)
+        gpus: GPUs (= torchrun processes) for this group; 0 trains on CPU
+        cuda_visible_devices: local_cwd only: the CUDA devices to use, e.g. "2,3" (default: the scheduler's)
+        cpu: CPU cores for this group; on CPU also its OMP_NUM_THREADS
+        memMB: memory in MB (Slurm --mem)
+        h: a registered TorchX named resource (wins over cpu, gpus and memMB)
+        max_restarts: times torchrun restarts the group's crashed workers
+        min_replicas: groups needed to commit an outer step
+        checkpoint_dir: fsspec URL of the durable checkpoints; every group of a run must use the same one
+        outer_steps: outer steps (syncs) to train for; 0 = the training module's default
+        sync_every: H, inner steps between syncs; 0 = the training module's default
+        model: GPT preset nano, tiny, small or medium (default: the training module's)
+        env: environment variables for the group
+        name: the app's name
+    """
+    _check_common(replica_groups, min_replicas, max_restarts, cpu, 1)
+    if not 0 <= group < replica_groups:
+        raise ValueError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
+    if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
+        raise ValueError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
+    resource = _group_resource(cpu, gpus, memMB, h)
+    devices = _parse_gpu_assignment(cuda_visible_devices, 1, resource.gpu) if cuda_visible_devices else None
+    if devices is not None and resource.gpu == 0:
+        resource = _group_resource(cpu, len(devices[0]), memMB, h)
+    _check_gpu_count(resource.gpu, devices)
+    train_args = _train_args(checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args))
+    url = shlex.quote(lighthouse_url.rstrip("/"))
+    role = _group_role(group, replica_groups, url, resource, devices[0] if devices else None, max_restarts, env,
+                       train_args)
+    return specs.AppDef(name=name, roles=[role])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers shared by the three components (private: TorchX lists only valid components)
+
+
+def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu: int, port: int) -> None:
+    """Bad numbers fail here, before anything starts, with the fix in the message."""
+    if replica_groups < 1:
+        raise ValueError(f"--replica_groups {replica_groups}: DiLoCo needs at least 1 group; pass 1 or more")
+    if not 1 <= min_replicas <= replica_groups:
+        raise ValueError(f"--min_replicas {min_replicas} must be within 1..{replica_groups} (the number of groups)")
+    if max_restarts < 0:
+        raise ValueError(f"--max_restarts {max_restarts} must be >= 0")
+    if cpu < 1:
+        raise ValueError(f"--cpu {cpu} must be >= 1 (cores per group)")
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} must be within 1..65535")
+
+
+def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.Resource:
+    if gpus < 0:
+        raise ValueError(f"GPUs per group {gpus} must be >= 0 (0 = CPU)")
+    if not h:
+        return specs.Resource(cpu=cpu, gpu=gpus, memMB=memMB)
+    try:
+        named = specs.resource(h=h)
+    except (KeyError, ValueError):
+        raise ValueError(f"-h {h!r} is not a registered named resource: pick one TorchX knows, or pass "
+                         "--cpu/--memMB and the GPU count instead") from None
+    if gpus and gpus != named.gpu:
+        raise ValueError(f"-h {h} has {named.gpu} GPUs but {gpus} GPUs per group were asked for: drop one of the two")
+    return named
+
+
+def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Optional[List[List[int]]]:
+    """'0,1;2,3' -> [[0, 1], [2, 3]]: one entry per group, equal sizes, no device twice."""
+    if spec is None or not spec.strip():
+        return None
+    entries = [e.strip() for e in spec.split(";")]
+    if len(entries) != groups:
+        raise ValueError(f"gpu_assignment {spec!r} has {len(entries)} entries for {groups} groups: "
+                         "give one comma-separated device list per group, groups separated by ';'")
+    devices: List[List[int]] = []
+    for entry in entries:
+        if not re.fullmatch(r"\d+(\s*,\s*\d+)*", entry):
+            raise ValueError(f"gpu_assignment entry {entry!r} is not a list of device numbers like '0,1'")
+        devices.append([int(d) for d in entry.split(",")])
+    sizes = {len(d) for d in devices}
+    want = gpus or len(devices[0])
+    if sizes != {want}:
+        raise ValueError(f"gpu_assignment {spec!r} must give every group exactly {want} GPUs "
+                         f"(the GPUs per group): fix the lists or the GPU count")
+    flat = [d for group in devices for d in group]
+    if len(set(flat)) != len(flat):
+        raise ValueError(f"gpu_assignment {spec!r} names a device twice: give each group its own GPUs")
+    return devices
+
+
+def _visible_gpus() -> Optional[int]:
+    """GPUs on this machine: TORCHX_DILOCO_GPUS if set, else `nvidia-smi -L` (what TorchX counts too); None if
+    unknown."""
+    override = os.environ.get(GPUS_ENV)
+    if override:
+        if not override.isdigit():
+            raise ValueError(f"{GPUS_ENV}={override!r} is not a number: set it to the machine's GPU count")
+        return int(override)
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if os.path.isdir("/proc/driver/nvidia/gpus"):  # a driver without nvidia-smi
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    return None
+
+
+def _check_gpu_count(total: int, devices: Optional[List[List[int]]]) -> None:
+    """Refuse requests this machine cannot meet; skipped where the count is unknown or 0 (e.g. a Slurm login
+    node without GPUs submitting to GPU nodes)."""
+    if total == 0:
+        return
+    have = _visible_gpus()
+    if not have:
+        return
+    if total > have:
+        raise ValueError(f"{total} GPUs requested but this machine has {have}: lower --replica_groups or the GPUs "
+                         f"per group (or set {GPUS_ENV} to the GPU count of the machines that will run the groups)")
+    if devices:
+        bad = sorted({d for group in devices for d in group if d >= have})
+        if bad:
+            raise ValueError(f"gpu_assignment names device(s) {bad} but this machine has GPUs 0..{have - 1}: "
+                             "use devices that exist")
+
+
+def _train_args(checkpoint_dir: str, min_replicas: int, outer_steps: int, sync_every: int,
+                model: Optional[str], script_args: List[str]) -> List[str]:
+    args = ["--checkpoint-dir", checkpoint_dir, "--min-replicas", str(min_replicas)]
+    for flag, value in (("--outer-steps", outer_steps), ("--sync-every", sync_every), ("--model", model)):
+        if value:
+            args += [flag, str(value)]
+    return args + script_args  # argparse: the last occurrence wins, so the user's flags override ours
+
+
+def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Optional[Dict[str, str]]) -> specs.Role:
+    if idle_exit < 0:
+        raise ValueError(f"lighthouse idle exit {idle_exit} must be >= 0 seconds (0 = never)")
+    role_env = dict(env or {})
+    role_env.update(CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")  # the lighthouse never takes a GPU
+    return specs.Role(
+        name=LIGHTHOUSE_ROLE,
+        image=os.getcwd(),
+        entrypoint="python",
+        args=["-m", LIGHTHOUSE_MODULE, "--port", str(port), "--min-replicas", str(min_replicas),
+              "--idle-exit", f"{idle_exit:g}"],
+        env=role_env,
+        resource=specs.Resource(cpu=1, gpu=0, memMB=1024),
+        port_map={"lighthouse": port},
+    )
+
+
+def _group_role(group: int, groups: int, lighthouse_url: str, resource: specs.Resource,
+                devices: Optional[List[int]], max_restarts: int, env: Optional[Dict[str, str]],
+                train_args: List[str]) -> specs.Role:
+    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``.
+
+    ``lighthouse_url`` is shell text (bash expands the rank0 host variable in it). torchrun's standalone
+    rendezvous picks a free port per group, so groups on one machine never share a master port.
+    """
+    nproc = max(1, resource.gpu)
+    role_env = dict(env or {})
+    role_env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), PYTHONUNBUFFERED="1")
+    role_env.setdefault("OMP_NUM_THREADS", str(max(1, resource.cpu // nproc)))
+    if devices is not None:
+        role_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+    elif resource.gpu == 0:
+        role_env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU group stays on CPU even on a GPU machine
+    torchrun = ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc),
+                "--max_restarts", str(max_restarts), "-m", TRAIN_MODULE, *train_args]
+    # a TORCHFT_MANAGER_PORT inherited from the shell would make groups on one machine collide
+    unset = "" if "TORCHFT_MANAGER_PORT" in role_env else "unset TORCHFT_MANAGER_PORT; "
+    cmd = f"{unset}export TORCHFT_LIGHTHOUSE={lighthouse_url}; exec {' '.join(shlex.quote(a) for a in torchrun)}"
+    return specs.Role(
+        name=f"replica_group_{group}",
+        image=os.getcwd(),
+        entrypoint="bash",
+        args=["-c", cmd],
+        env=role_env,
+        resource=resource,
+    )
