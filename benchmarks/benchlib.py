@@ -1,0 +1,283 @@
+"""Shared pieces of the benchmarks: real processes, metrics, statistics, and the results JSON.
+
+Every benchmark launches the real runtime (``python -m torchx_diloco.train``, ``python -m
+torchx_diloco.lighthouse``) as separate processes, one core's worth of threads each (OMP_NUM_THREADS=1),
+and runs the sides of each comparison interleaved (A B A B ...) so a noisy shared machine hurts both alike.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PYTHON = sys.executable
+NS_GROUP = str(REPO / "benchmarks" / "ns_group.py")  # hosts a group's store on a routable address
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_env(group: int, groups: int, lighthouse: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of one replica group: its id, the group count, the lighthouse, one thread."""
+    env = dict(os.environ)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOGLEVEL"):
+        env.pop(k, None)
+    env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), TORCHFT_LIGHTHOUSE=lighthouse,
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    env.update(extra or {})
+    return env
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited before {url} answered:\n{log.read_text()[-3000:]}")
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer in {timeout:g}s")
+
+
+class Proc:
+    """A child process in its own session, logging to a file; killed (whole session) by :meth:`kill`."""
+
+    def __init__(self, argv: Sequence[str], log: Path, env: Optional[Dict[str, str]] = None,
+                 cwd: Optional[Path] = None) -> None:
+        self.argv = list(argv)
+        self.log = Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.argv, env=env, cwd=cwd or REPO, stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"{shlex.join(self.argv)} did not finish in {timeout:g}s:\n{self.output()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_lighthouse(log_dir: Path, min_replicas: int, netns: Optional[str] = None, host: str = "127.0.0.1",
+                     idle_exit: float = 5.0) -> tuple:
+    """``python -m torchx_diloco.lighthouse`` (in ``netns`` if given); returns (Proc, url)."""
+    port = free_port()
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    argv = [*prefix, PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port), "--bind-host", host,
+            "--min-replicas", str(min_replicas), "--idle-exit", str(idle_exit), "--join-timeout-ms", "2000"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = Proc(argv, Path(log_dir) / f"lighthouse-{port}.log", env=env)
+    url = f"http://{'localhost' if host == '127.0.0.1' else host}:{port}"
+    if netns:  # the lighthouse is not reachable from here: wait for its banner instead
+        deadline = time.monotonic() + 60
+        while "serving on" not in proc.output():
+            if proc.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"lighthouse did not start:\n{proc.output()}")
+            time.sleep(0.1)
+    else:
+        wait_http(f"{url}/status", proc.proc, proc.log)
+    return proc, url
+
+
+def train_argv(args: Sequence[str], netns: Optional[str] = None, hostname: Optional[str] = None) -> List[str]:
+    """argv of one group running the training module, optionally inside a network namespace."""
+    if netns:
+        return [*netns_prefix(netns, hostname), PYTHON, NS_GROUP, "-m", "torchx_diloco.train", *args]
+    return [PYTHON, "-m", "torchx_diloco.train", *args]
+
+
+def netns_prefix(netns: str, hostname: Optional[str]) -> List[str]:
+    """Run in ``netns`` with its own UTS namespace named ``hostname`` (peers find each other by name)."""
+    prefix = ["ip", "netns", "exec", netns]
+    if hostname:
+        prefix += ["unshare", "--uts", "sh", "-c", f'hostname {shlex.quote(hostname)} && exec "$@"', "_"]
+    return prefix
+
+
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def committed(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [r for r in records if r.get("committed")]
+
+
+def median(xs: Iterable[float]) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def machine() -> Dict[str, Any]:
+    import torch
+    import torchft  # noqa: F401
+
+    try:
+        from importlib.metadata import version
+        torchft_version = version("torchft")
+    except Exception:  # noqa: BLE001 - a version is nice to have, not needed
+        torchft_version = "unknown"
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": load,
+        "torch": torch.__version__,
+        "torchft": torchft_version,
+    }
+
+
+def write_result(name: str, data: Dict[str, Any], started: float) -> Path:
+    """Write ``benchmarks/results/<name>.json`` with the date, machine and exact command."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = {
+        "benchmark": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO))
+                               else sys.executable, *sys.argv]),
+        "wall_s": round(time.time() - started, 1),
+        "machine": machine(),
+        **data,
+    }
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print(f"wrote {path.relative_to(REPO)}")
+    return path
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** -digits):
+            return f"{x:.{digits}g}" if abs(x) >= 1e5 else f"{x:.2e}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
+    """A GitHub-markdown table (also readable on a terminal)."""
+    cells = [[fmt(c, digits) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda cs: "| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+def model_params(preset: str, seq_len: int) -> int:
+    from torchx_diloco.model import build_model
+
+    return build_model(preset, block_size=seq_len).num_parameters()
+
+
+class Run:
+    """One run of ``groups`` replica groups against a fresh lighthouse; ``metrics[g]`` after :meth:`wait`."""
+
+    def __init__(self, workdir: Path, groups: int, args: Sequence[str], min_replicas: Optional[int] = None,
+                 lab: Any = None, script: Optional[str] = None, out_flag: bool = False) -> None:
+        """``script``: a worker script instead of the training module (it gets ``--out <jsonl>``)."""
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.groups = groups
+        self.lab = lab
+        self.started = time.time()
+        if lab is not None:
+            from netlab import HUB, HUB_ADDR
+
+            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups, netns=HUB,
+                                                         host=HUB_ADDR)
+        else:
+            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups)
+        self.samplers = [Proc(lab.sampler_argv(g), self.workdir / f"tx{g}.log") for g in range(groups)] if lab else []
+        self.script = script
+        self.procs: List[Proc] = []
+        for g in range(groups):
+            self.procs.append(self.start_group(g, args))
+
+    def jsonl(self, g: int) -> Path:
+        if self.script:
+            return self.workdir / f"worker{g}.jsonl"
+        return self.workdir / "ckpt" / "metrics" / f"replica_group_{g}.jsonl"
+
+    def group_argv(self, g: int, args: Sequence[str]) -> List[str]:
+        if self.script:
+            body = [self.script, *args, "--out", str(self.jsonl(g))]
+        else:
+            body = ["-m", "torchx_diloco.train", *args, "--checkpoint-dir", str(self.workdir / "ckpt")]
+        if self.lab is not None:
+            return [*netns_prefix(self.lab.ns(g), self.lab.hostname(g)), PYTHON, NS_GROUP, *body]
+        return [PYTHON, *body]
+
+    def start_group(self, g: int, args: Sequence[str], tag: str = "") -> Proc:
+        return Proc(self.group_argv(g, args), self.workdir / f"group{g}{tag}.log",
+                    env=group_env(g, self.groups, self.url), cwd=self.workdir)
+
+    def wait(self, timeout: float = 600) -> "Run":
+        try:
+            deadline = time.monotonic() + timeout
+            for p in self.procs:
+                rc = p.wait(max(1.0, deadline - time.monotonic()))
+                if rc != 0:
+                    raise RuntimeError(f"{shlex.join(p.argv)} exited {rc}:\n{p.output()[-3000:]}")
+        finally:
+            self.close()
+        self.wall_s = time.time() - self.started
+        self.metrics = [read_jsonl(self.jsonl(g)) for g in range(self.groups)]
+        return self
+
+    def close(self) -> None:
+        for p in [*self.procs, *self.samplers, self.lighthouse]:
+            p.kill()
+
+    def tx_samples(self, g: int) -> List[tuple]:
+        from netlab import read_samples
+
+        return read_samples(self.workdir / f"tx{g}.log")
