@@ -79,7 +79,8 @@ def diloco(
             ends; keep it above a group's restart time
         name: the app's name
     """
-    _check_common(replica_groups, min_replicas, max_restarts, cpu, lighthouse_port)
+    _check_common(replica_groups, min_replicas, max_restarts, cpu)
+    _check_port(lighthouse_port)
     resource = _group_resource(cpu, gpus_per_group, memMB, h)
     devices = _parse_gpu_assignment(gpu_assignment, replica_groups, resource.gpu)
     if devices is not None and resource.gpu == 0:
@@ -115,7 +116,9 @@ def lighthouse(
         env: environment variables for the lighthouse
         name: the app's name
     """
-    _check_common(1, min_replicas, 0, 1, port)
+    if min_replicas < 1:
+        raise ValueError(f"--min_replicas {min_replicas} must be >= 1")
+    _check_port(port)
     return specs.AppDef(name=name, roles=[_lighthouse_role(port, min_replicas, idle_exit, env)])
 
 
@@ -161,7 +164,7 @@ def replica_group(
         env: environment variables for the group
         name: the app's name
     """
-    _check_common(replica_groups, min_replicas, max_restarts, cpu, 1)
+    _check_common(replica_groups, min_replicas, max_restarts, cpu)
     if not 0 <= group < replica_groups:
         raise ValueError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
@@ -182,7 +185,7 @@ def replica_group(
 # helpers shared by the three components (private: TorchX lists only valid components)
 
 
-def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu: int, port: int) -> None:
+def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu: int) -> None:
     """Bad numbers fail here, before anything starts, with the fix in the message."""
     if replica_groups < 1:
         raise ValueError(f"--replica_groups {replica_groups}: DiLoCo needs at least 1 group; pass 1 or more")
@@ -192,8 +195,11 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
         raise ValueError(f"--max_restarts {max_restarts} must be >= 0")
     if cpu < 1:
         raise ValueError(f"--cpu {cpu} must be >= 1 (cores per group)")
+
+
+def _check_port(port: int) -> None:
     if not 0 < port < 65536:
-        raise ValueError(f"port {port} must be within 1..65535")
+        raise ValueError(f"lighthouse port {port} must be within 1..65535")
 
 
 def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.Resource:

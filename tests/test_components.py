@@ -1,0 +1,257 @@
+"""The TorchX components (components/diloco.py): lint, --help, the AppDefs they build, and what the real
+local_cwd and Slurm schedulers make of them in dry runs. Fast: nothing is launched here (see test_run_e2e.py).
+
+GPUs: this machine has none, so two things stand for an 8-GPU machine: TORCHX_DILOCO_GPUS=8 (the component's
+documented override of its GPU count) and a fake ``nvidia-smi`` on PATH that lists 8 GPUs (the binary TorchX's
+local scheduler asks before it sets CUDA_VISIBLE_DEVICES). Everything else is the real TorchX.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import shlex
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+from torchx.schedulers import get_scheduler_factories
+from torchx.specs import file_linter, finder
+
+from tests.procs import REPO
+from torchx_diloco_components import diloco as comp
+
+COMPONENTS = ["diloco", "lighthouse", "replica_group"]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def no_gpus(monkeypatch):
+    """Pretend nothing about GPUs is known (the check is then skipped, as on a GPU-less login node)."""
+    monkeypatch.delenv(comp.GPUS_ENV, raising=False)
+    monkeypatch.setenv("PATH", str(BIN))  # no nvidia-smi (nor sinfo: the Slurm dry run assumes its default)
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch, tmp_path):
+    """An 8-GPU machine for both the component's check and TorchX's auto_set_cuda_visible_devices."""
+    fake = tmp_path / "fakebin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake GPU (UUID: GPU-fake-$i)\"; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{BIN}:{os.environ['PATH']}")
+    monkeypatch.setenv(comp.GPUS_ENV, "8")
+
+
+def torchx_cli(*args: str, cwd: Path, env: Dict[str, str] = None) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
+    full_env.update(env or {})
+    return subprocess.run([str(BIN / "torchx"), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def local_dryrun(app, tmp_path, **cfg) -> Dict[str, List[Dict[str, str]]]:
+    """role -> replica envs, as the real local_cwd scheduler would start them."""
+    sched = get_scheduler_factories()["local_cwd"]("test")
+    info = sched.submit_dryrun(app, dict(log_dir=str(tmp_path / "logs"), **cfg))
+    return {role: [r.env for r in replicas] for role, replicas in info.request.role_params.items()}
+
+
+def group_cmd(role) -> str:
+    assert role.entrypoint == "bash" and role.args[0] == "-c"
+    return role.args[1]
+
+
+# --- lint, names, --help ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", COMPONENTS)
+def test_components_pass_torchx_linter(fn):
+    assert file_linter.validate(comp.__file__, fn) == []
+
+
+def test_entry_point_names_and_builtins_stay_listed(tmp_path):
+    """`pip install` registers diloco.* next to TorchX's own components (from any directory)."""
+    for fn in COMPONENTS:
+        found = finder.get_component(f"diloco.{fn}")
+        assert found.fn is getattr(comp, fn) and found.validation_errors == []
+    out = torchx_cli("builtins", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    listed = set(re.findall(r"^\s*\d+\. (\S+)$", out.stdout, re.M))
+    assert {"dist.ddp", "dist.torchrun", "utils.echo", "diloco.diloco", "diloco.lighthouse",
+            "diloco.replica_group"} <= listed
+    assert not any(name.split(".")[-1].startswith("_") for name in listed), "helpers must not be listed"
+
+
+@pytest.mark.parametrize("fn", COMPONENTS)
+def test_help_documents_every_parameter(fn, tmp_path):
+    out = torchx_cli("run", f"diloco.{fn}", "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    params = [p for p in inspect.signature(getattr(comp, fn)).parameters.values() if p.kind != p.VAR_POSITIONAL]
+    for p in params:
+        assert f"--{p.name}" in out.stdout
+    # every option has text of its own from the docstring, not only argparse's default
+    helps = re.findall(r"^  (?:-\w+ \w+, )?--(\w+) \w+\s*(.*)$", out.stdout, re.M)
+    assert len(helps) >= len(params) - 1 and all(text and not text.startswith("(default") for _, text in helps), out.stdout
+
+
+# --- the AppDef ---------------------------------------------------------------------------------------
+
+
+def test_diloco_on_cpu_lighthouse_first_then_groups(no_gpus):
+    app = comp.diloco("--batch-size", "8", replica_groups=3, cpu=2, max_restarts=5, lighthouse_port=29999,
+                      min_replicas=2, outer_steps=4, lighthouse_idle_exit=3, env={"FOO": "bar"})
+    assert [r.name for r in app.roles] == ["lighthouse", "replica_group_0", "replica_group_1", "replica_group_2"]
+    lh = app.roles[0]
+    assert lh.entrypoint == "python" and lh.resource.gpu == 0 and lh.env["CUDA_VISIBLE_DEVICES"] == ""
+    assert lh.args == ["-m", "torchx_diloco.lighthouse", "--port", "29999", "--min-replicas", "2",
+                       "--idle-exit", "3"]
+    for g, role in enumerate(app.roles[1:]):
+        assert role.env["REPLICA_GROUP_ID"] == str(g) and role.env["NUM_REPLICA_GROUPS"] == "3"
+        assert role.env["OMP_NUM_THREADS"] == "2" and role.env["FOO"] == "bar"
+        assert role.env["CUDA_VISIBLE_DEVICES"] == ""  # CPU groups stay off GPUs
+        assert role.resource.cpu == 2 and role.resource.gpu == 0
+        words = shlex.split(group_cmd(role).split("exec ", 1)[1])
+        assert words[:9] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "1",
+                             "--max_restarts", "5", "-m"]
+        assert words[9:] == ["torchx_diloco.train", "--checkpoint-dir", "checkpoints/diloco", "--min-replicas", "2",
+                             "--outer-steps", "4", "--batch-size", "8"]
+        # the lighthouse host comes from TorchX's rank0_env macro, escaped for bash
+        assert "export TORCHFT_LIGHTHOUSE=http://$${${rank0_env}:-localhost}:29999;" in group_cmd(role)
+
+
+def test_local_cwd_expands_lighthouse_host_and_gives_each_group_its_own_master_port(no_gpus, tmp_path):
+    envs = local_dryrun(comp.diloco(), tmp_path)
+    sched = get_scheduler_factories()["local_cwd"]("test")
+    req = sched.submit_dryrun(comp.diloco(), {"log_dir": str(tmp_path)}).request
+    cmds = [req.role_params[f"replica_group_{g}"][0].args[2] for g in range(2)]
+    for cmd in cmds:
+        assert "TORCHFT_LIGHTHOUSE=http://${TORCHX_RANK0_HOST:-localhost}:29510" in cmd
+        assert "--standalone" in cmd and "--master_port" not in cmd  # torchrun picks a free port per group
+    assert envs["replica_group_0"][0]["TORCHX_RANK0_HOST"] == "localhost"
+    url = subprocess.run(["bash", "-c", cmds[0].split("; exec")[0] + '; echo "$TORCHFT_LIGHTHOUSE"'],
+                         env={"TORCHX_RANK0_HOST": "localhost", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True).stdout.strip()
+    assert url == "http://localhost:29510"
+
+
+def test_local_auto_set_gives_groups_distinct_gpus_and_the_lighthouse_none(eight_gpus, tmp_path):
+    app = comp.diloco(replica_groups=2, gpus_per_group=2)
+    assert [r.resource.gpu for r in app.roles] == [0, 2, 2]
+    envs = local_dryrun(app, tmp_path, auto_set_cuda_visible_devices=True)
+    assert envs["lighthouse"][0]["CUDA_VISIBLE_DEVICES"] == ""
+    assert envs["replica_group_0"][0]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert envs["replica_group_1"][0]["CUDA_VISIBLE_DEVICES"] == "2,3"
+    for role in app.roles[1:]:
+        assert "--nproc_per_node 2" in group_cmd(role)
+
+
+def test_local_gpu_assignment_is_used_as_given(eight_gpus, tmp_path):
+    app = comp.diloco(replica_groups=2, gpus_per_group=2, gpu_assignment="4,5;6,7")
+    envs = local_dryrun(app, tmp_path)
+    assert envs["lighthouse"][0]["CUDA_VISIBLE_DEVICES"] == ""
+    assert envs["replica_group_0"][0]["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert envs["replica_group_1"][0]["CUDA_VISIBLE_DEVICES"] == "6,7"
+
+
+def test_cli_dryrun_with_fake_gpus(eight_gpus, tmp_path):
+    """The same through `torchx run --dryrun` (what a user types)."""
+    out = torchx_cli("run", "-s", "local_cwd", "--dryrun", "-cfg", "auto_set_cuda_visible_devices=True",
+                     "diloco.diloco", "--gpus_per_group", "2", cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    assert out.returncode == 0, out.stderr
+    # the AppDef, then the PopenRequest with the roles in order: lighthouse, replica_group_0, replica_group_1
+    request = out.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
+    assert re.findall(r"'CUDA_VISIBLE_DEVICES': '([\d,]*)'", request) == ["", "0,1", "2,3"]
+
+
+def test_slurm_sbatch_lighthouse_is_het_group_0_and_groups_ask_for_gpus(no_gpus):
+    app = comp.diloco(replica_groups=2, gpus_per_group=2, cpu=8, memMB=16000)
+    sched = get_scheduler_factories()["slurm"]("test")  # what `torchx run -s slurm` uses
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no sinfo here, assuming Slurm 24.05" (off a cluster's login node)
+        script = sched.submit_dryrun(app, {"partition": "gpu"}).request.materialize()
+    headers = script.split("#SBATCH hetjob")
+    assert len(headers) == 3
+    assert "--job-name=lighthouse-0" in headers[0] and "gpus" not in headers[0]
+    for g in (1, 2):
+        assert f"--job-name=replica_group_{g - 1}-0" in headers[g]
+        assert re.search(r"--gpus-per-(node|task)=2\b", headers[g])
+        assert "--cpus-per-task=8" in headers[g] and "--mem=16000" in headers[g]
+    srun = script.split("\nsrun ", 1)[1]
+    assert srun.count("TORCHFT_LIGHTHOUSE=http://${SLURM_JOB_NODELIST_HET_GROUP_0:-localhost}:29510") == 2
+    assert "torchx_diloco.lighthouse" in srun.split(":\\\n")[0]
+    assert "--nproc_per_node 2" in srun
+
+
+def test_replica_group_and_lighthouse_alone(no_gpus):
+    lh = comp.lighthouse(port=29600, min_replicas=2, idle_exit=0)
+    assert [r.name for r in lh.roles] == ["lighthouse"] and "--port" in lh.roles[0].args
+    app = comp.replica_group("--seq-len", "32", lighthouse_url="http://node7:29600", group=1, replica_groups=3,
+                             min_replicas=2)
+    (role,) = app.roles
+    assert role.name == "replica_group_1"
+    assert role.env["REPLICA_GROUP_ID"] == "1" and role.env["NUM_REPLICA_GROUPS"] == "3"
+    assert "export TORCHFT_LIGHTHOUSE=http://node7:29600;" in group_cmd(role)
+    assert group_cmd(role).endswith("--min-replicas 2 --seq-len 32")
+    app = comp.replica_group(lighthouse_url="http://h:1", gpus=2, cuda_visible_devices="2,3")
+    assert app.roles[0].env["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_script_args_override_component_flags(no_gpus):
+    cmd = group_cmd(comp.diloco("--checkpoint-dir", "memory://x", replica_groups=1).roles[1])
+    words = shlex.split(cmd.split("exec ", 1)[1])
+    assert words[-2:] == ["--checkpoint-dir", "memory://x"]  # argparse keeps the last one
+
+
+# --- bad input: one clear ValueError before anything starts -------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(replica_groups=0), r"--replica_groups 0: .*pass 1 or more"),
+    (dict(replica_groups=2, min_replicas=3), r"--min_replicas 3 must be within 1..2"),
+    (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1"), r"has 1 entries for 2 groups"),
+    (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;2"), r"exactly 2 GPUs"),
+    (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;1,2"), r"names a device twice"),
+    (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;x"), r"not a list of device numbers"),
+    (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;9"), r"device\(s\) \[9\] .* GPUs 0..7"),
+    (dict(replica_groups=5, gpus_per_group=2), r"10 GPUs requested but this machine has 8: lower"),
+    (dict(h="no-such-host"), r"not a registered named resource"),
+])
+def test_bad_input_raises_value_error_naming_the_fix(eight_gpus, kwargs, message):
+    with pytest.raises(ValueError, match=message) as e:
+        comp.diloco(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_lighthouse_url_and_group(no_gpus):
+    with pytest.raises(ValueError, match="not http://HOST:PORT"):
+        comp.replica_group(lighthouse_url="node7")
+    with pytest.raises(ValueError, match="outside 0..1"):
+        comp.replica_group(lighthouse_url="http://node7:29510", group=2, replica_groups=2)
+
+
+@pytest.mark.skipif(os.path.isdir("/proc/driver/nvidia/gpus"), reason="this machine has NVIDIA GPUs")
+def test_gpu_check_skipped_where_gpus_are_unknown(no_gpus):
+    """A login node without GPUs may submit GPU groups to Slurm: no local count, no refusal."""
+    assert comp._visible_gpus() is None
+    assert comp.diloco(replica_groups=4, gpus_per_group=8).roles[1].resource.gpu == 8
+
+
+def test_cli_bad_input_exits_nonzero_with_the_message(tmp_path):
+    out = torchx_cli("run", "--dryrun", "-s", "local_cwd", "diloco.diloco", "--replica_groups", "0", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "ValueError: --replica_groups 0: DiLoCo needs at least 1 group; pass 1 or more" in out.stderr
+
+
+def test_repo_torchxconfig_runs_diloco_on_local_cwd(tmp_path):
+    """Bare `torchx run` in the repo root: the diloco component, local_cwd, logs in the gitignored torchx_logs."""
+    out = torchx_cli("run", "--dryrun", cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "torchx_logs/torchx/diloco-" in out.stdout
+    joined = re.sub(r"'\s*\n\s*'", "", out.stdout)  # pprint splits long strings into adjacent literals
+    assert "torchx_diloco.train --checkpoint-dir checkpoints/diloco --min-replicas 1 --outer-steps 6" in joined
+    assert "/torchx_logs/" in (REPO / ".gitignore").read_text()
