@@ -76,6 +76,7 @@ class DiLoCo:
         ]
         self._save_backup()
         self._healed = False
+        self._step_at_sync = manager.current_step()
         self.local_step = 0  # inner steps since the last sync
         manager.register_state_dict_fn(STATE_KEY, self._load_healed_state, self.state_dict)
 
@@ -105,9 +106,19 @@ class DiLoCo:
         self._restore_backup()
 
     def _load_healed_state(self, state: Dict[str, Any]) -> None:
+        """A peer's global state, received during the quorum of a sync (torchft sets the step first)."""
+        if self.manager.current_step() == self._step_at_sync:
+            # Same step (torchft re-syncs everyone at step 0): our inner steps started from these very
+            # weights, so they still count; adopt the peer's copy of the global state and keep them.
+            local = [p.detach().clone() for p in self._params]
+            self.load_state_dict(state)
+            with torch.no_grad():
+                for p, mine in zip(self._params, local):
+                    p.copy_(mine)
+            return
         self.load_state_dict(state)
         self._healed = True
-        logger.info("healed from a peer at step %d", self.manager.current_step())
+        logger.info("healed from a peer: now at outer step %d", self.manager.current_step())
 
     def global_weights(self) -> List[torch.Tensor]:
         return list(self._backup)
@@ -124,6 +135,7 @@ class DiLoCo:
     def sync(self) -> bool:
         """Average pseudo-gradients across groups and take the outer step; False if the round was dropped."""
         self._healed = False
+        self._step_at_sync = self.manager.current_step()
         self.manager.start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
         flat = self._pseudo_gradient()
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
