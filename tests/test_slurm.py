@@ -1,0 +1,284 @@
+"""`torchx run -s slurm` against a real Slurm (the single-host cluster of scripts/slurm-cluster.sh).
+
+Everything here is real: sbatch/squeue/scancel, slurmd running the job steps on fake nodes, torchrun, the
+torchft lighthouse and the training module. The nodes are one host, so every path is "shared storage".
+Without Slurm these tests skip (CI sets TORCHX_DILOCO_REQUIRE_SLURM=1, which makes that a failure).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import pytest
+
+from tests.procs import REPO, free_port
+
+pytestmark = [pytest.mark.slurm]
+
+VENV_BIN = Path(sys.executable).parent
+COMPONENT = f"{REPO}/components/diloco.py"
+TRAIN = ["--model", "nano", "--sync_every", "5"]
+SMALL = ["--", "--batch-size", "4", "--seq-len", "32"]
+TERMINAL = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def _slurm_problem() -> Optional[str]:
+    if not shutil.which("sinfo"):
+        return "no Slurm here (sinfo not found)"
+    p = subprocess.run(["sinfo", "-h", "-o", "%a"], capture_output=True, text=True)
+    if p.returncode != 0 or "up" not in p.stdout:
+        return f"Slurm is not answering ({(p.stderr or p.stdout).strip()[:200]})"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    problem = _slurm_problem()
+    if problem:
+        msg = f"{problem}: start the local test cluster with `sudo scripts/slurm-cluster.sh start`"
+        if os.environ.get("TORCHX_DILOCO_REQUIRE_SLURM") == "1":
+            pytest.fail(f"TORCHX_DILOCO_REQUIRE_SLURM=1 but {msg}", pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def jobs():
+    """Job ids a test submitted; whatever still runs is cancelled afterwards."""
+    ids: List[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+def env() -> Dict[str, str]:
+    e = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", LOGLEVEL="INFO")
+    for k in ("REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS", "TORCHFT_LIGHTHOUSE", "TORCHFT_MANAGER_PORT",
+              "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        e.pop(k, None)
+    return e
+
+
+def torchx(args: List[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["torchx", *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def submit(args: List[str], cwd: Path, jobs: List[str], wait: bool = False, timeout: float = 120) -> str:
+    """``torchx run -s slurm ...``: returns the app handle."""
+    p = torchx(["run", "-s", "slurm", *(["--wait"] if wait else []), *args], cwd, timeout)
+    handles = re.findall(r"^slurm://\S+$", p.stdout, re.M)
+    if handles:
+        jobs.append(handles[0].rsplit("/", 1)[1])
+    assert p.returncode == 0 and handles, f"torchx run exited {p.returncode}:\n{p.stdout}\n{p.stderr[-3000:]}"
+    return handles[0]
+
+
+def job_id(handle: str) -> str:
+    return handle.rsplit("/", 1)[1]
+
+
+def state(jid: str) -> str:
+    """JobState of a job (of a het job: its leader's) from ``scontrol show job``."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", jid], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.startswith(f"JobId={jid} "):
+            return re.search(r"JobState=(\S+)", line).group(1)
+    return "UNKNOWN"
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def wait_done(jid: str, timeout: float, logs: Optional[Path] = None) -> str:
+    s = wait_until(lambda: state(jid) in TERMINAL and state(jid), timeout, f"job {jid} to end")
+    return s
+
+
+def outer_steps(log: Path) -> List[int]:
+    """Outer steps the training module printed, in order."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return [int(k) for k in re.findall(r"Number of outer optimizer steps completed: \[(\d+)\]", text)]
+
+
+def group_log(folder: Path, jid: str, group: int, stream: str = "out") -> Path:
+    return folder / f"slurm-{jid}-replica_group_{group}-0.{stream}"
+
+
+def train_workers(jid: str) -> List[Dict[str, str]]:
+    """Environments (plus PID) of job ``jid``'s training workers: torchrun's children, not torchrun itself."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if st == "Z" or b"torchx_diloco.train" not in cmd:
+            continue
+        e = dict(kv.decode(errors="replace").split("=", 1) for kv in environ if b"=" in kv)
+        if e.get("SLURM_JOB_ID") == jid and "LOCAL_RANK" in e:  # SLURM_JOB_ID: a het job's leader id
+            found.append(dict(e, PID=pid))
+    return found
+
+
+# ------------------------------------------------------------------------------------------------- the tests
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
+    """One het job (lighthouse + 2 CPU groups); status/log while it runs and after, with another job queued."""
+    run, job_dir = tmp_path / "run", tmp_path / "job"
+    run.mkdir()
+    # another job in the queue, named like a TorchX replica: squeue --json on 22.05 returns it for any -j
+    other = subprocess.run(["sbatch", "--parsable", "-J", "other-0", "-c", "1", f"--chdir={tmp_path}",
+                            "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
+    jobs.append(other)
+    port = free_port()
+    handle = submit(["-cfg", f"job_dir={job_dir},time=10", COMPONENT + ":diloco", "--replica_groups", "2",
+                     "--outer_steps", "4", "--lighthouse_port", str(port), "--lighthouse_idle_exit", "4",
+                     "--checkpoint_dir", "ckpt", *TRAIN, *SMALL], run, jobs)
+    jid = job_id(handle)
+
+    # while it runs: the groups found the lighthouse through SLURM_JOB_NODELIST_HET_GROUP_0
+    workers = wait_until(lambda: len(train_workers(jid)) == 2 and train_workers(jid), 90,
+                         "both groups' training workers")
+    nodes = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%j %N"], capture_output=True, text=True).stdout
+    lighthouse_node = re.search(r"^lighthouse-0 (\S+)$", nodes, re.M).group(1)
+    assert {w["TORCHFT_LIGHTHOUSE"] for w in workers} == {f"http://{lighthouse_node}:{port}"}
+    assert all(w["SLURM_JOB_NODELIST_HET_GROUP_0"] == lighthouse_node for w in workers)
+
+    status = torchx(["status", handle], run)
+    assert status.returncode == 0, status.stderr
+    assert re.search(r"State: RUNNING", status.stdout), status.stdout
+    for role in ("lighthouse", "replica_group_0", "replica_group_1"):
+        assert f"*{role}[0]:RUNNING" in status.stdout.replace(" ", ""), status.stdout
+    assert "other" not in status.stdout  # not mixed with the other job
+
+    wait_until(lambda: outer_steps(group_log(job_dir, jid, 0)), 120, "group 0's first outer step")
+    live = torchx(["log", f"{handle}/replica_group_0"], run)
+    assert live.returncode == 0 and "Number of outer optimizer steps completed: [1]" in live.stdout, live.stderr
+
+    assert wait_done(jid, 180) == "COMPLETED", (job_dir / f"slurm-{jid}.out").read_text()
+    assert state(other) == "RUNNING"  # untouched
+    status = torchx(["status", handle], run)
+    assert "State: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    assert "other" not in status.stdout
+    after = torchx(["log", handle], run)  # every role
+    assert after.returncode == 0, after.stderr
+    for g in (0, 1):
+        assert f"replica_group_{g}/0 DiLoCo: group {g} finished at outer step 4" in after.stdout
+    assert "lighthouse/0 lighthouse: groups seen: replica_group_0, replica_group_1" in after.stdout
+    err = torchx(["log", "--streams", "stderr", f"{handle}/lighthouse"], run)
+    assert err.returncode == 0, err.stderr
+    steps = [json.loads(line)["outer_step"] for line in (job_dir / "ckpt/metrics/replica_group_1.jsonl").open()]
+    assert steps[-1] == 4
+
+    listed = torchx(["list", "-s", "slurm"], run)  # no slurmdbd here: falls back to squeue
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(rf"slurm://\S+/{jid}\s+lighthouse-0\s+SUCCEEDED", listed.stdout), listed.stdout
+    assert not re.search(rf"slurm://\S+/{int(jid) + 1}\s", listed.stdout)  # het components are one app
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
+    ckpt = tmp_path / "ckpt"
+    handle = submit([COMPONENT + ":diloco", "--replica_groups", "2", "--outer_steps", "8", "--max_restarts", "2",
+                     "--lighthouse_port", str(free_port()), "--lighthouse_idle_exit", "6",
+                     "--checkpoint_dir", str(ckpt), *TRAIN, *SMALL], tmp_path, jobs)
+    jid = job_id(handle)
+    log1 = group_log(tmp_path, jid, 1)
+    wait_until(lambda: outer_steps(log1)[-1:] >= [2], 120, "group 1 at outer step 2")
+    victim = [w for w in train_workers(jid) if w["REPLICA_GROUP_ID"] == "1"]
+    assert len(victim) == 1, victim
+    os.kill(int(victim[0]["PID"]), signal.SIGKILL)  # the worker dies on its node; torchrun stays
+
+    restarted = wait_until(lambda: [w for w in train_workers(jid) if w["REPLICA_GROUP_ID"] == "1"
+                                    and w["PID"] != victim[0]["PID"]], 60, "torchrun to restart group 1's worker")
+    assert restarted[0]["TORCHELASTIC_RESTART_COUNT"] == "1"
+    assert wait_done(jid, 180) == "COMPLETED", group_log(tmp_path, jid, 1, "err").read_text()[-3000:]
+    for g in (0, 1):
+        assert f"DiLoCo: group {g} finished at outer step 8" in group_log(tmp_path, jid, g).read_text()
+    # the restarted group rejoined the others (healed) instead of training alone
+    records = [json.loads(line) for line in (ckpt / "metrics/replica_group_1.jsonl").open()]
+    assert records[-1]["outer_step"] == 8 and records[-1]["participants"] == 2, records[-3:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_cancelled_job_resubmitted_resumes_from_newest_checkpoint(tmp_path, jobs):
+    ckpt = tmp_path / "ckpt"
+    args = ["--replica_groups", "2", "--lighthouse_idle_exit", "4", "--checkpoint_dir", str(ckpt), *TRAIN]
+    first = submit([COMPONENT + ":diloco", "--outer_steps", "50", "--lighthouse_port", str(free_port()), *args,
+                    *SMALL], tmp_path, jobs)
+    done = wait_until(lambda: [int(p.parent.name[5:]) for p in ckpt.glob("step_*/MANIFEST.global.json")
+                               if int(p.parent.name[5:]) >= 2], 150, "a complete checkpoint at step >= 2")
+    subprocess.run(["scancel", job_id(first)], check=True)  # the whole job is lost
+    assert wait_done(job_id(first), 60) == "CANCELLED"
+
+    second = submit([COMPONENT + ":diloco", "--outer_steps", str(max(done) + 2), "--lighthouse_port",
+                     str(free_port()), *args, *SMALL], tmp_path, jobs, wait=True, timeout=200)
+    assert state(job_id(second)) == "COMPLETED"
+    for g in (0, 1):
+        steps = outer_steps(group_log(tmp_path, job_id(second), g))
+        assert steps and steps[0] > max(done) >= 2, steps  # resumed, not from zero
+        assert steps[-1] == max(done) + 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest(tmp_path, jobs):
+    port = free_port()
+    lh = submit([COMPONENT + ":lighthouse", "--port", str(port), "--idle_exit", "5"], tmp_path, jobs)
+    wait_until(lambda: state(job_id(lh)) == "RUNNING", 60, "the lighthouse job to start")
+    node = subprocess.run(["squeue", "-h", "-j", job_id(lh), "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    url = f"http://{node}:{port}"
+    ckpt = tmp_path / "ckpt"
+    groups = [submit([COMPONENT + ":replica_group", "--lighthouse_url", url, "--group", str(g), "--replica_groups",
+                      "2", "--outer_steps", "14", "--checkpoint_dir", str(ckpt), *TRAIN, *SMALL], tmp_path, jobs)
+              for g in (0, 1)]
+    logs = [tmp_path / f"slurm-{job_id(h)}-replica_group_{g}-0.out" for g, h in enumerate(groups)]
+
+    def trained_together() -> bool:
+        m = ckpt / "metrics/replica_group_1.jsonl"
+        return m.exists() and any(json.loads(line)["participants"] == 2 for line in m.open() if line.strip())
+
+    wait_until(trained_together, 150, "an outer step with both groups")
+    subprocess.run(["scancel", job_id(groups[1])], check=True)
+    assert wait_done(job_id(groups[1]), 60) == "CANCELLED"
+    assert state(job_id(groups[0])) == "RUNNING" and state(job_id(lh)) == "RUNNING"
+
+    assert wait_done(job_id(groups[0]), 180) == "COMPLETED", logs[0].read_text()[-2000:]
+    assert "DiLoCo: group 0 finished at outer step 14" in logs[0].read_text()
+    assert wait_done(job_id(lh), 60) == "COMPLETED"  # it exits once the groups went quiet
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (["-cfg", "partition=no_such_partition"], "Invalid partition name specified"),
+    (["--gpus_per_group", "64"], "Invalid generic resource (gres) specification"),
+])
+def test_sbatch_refusal_is_one_clear_line(tmp_path, jobs, bad, expected):
+    cfg, comp = (bad, []) if bad[0] == "-cfg" else ([], bad)
+    p = torchx(["run", "-s", "slurm", *cfg, COMPONENT + ":diloco", *comp, "--outer_steps", "1"], tmp_path)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if expected in ln]
+    assert len(lines) == 1 and "sbatch refused the job" in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not re.search(r"^slurm://", p.stdout, re.M)
