@@ -1,0 +1,69 @@
+"""Whole-run loss: kill -9 everything, start again, and end where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.procs import Group, Lighthouse, run_groups
+from tests.test_groups import SMALL, committed_checksums, wait_for_step
+from torchx_diloco.checkpoint import CheckpointStore
+from torchx_diloco.faultfs import FAULTS_ENV
+
+pytestmark = pytest.mark.slow
+
+ARGS = [*SMALL, "--outer-steps", "6", "--sync-every", "20", "--min-replicas", "2"]
+
+
+def final_checksum(ckpt: Path) -> str:
+    return committed_checksums(ckpt, 0)[6]
+
+
+def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
+    reference = tmp_path / "uninterrupted"
+    lighthouse = Lighthouse(tmp_path, min_replicas=2)
+    run_groups(2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(reference)], tmp_path)
+    lighthouse.kill()
+
+    ckpt = tmp_path / "interrupted"
+    lighthouse = Lighthouse(tmp_path, min_replicas=2)
+    groups = [Group(g, 2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first")
+              for g in range(2)]
+    wait_for_step(ckpt / "metrics" / "replica_group_1.jsonl", 3)
+    for g in groups:
+        g.kill()  # SIGKILL, no chance to flush anything
+    lighthouse.kill()
+    killed_at = CheckpointStore(str(ckpt)).latest(0).step
+    assert 3 <= killed_at < 6
+
+    lighthouse = Lighthouse(tmp_path, min_replicas=2)
+    resumed = run_groups(2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path)
+    lighthouse.kill()
+    for g in resumed:
+        out = g.output().split("resumed from")[-1]
+        assert f"[{killed_at + 1}] loss" in out
+        assert f"[{killed_at}] loss" not in out, "nothing before the checkpoint is trained again"
+    assert final_checksum(ckpt) == final_checksum(reference)
+    assert committed_checksums(ckpt, 1)[6] == final_checksum(reference)
+
+
+def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable(tmp_path):
+    """The process dies (os._exit) half way through writing step 3's global part, on a real filesystem."""
+    url = f"faulty://{tmp_path}/ckpt"
+    args = [*SMALL, "--outer-steps", "4", "--sync-every", "5", "--checkpoint-dir", url]
+    lighthouse = Lighthouse(tmp_path)
+    crash = {FAULTS_ENV: json.dumps([{"match": "step_00000003/global.pt", "action": "crash"}])}
+    g = Group(0, 1, lighthouse.url, args, tmp_path, extra_env=crash)
+    assert g.wait() == 137
+    store = CheckpointStore(url)
+    assert store.steps()[-1] == 3, "step 3 was being written"
+    assert store.latest(0).step == 2
+
+    resumed = Group(0, 1, lighthouse.url, args, tmp_path, tag="-resumed")
+    assert resumed.wait() == 0, resumed.output()[-2000:]
+    lighthouse.kill()
+    out = resumed.output()
+    assert "[3] loss" in out and "[4] loss" in out and "[2] loss" not in out
+    assert CheckpointStore(url).latest(0).step == 4
