@@ -1,0 +1,160 @@
+"""`torchx run` for real: the diloco component on local_cwd, a lighthouse and two CPU groups under torchrun.
+
+Logs are read where TorchX's local scheduler writes them: <log_dir>/torchx/<app_id>/<role>/0/{stdout,stderr}.log.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+from tests.procs import REPO, free_port
+
+BIN = Path(sys.executable).parent
+OUTER = re.compile(r"DiLoCo: Number of outer optimizer steps completed: \[(\d+)\] loss = [\d.]+")
+INNER = re.compile(r"DiLoCo: Number of inner optimizer steps completed: (\d+)")
+
+
+def run_env() -> Dict[str, str]:
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    for k in ("TORCHXCONFIG", "TORCHX_DILOCO_GPUS", "TORCHFT_LIGHTHOUSE", "REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS",
+              "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return env
+
+
+def role_log(log_dir: Path, role: str, stream: str = "stdout") -> Optional[Path]:
+    found = sorted(log_dir.glob(f"torchx/*/{role}/0/{stream}.log"))
+    return found[-1] if found else None
+
+
+def read(path: Optional[Path]) -> str:
+    return path.read_text(errors="replace") if path and path.exists() else ""
+
+
+def pids_of_run(port: int) -> List[int]:
+    """Processes of the app that uses lighthouse port ``port`` (found through their environment)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(e.startswith(b"TORCHFT_LIGHTHOUSE=") and e.endswith(b":%d" % port) for e in environ) or (
+                b"torchx_diloco.lighthouse" in cmdline and b"\0%d\0" % port in cmdline):
+            pids.append(int(proc.name))
+    return pids
+
+
+def train_worker_pid(group: int, port: int) -> int:
+    """The training process (torchrun's worker, not the torchrun agent) of ``group`` in the run on ``port``."""
+    out = subprocess.run(["pgrep", "-f", "torchx_diloco.train"], capture_output=True, text=True).stdout.split()
+    for pid in map(int, out):
+        try:
+            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if (f"REPLICA_GROUP_ID={group}".encode() in environ
+                and any(e.startswith(b"TORCHFT_LIGHTHOUSE=") and e.endswith(b":%d" % port) for e in environ)
+                and any(e.startswith(b"LOCAL_RANK=") for e in environ)):  # set by torchrun on its workers only
+            return pid
+    raise AssertionError(f"no training process of group {group} found")
+
+
+def stop(proc: subprocess.Popen, port: int) -> None:
+    """Leave nothing running: the torchx CLI, then any role process of this run still alive."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # torchx run cancels the app on SIGTERM
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in pids_of_run(port):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def assert_complete_checkpoint(ckpt: Path, step: int) -> None:
+    folder = ckpt / f"step_{step:08d}"
+    assert (folder / "MANIFEST.global.json").is_file(), sorted(p.name for p in ckpt.glob("*"))
+    assert (folder / "global.pt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bare_torchx_run_in_a_fresh_clone(tmp_path):
+    """What `make run` does: `torchx run`, no arguments, in the repo root (.torchxconfig picks everything)."""
+    clone = tmp_path / "repo"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    cfg = configparser.ConfigParser()
+    cfg.read(clone / ".torchxconfig")
+    section = cfg["component:diloco.diloco"]
+    groups, outer, sync = int(section["replica_groups"]), int(section["outer_steps"]), int(section["sync_every"])
+
+    out = subprocess.run([str(BIN / "torchx"), "run"], cwd=clone, env=run_env(), capture_output=True, text=True,
+                         timeout=360)
+    tail = (out.stdout + out.stderr)[-4000:]
+    assert out.returncode == 0, tail
+    assert "SUCCEEDED" in out.stderr, tail
+
+    log_dir = clone / cfg["local_cwd"]["log_dir"]
+    assert "all 2 groups finished" in read(role_log(log_dir, "lighthouse"))
+    for g in range(groups):
+        text = read(role_log(log_dir, f"replica_group_{g}"))
+        assert [int(k) for k in OUTER.findall(text)] == list(range(1, outer + 1)), text[-3000:]
+        assert [int(n) for n in INNER.findall(text)] == [sync * k for k in range(1, outer + 1)], text[-3000:]
+        assert f"DiLoCo: group {g} finished at outer step {outer}" in text
+    assert_complete_checkpoint(clone / "checkpoints" / "diloco", outer)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_killed_worker_is_restarted_by_torchrun_heals_and_the_app_succeeds(tmp_path):
+    port, outer = free_port(), 15
+    log_dir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
+    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}", "diloco.diloco",
+           "--lighthouse_port", str(port), "--outer_steps", str(outer), "--sync_every", "40", "--model", "nano",
+           "--max_restarts", "2", "--lighthouse_idle_exit", "15", "--checkpoint_dir", str(ckpt),
+           # no durable checkpoint before the last step: the restarted worker starts from nothing and must
+           # heal from group 0 (with one, it would resume from disk at the step the peer is at)
+           "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--checkpoint-every", "1000"]
+    with open(tmp_path / "torchx.log", "wb") as console:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not re.search(r"outer optimizer steps completed: \[2\]", read(role_log(log_dir, "replica_group_1"))):
+            assert proc.poll() is None, read(tmp_path / "torchx.log")[-3000:]
+            assert time.monotonic() < deadline, "group 1 did not reach outer step 2"
+            time.sleep(0.2)
+        victim = train_worker_pid(1, port)
+        os.kill(victim, signal.SIGKILL)
+
+        rc = proc.wait(timeout=300)
+        console_text = read(tmp_path / "torchx.log")
+        assert rc == 0, console_text[-4000:]
+        assert "SUCCEEDED" in console_text
+    finally:
+        stop(proc, port)
+
+    g1 = read(role_log(log_dir, "replica_group_1")) + read(role_log(log_dir, "replica_group_1", "stderr"))
+    # torchrun's agent saw the worker die and started a new one, which rejoined with the peer's weights
+    died = re.search(rf"failed \(exitcode: -9\) local_rank: 0 \(pid: {victim}\)", g1)
+    assert died, g1[-4000:]
+    assert "healed from a peer" in g1[died.end():], g1[-4000:]
+    for g in range(2):
+        text = read(role_log(log_dir, f"replica_group_{g}"))
+        assert f"DiLoCo: group {g} finished at outer step {outer}" in text, text[-3000:]
+    assert_complete_checkpoint(ckpt, outer)
