@@ -34,8 +34,10 @@ def read_corpus(url: str) -> bytes:
         try:
             with f as fh:
                 raw = fh.read()
-        except (FileNotFoundError, IsADirectoryError) as e:
-            raise UserError(f"--data {url!r}: {f.path} cannot be read ({e}); pass text files") from e
+        except FileNotFoundError as e:
+            raise UserError(f"--data {url!r}: {f.path} does not exist; pass an existing file, glob or fsspec URL") from e
+        except IsADirectoryError as e:
+            raise UserError(f"--data {url!r}: {f.path} is a directory; pass files or a glob like DIR/*.txt") from e
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as e:

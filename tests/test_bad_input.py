@@ -1,0 +1,113 @@
+"""Bad input to the training module: one line naming the fix, exit code 2, nothing saved is lost."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import free_port, train_once
+from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
+from torchx_diloco.model import PRESETS
+from torchx_diloco.train import main
+
+GOOD_ENV = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "2", "TORCHFT_LIGHTHOUSE": "http://localhost:1"}
+
+
+def files(tmp: Path) -> dict:
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp.rglob("*") if p.is_file()}
+
+
+def make_data(tmp: Path, kind: str) -> str:
+    path = tmp / f"{kind}.txt"
+    if kind == "empty":
+        path.write_bytes(b"  \n")
+    elif kind == "binary":
+        path.write_bytes(b"caf\xe9 \xff\xfe not utf-8" * 100)
+    elif kind == "short":
+        path.write_text("only a few words")
+    return str(path)
+
+
+def shape_mismatch(tmp: Path) -> str:
+    url = str(tmp / "ckpt")
+    CheckpointStore(url).write_part(1, GLOBAL_PART, {"model_config": PRESETS["tiny"].to_dict()})
+    return url
+
+
+CASES = [
+    # flags
+    (["--outer-steps", "0"], {}, "--outer-steps: 0 must be >= 1"),
+    (["--sync-every", "abc"], {}, "'abc' is not a number"),
+    (["--model", "huge"], {}, "invalid choice: 'huge'"),
+    (["--outer-momentum", "1.5"], {}, "must be in [0, 1)"),
+    (["--inner-lr", "-1"], {}, "must be > 0"),
+    (["--seq-len", "0"], {}, "--seq-len: 0 must be >= 1"),
+    (["--keep-checkpoints", "0"], {}, "--keep-checkpoints: 0 must be >= 1"),
+    (["--eval-batches", "-1"], {}, "must be >= 0"),
+    (["--device", "tpu"], {}, "--device 'tpu': use auto, cpu or cuda"),
+    (["--device", "cuda"], {}, "no CUDA device is visible"),
+    (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
+    (["--min-replicas", "3"], {}, "--min-replicas 3 exceeds NUM_REPLICA_GROUPS=2"),
+    # environment
+    ([], {"REPLICA_GROUP_ID": None}, "REPLICA_GROUP_ID is not set"),
+    ([], {"REPLICA_GROUP_ID": "x"}, "REPLICA_GROUP_ID='x' is not an integer"),
+    ([], {"REPLICA_GROUP_ID": "2"}, "REPLICA_GROUP_ID=2 is outside 0..1"),
+    ([], {"NUM_REPLICA_GROUPS": "0"}, "NUM_REPLICA_GROUPS=0 must be >= 1"),
+    ([], {"NUM_REPLICA_GROUPS": "two"}, "NUM_REPLICA_GROUPS='two' is not an integer"),
+    ([], {"TORCHFT_LIGHTHOUSE": None}, "TORCHFT_LIGHTHOUSE is not set"),
+    ([], {"TORCHFT_LIGHTHOUSE": "localhost:29510"}, "is not a lighthouse URL: set it to http://HOST:PORT"),
+    # data
+    (["--data", "{tmp}/missing.txt"], {}, "missing.txt does not exist"),
+    (["--data", "{tmp}"], {}, "is a directory; pass files or a glob"),
+    (["--data", "{tmp}/*.nothing"], {}, "no file matches"),
+    (["--data", "{empty}"], {}, "the text is empty"),
+    (["--data", "{binary}"], {}, "is not UTF-8 text"),
+    (["--data", "{short}"], {}, "too few for --seq-len"),
+    # checkpoints
+    (["--checkpoint-dir", "/proc/version/ckpt"], {}, "is not writable"),
+    (["--checkpoint-dir", "nosuchprotocol://bucket/run"], {}, "is not a usable fsspec URL"),
+    (["--checkpoint-dir", "{mismatch}"], {}, "is for a different model"),
+]
+
+
+@pytest.mark.parametrize("argv, env, message", CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, env, message):
+    subst = {"tmp": str(tmp_path), "empty": make_data(tmp_path, "empty"), "binary": make_data(tmp_path, "binary"),
+             "short": make_data(tmp_path, "short"), "mismatch": shape_mismatch(tmp_path)}
+    argv = [a.format(**subst) for a in argv]
+    if not any(a == "--checkpoint-dir" for a in argv):
+        argv += ["--checkpoint-dir", str(tmp_path / "default-ckpt")]
+    for k, v in {**GOOD_ENV, **env}.items():
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
+    saved = files(tmp_path)
+    assert main(["--model", "nano", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torchx_diloco.train: error: ")
+    assert "\n" not in err, err
+    assert message in err
+    assert files(tmp_path) == saved, "nothing already saved may change"
+
+
+def test_unreachable_lighthouse_fails_within_its_timeout(tmp_path):
+    env = {**GOOD_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{free_port()}"}
+    start = time.monotonic()
+    result = train_once(["--model", "nano", "--lighthouse-timeout", "2", "--checkpoint-dir", str(tmp_path / "c")],
+                        env=env)
+    assert result.returncode == 2
+    assert "cannot reach the lighthouse at http://127.0.0.1:" in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert time.monotonic() - start < 30  # 2 s of waiting plus interpreter start-up
+
+
+def test_cli_prints_help_for_every_flag():
+    result = train_once(["--help"])
+    assert result.returncode == 0
+    for flag in ("--outer-steps", "--sync-every", "--checkpoint-dir", "--data", "--model", "--batch-size",
+                 "--seq-len", "--seed", "--inner-lr", "--outer-lr"):
+        assert flag in result.stdout
