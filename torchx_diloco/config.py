@@ -44,6 +44,7 @@ class TrainConfig:
     lighthouse_timeout: float
     group_wait: float
     collective_timeout: float
+    quorum_timeout: float
     device: str
     eval_batches: int
     impl: str
@@ -119,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--min-replicas", type=_positive_int, default=1,
       help="groups needed to commit an outer step (the others may be down)")
     a("--lighthouse-timeout", type=_positive_float, default=60.0,
-      help="seconds to wait for the lighthouse to answer before giving up (also how long a restarted "
-      "lighthouse may be away)")
+      help="seconds to wait for the lighthouse at start, and how long a sync keeps retrying while it is away "
+      "(restarted lighthouse)")
     a("--group-wait", type=float, default=60.0,
       help="seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the lighthouse (0 = don't)")
     a("--collective-timeout", type=_positive_float, default=60.0,
       help="seconds an all-reduce, commit vote or peer checkpoint fetch may take before the round is dropped")
+    a("--quorum-timeout", type=_positive_float, default=120.0,
+      help="seconds one quorum may take: longer than the lighthouse's join timeout, so slow groups are waited for")
     a("--device", default="auto", help="'auto' (CUDA if visible, else CPU), 'cpu' or 'cuda'")
     a("--eval-batches", type=_non_negative_int, default=4, help="held-out batches per eval (0 = no eval)")
     a("--impl", choices=IMPLEMENTATIONS, default="torchx_diloco",

@@ -14,6 +14,7 @@ Differences from ``torchft.local_sgd.DiLoCo`` (which gives the same weights when
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List
 
 import torch
@@ -40,6 +41,7 @@ class DiLoCo:
         outer_optimizer: steps on the averaged pseudo-gradient (SGD, lr 0.7, momentum 0.9, Nesterov).
         sync_every: H, inner steps between syncs.
         backup_device: where the global weights are kept between syncs (host memory by default).
+        quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
     """
 
     def __init__(
@@ -50,6 +52,7 @@ class DiLoCo:
         outer_optimizer: torch.optim.Optimizer,
         sync_every: int,
         backup_device: torch.device | str = "cpu",
+        quorum_retry_s: float = 60.0,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -69,6 +72,7 @@ class DiLoCo:
         self.model = model
         self.outer_optimizer = outer_optimizer
         self.sync_every = sync_every
+        self.quorum_retry_s = quorum_retry_s
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
         self._backup = [
@@ -136,7 +140,7 @@ class DiLoCo:
         """Average pseudo-gradients across groups and take the outer step; False if the round was dropped."""
         self._healed = False
         self._step_at_sync = self.manager.current_step()
-        self.manager.start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
+        self._start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
         flat = self._pseudo_gradient()
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         if not self.manager.should_commit():
@@ -151,6 +155,22 @@ class DiLoCo:
         return True
 
     # --- pieces ------------------------------------------------------------------------------------------
+    def _start_quorum(self) -> None:
+        """torchft's quorum, retried while the lighthouse is away (restarted, or its node rebooting)."""
+        deadline = time.monotonic() + self.quorum_retry_s
+        while True:
+            try:
+                self.manager.start_quorum()
+                return
+            except Exception as e:  # noqa: BLE001 - gRPC surfaces as several types; retried, then re-raised
+                # torchft keeps the failed quorum and re-raises it on every later call: forget it to retry
+                self.manager._quorum_future = None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"no quorum for {self.quorum_retry_s:g}s (is the lighthouse up?): {e}") from e
+                logger.warning("quorum failed (%s: %s); retrying until the lighthouse answers",
+                               type(e).__name__, str(e).splitlines()[0][:200])
+                time.sleep(1.0)
+
     @torch.no_grad()
     def _pseudo_gradient(self) -> torch.Tensor:
         """``global - local`` of every parameter in one flat buffer, plus a last element: 1 if it counts."""

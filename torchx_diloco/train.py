@@ -157,11 +157,15 @@ class Trainer:
         cfg = self.cfg
         wait_for_lighthouse(cfg.lighthouse, cfg.lighthouse_timeout)
         self.manager = build_manager(self.group, self.device, cfg.min_replicas, cfg.collective_timeout,
-                                     max(cfg.lighthouse_timeout, cfg.collective_timeout), cfg.lighthouse)
+                                     cfg.quorum_timeout, cfg.lighthouse)
         if cfg.group_wait > 0 and cfg.num_replica_groups > 1:
             wait_for_groups(cfg.lighthouse, cfg.num_replica_groups, cfg.group_wait, f"replica_group_{self.group}")
-        impl = DiLoCo if cfg.impl == "torchx_diloco" else TorchftDiLoCo
-        self.diloco = impl(self.manager, self.model, self.inner_opt, self.outer_opt, sync_every=cfg.sync_every)
+        if cfg.impl == "torchx_diloco":
+            self.diloco = DiLoCo(self.manager, self.model, self.inner_opt, self.outer_opt,
+                                 sync_every=cfg.sync_every, quorum_retry_s=cfg.lighthouse_timeout)
+        else:
+            self.diloco = TorchftDiLoCo(self.manager, self.model, self.inner_opt, self.outer_opt,
+                                        sync_every=cfg.sync_every)
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
