@@ -22,7 +22,6 @@ import pytest
 
 from tests.procs import REPO, free_port
 
-pytestmark = [pytest.mark.slurm]
 
 VENV_BIN = Path(sys.executable).parent
 COMPONENT = f"{REPO}/components/diloco.py"
@@ -41,7 +40,7 @@ def _slurm_problem() -> Optional[str]:
     return None
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def slurm_cluster():
     problem = _slurm_problem()
     if problem:
@@ -49,6 +48,11 @@ def slurm_cluster():
         if os.environ.get("TORCHX_DILOCO_REQUIRE_SLURM") == "1":
             pytest.fail(f"TORCHX_DILOCO_REQUIRE_SLURM=1 but {msg}", pytrace=False)
         pytest.skip(msg)
+
+
+def needs_slurm(test):
+    """Marks a test `slurm` and skips it (fails it under TORCHX_DILOCO_REQUIRE_SLURM=1) without a cluster."""
+    return pytest.mark.slurm(pytest.mark.usefixtures("slurm_cluster")(test))
 
 
 @pytest.fixture
@@ -146,6 +150,7 @@ def train_workers(jid: str) -> List[Dict[str, str]]:
 # ------------------------------------------------------------------------------------------------- the tests
 
 
+@needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
@@ -202,6 +207,7 @@ def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
     assert not re.search(rf"slurm://\S+/{int(jid) + 1}\s", listed.stdout)  # het components are one app
 
 
+@needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
@@ -227,6 +233,7 @@ def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
     assert records[-1]["outer_step"] == 30 and records[-1]["participants"] == 2, records[-3:]
 
 
+@needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_cancelled_job_resubmitted_resumes_from_newest_checkpoint(tmp_path, jobs):
@@ -247,6 +254,7 @@ def test_cancelled_job_resubmitted_resumes_from_newest_checkpoint(tmp_path, jobs
         assert steps == [newest + 1, newest + 2], (newest, steps)  # resumed from the newest, not from zero
 
 
+@needs_slurm
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest(tmp_path, jobs):
@@ -275,6 +283,7 @@ def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest
     assert wait_done(job_id(lh), 60) == "COMPLETED"  # it exits once the groups went quiet
 
 
+@needs_slurm
 @pytest.mark.parametrize("bad, expected", [
     (["-cfg", "partition=no_such_partition"], "Invalid partition name specified"),
     (["--gpus_per_group", "64"], "Invalid generic resource (gres) specification"),
@@ -287,3 +296,74 @@ def test_sbatch_refusal_is_one_clear_line(tmp_path, jobs, bad, expected):
     assert len(lines) == 1 and "sbatch refused the job" in lines[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not re.search(r"^slurm://", p.stdout, re.M)
+
+
+@needs_slurm
+def test_status_and_list_read_real_squeue_json_of_pending_het_and_unknown_jobs(tmp_path, jobs):
+    """The 22.05 shapes, from the real squeue: a pending het job (no job_resources), other jobs, unknown ids."""
+    from torchx.specs import AppState
+
+    from torchx_diloco.slurm import SlurmScheduler
+
+    script = tmp_path / "het.sh"
+    script.write_text("#!/bin/bash\n#SBATCH --job-name=trainer-0\n#SBATCH hetjob\n#SBATCH --job-name=trainer-1\n"
+                      "srun true : true\n")
+    held = subprocess.run(["sbatch", "--parsable", "--hold", f"--chdir={tmp_path}", str(script)],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    jobs.append(held)
+    plain = subprocess.run(["sbatch", "--parsable", "-J", "plain-0", f"--chdir={tmp_path}", "--wrap", "sleep 60"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    jobs.append(plain)
+    raw = json.loads(subprocess.run(["squeue", "--json"], capture_output=True, text=True, check=True).stdout)
+    pending = [j for j in raw["jobs"] if str(j["job_id"]) == held]
+    assert pending and "job_resources" not in pending[0]  # the 22.05 shape this plugin copes with
+
+    sched = SlurmScheduler("test")
+    desc = sched.describe(held)
+    assert desc.state == AppState.PENDING
+    assert [(r.role, [x.id for x in r.replicas]) for r in desc.roles_statuses] == [("trainer", [0, 1])]
+    plain_desc = wait_until(lambda: (d := sched.describe(plain)) and d.state == AppState.RUNNING and d, 30,
+                            "the plain job to run")
+    assert [r.role for r in plain_desc.roles_statuses] == ["plain"]
+    assert plain_desc.roles_statuses[0].replicas[0].hostname.startswith("dlnode")
+    assert sched.describe("999999") is None  # squeue answers with every job for an unknown id on 22.05
+    listed = {a.app_id: a.state for a in sched.list()}
+    assert listed[held] == AppState.PENDING and str(int(held) + 1) not in listed  # one entry per het job
+
+
+def test_slurm_plugin_replaces_builtin_and_local_cwd_stays_default(tmp_path):
+    """Registration through the `torchx.schedulers` entry points (no Slurm needed)."""
+    from torchx.schedulers import get_default_scheduler_name, get_scheduler_factories
+
+    from torchx_diloco.slurm import SlurmScheduler
+
+    assert isinstance(get_scheduler_factories()["slurm"]("test"), SlurmScheduler)
+    assert get_default_scheduler_name() == "local_cwd"
+    # the CLI too, from a folder without a .torchxconfig
+    p = torchx(["run", "--dryrun", "utils.echo", "--msg", "hi"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "local_cwd://" in p.stdout and "sbatch" not in p.stdout, p.stdout
+
+
+def test_newer_squeue_shapes_are_read_too():
+    """Shapes Slurm 23.02+ prints (het_job_id as a dict, job_state as a list, job_resources None while pending):
+    hand-written from the slurm REST schema, since the cluster here is 22.05 (its shapes are tested above)."""
+    from torchx.specs import AppState
+
+    from torchx_diloco.slurm import describe_from_squeue_json, list_from_squeue_json
+
+    def job(jid, offset, name, st, resources):
+        return {"job_id": jid, "het_job_id": {"set": True, "infinite": False, "number": 40},
+                "het_job_offset": offset, "name": name, "job_state": [st], "job_resources": resources,
+                "nodes": "n2" if resources is None else "", "command": "x.sh", "current_working_directory": "/w"}
+
+    out = {"jobs": [job(40, 0, "lighthouse-0", "RUNNING", {"nodes": {"list": "n1", "allocation": [
+        {"name": "n1", "cpus": {"used": 1}, "memory": {"allocated": 1024}}]}}),
+        job(41, 1, "replica_group_0-0", "PENDING", None),
+        {"job_id": 7, "het_job_id": {"set": False, "number": 0}, "name": "other-0", "job_state": ["RUNNING"]}]}
+    desc = describe_from_squeue_json(out, "40")
+    assert desc.state == AppState.RUNNING
+    assert [(r.role, r.replicas[0].state, r.replicas[0].hostname) for r in desc.roles_statuses] == [
+        ("lighthouse", AppState.RUNNING, "n1"), ("replica_group_0", AppState.PENDING, "n2")]
+    assert [(a.app_id, a.name) for a in list_from_squeue_json(out)] == [("40", "lighthouse-0"), ("7", "other-0")]
+    assert describe_from_squeue_json(out, "41").roles_statuses[0].role == "replica_group_0"  # a component's id
