@@ -53,7 +53,7 @@ def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable
     """The process dies (os._exit) half way through writing step 3's global part, on a real filesystem."""
     url = f"faulty://{tmp_path}/ckpt"
     args = [*SMALL, "--outer-steps", "4", "--sync-every", "5", "--checkpoint-dir", url]
-    lighthouse = Lighthouse(tmp_path)
+    lighthouse = Lighthouse(tmp_path, idle_exit=0)  # serves both runs
     crash = {FAULTS_ENV: json.dumps([{"match": "step_00000003/global.pt", "action": "crash"}])}
     g = Group(0, 1, lighthouse.url, args, tmp_path, extra_env=crash)
     assert g.wait() == 137
@@ -67,3 +67,21 @@ def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable
     out = resumed.output()
     assert "[3] loss" in out and "[4] loss" in out and "[2] loss" not in out
     assert CheckpointStore(url).latest(0).step == 4
+
+
+def test_training_checkpoints_to_s3_and_resumes_from_there(tmp_path, s3_url):
+    """The same run on an S3-protocol server (moto, on loopback): write, then resume from the bucket."""
+    lighthouse = Lighthouse(tmp_path, idle_exit=0)  # serves both runs
+    args = [*SMALL, "--sync-every", "5", "--checkpoint-dir", s3_url]
+    first = Group(0, 1, lighthouse.url, [*args, "--outer-steps", "2"], tmp_path)
+    assert first.wait() == 0, first.output()[-2000:]
+    assert CheckpointStore(s3_url).latest(0).step == 2
+    second = Group(0, 1, lighthouse.url, [*args, "--outer-steps", "3"], tmp_path, tag="-second")
+    assert second.wait() == 0, second.output()[-2000:]
+    lighthouse.kill()
+    assert "[3] loss" in second.output() and "[1] loss" not in second.output()
+    latest = CheckpointStore(s3_url).latest(0)
+    assert latest.step == 3 and latest.group_state["inner_steps"] == 15
+    from torchx_diloco.metrics import read_metrics
+
+    assert [r["outer_step"] for r in read_metrics(f"{s3_url}/metrics/replica_group_0.jsonl")] == [1, 2, 3]
