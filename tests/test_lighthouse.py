@@ -1,0 +1,102 @@
+"""The lighthouse launcher: where it listens, and that it ends when the run does."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.procs import PYTHON, REPO, Lighthouse, free_port
+from torchx_diloco.lighthouse import default_bind_host
+
+
+def listening_addresses(port: int) -> set:
+    """Local addresses with a socket listening on ``port``, read from the kernel's tables (/proc/net/tcp*)."""
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr_hex, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A = LISTEN
+                continue
+            raw = bytes.fromhex(addr_hex)
+            if family == socket.AF_INET:
+                found.add(socket.inet_ntop(family, raw[::-1]))
+            else:
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                found.add(socket.inet_ntop(family, words))
+    return found
+
+
+def test_lighthouse_listens_on_loopback_only_by_default(tmp_path):
+    """Its HTTP side has an unauthenticated kill endpoint: not on every interface unless asked."""
+    lighthouse = Lighthouse(tmp_path)
+    try:
+        assert listening_addresses(lighthouse.port) == {"127.0.0.1"}
+    finally:
+        lighthouse.kill()
+
+
+def test_lighthouse_binds_every_interface_only_when_asked(tmp_path):
+    lighthouse = Lighthouse(tmp_path, extra=["--bind-host", "::"])
+    try:
+        assert listening_addresses(lighthouse.port) == {"::"}
+    finally:
+        lighthouse.kill()
+
+
+def test_under_slurm_the_default_is_this_nodes_address(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    host = default_bind_host()
+    assert host == socket.gethostbyname(socket.gethostname())
+    assert host not in ("0.0.0.0", "::")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    assert default_bind_host() == "127.0.0.1"
+
+
+def test_lighthouse_with_no_group_exits_1_with_a_clear_line():
+    result = subprocess.run([PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(free_port()),
+                             "--first-join-timeout", "1"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert "no replica group joined within 1s" in result.stderr
+
+
+def test_lighthouse_on_a_busy_port_fails_with_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = subprocess.run([PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick a free --port" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-replicas", "0"], "--min-replicas 0 must be >= 1"),
+    (["--port", "70000"], "--port 70000 must be in 1..65535"),
+])
+def test_lighthouse_bad_flags(args, message):
+    result = subprocess.run([PYTHON, "-m", "torchx_diloco.lighthouse", *args], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_lighthouse_exits_0_after_groups_go_quiet(tmp_path):
+    from torchft._torchft import LighthouseClient
+    from datetime import timedelta
+
+    lighthouse = Lighthouse(tmp_path, idle_exit=1.0)
+    client = LighthouseClient(f"http://127.0.0.1:{lighthouse.port}", connect_timeout=timedelta(seconds=5))
+    client.heartbeat("replica_group_0:0000")  # a group joins...
+    start = time.monotonic()
+    assert lighthouse.proc.wait(timeout=30) == 0  # ...and goes quiet: the run is over
+    assert time.monotonic() - start >= 1.0
+    assert "all 1 groups finished" in lighthouse.output()
