@@ -85,3 +85,30 @@ def test_training_checkpoints_to_s3_and_resumes_from_there(tmp_path, s3_url):
     from torchx_diloco.metrics import read_metrics
 
     assert [r["outer_step"] for r in read_metrics(f"{s3_url}/metrics/replica_group_0.jsonl")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("action, text", [("error", "Input/output error"), ("full", "No space left on device")])
+def test_storage_fault_during_training_is_logged_once_and_training_goes_on(tmp_path, action, text):
+    """A checkpoint filesystem that fails mid-write at step 2: steps 1 and 3 are saved, the run finishes."""
+    url = f"faulty://{tmp_path}/ckpt"
+    lighthouse = Lighthouse(tmp_path)
+    fault = {FAULTS_ENV: json.dumps([{"match": "step_00000002/", "action": action}])}
+    g = Group(0, 1, lighthouse.url, [*SMALL, "--outer-steps", "3", "--sync-every", "5", "--checkpoint-dir", url],
+              tmp_path, extra_env=fault)
+    assert g.wait() == 0, g.output()[-2000:]
+    lighthouse.kill()
+    out = g.output()
+    assert out.count(text) == 1, out[-3000:]
+    assert "checkpoint of outer step 2 failed (training goes on, the previous checkpoint stays)" in out
+    assert "[3] loss" in out
+    store = CheckpointStore(url)
+    assert store.latest(0).step == 3
+    assert not store.has_part(2, "global")
+    records = {r["outer_step"]: r for r in committed_records(tmp_path / "ckpt")}
+    assert "checkpoint" not in records[2] and "checkpoint" in records[3]
+
+
+def committed_records(ckpt: Path) -> list:
+    from torchx_diloco.metrics import read_metrics
+
+    return [r for r in read_metrics(str(ckpt / "metrics" / "replica_group_0.jsonl")) if r["committed"]]
