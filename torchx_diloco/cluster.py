@@ -9,8 +9,6 @@ import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
-from typing import Optional
-
 import torch
 
 from torchx_diloco.errors import UserError
@@ -117,7 +115,3 @@ def group_rank() -> int:
 def group_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
-
-def optional_env(name: str) -> Optional[str]:
-    value = os.environ.get(name)
-    return value if value else None
