@@ -120,7 +120,7 @@ class Lab:
     def tx_bytes(self, g: int) -> int:
         return int(_sh("cat", f"/sys/class/net/{self.iface(g)}/statistics/tx_bytes", ns=self.ns(g)))
 
-    def sampler_argv(self, g: int, period: float = 0.1) -> List[str]:
+    def sampler_argv(self, g: int, period: float = 0.05) -> List[str]:
         """A process inside group g's namespace printing 'unix_time tx_bytes' every ``period`` seconds."""
         script = (f"while :; do read b < /sys/class/net/{self.iface(g)}/statistics/tx_bytes; "
                   f"echo \"$EPOCHREALTIME $b\"; sleep {period}; done")

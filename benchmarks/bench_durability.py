@@ -1,0 +1,298 @@
+"""Benchmark 4: what durability and recovery cost.
+
+1. Inner-loop slowdown while checkpoints are written: one group, a checkpoint after every outer step against
+   none (``--checkpoint-every`` larger than the run), interleaved; median tokens/s (goal: <= 5% slower).
+2. Checkpoint write throughput: ``CheckpointStore.write_part`` (serialise, checksum, write, manifest) against
+   a raw ``fs.pipe_file`` of the same bytes to the same folder, interleaved, in-process (goal: >= 80%).
+3. Host memory DiLoCo adds over the model (goal ~2x the parameters: the global weights and the outer
+   momentum): RSS of a fresh process before and after building ``torchx_diloco.DiLoCo`` on a real Manager
+   (real lighthouse, one group) and taking one outer step; also the peak during that step.
+4. Recovery: two groups; SIGKILL one, restart it at once, and time until its first committed outer step
+   (it resumes from its checkpoint and heals from its peer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl  # noqa: E402
+
+
+# --- 1. slowdown -------------------------------------------------------------------------------------------
+def slowdown(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
+    args = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"]),
+            "--sync-every", str(cfg["H"]), "--outer-steps", str(cfg["outer_steps"]), "--eval-batches", "0",
+            "--group-wait", "0"]
+    modes = {"checkpoint every outer step": ["--checkpoint-every", "1"],
+             "checkpoints off": ["--checkpoint-every", "1000000"]}
+    tps: Dict[str, List[float]] = {m: [] for m in modes}
+    names = list(modes)
+    for rep in range(cfg["reps"]):
+        for mode in (names if rep % 2 == 0 else names[::-1]):
+            run = bl.Run(work / f"slow-{rep}-{names.index(mode)}", 1, [*args, *modes[mode]]).wait(900)
+            done = bl.committed(run.metrics[0])
+            tps[mode].extend(r["tokens_per_s"] for r in done[1:-1])  # not the warm-up nor the last round
+            if mode == names[0]:
+                assert any("checkpoint" in r for r in done), "no checkpoint was written"
+    on, off = (bl.median(tps[m]) for m in names)
+    return {"tokens_per_s": tps, "median_on": on, "median_off": off, "slowdown_pct": 100 * (1 - on / off),
+            "args": args}
+
+
+# --- 2. write throughput -----------------------------------------------------------------------------------
+def throughput(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
+    import io
+
+    import torch
+
+    from torchx_diloco.checkpoint import CheckpointStore
+    from torchx_diloco.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg["model"], block_size=cfg["seq_len"])
+    payload = {"diloco": {"global_weights": {k: v.detach().clone() for k, v in model.named_parameters()},
+                          "momentum": {k: torch.randn_like(v) for k, v in model.named_parameters()}}}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    store = CheckpointStore(str(work / "throughput"), keep=1000)
+    store.fs.makedirs(store.root, exist_ok=True)
+    ours, raw = [], []
+    for rep in range(cfg["write_reps"]):
+        for side in (("ours", "raw") if rep % 2 == 0 else ("raw", "ours")):
+            t = time.perf_counter()
+            if side == "ours":
+                store.write_part(rep, "global", payload)
+                ours.append(time.perf_counter() - t)
+            else:
+                store.fs.makedirs(store.step_dir(rep), exist_ok=True)
+                store.fs.pipe_file(f"{store.step_dir(rep)}/raw.bin", data)
+                raw.append(time.perf_counter() - t)
+        shutil.rmtree(Path(store.root) / f"step_{rep:08d}", ignore_errors=True)
+    ser, sha = [], []
+    for _ in range(3):  # where write_part's time goes besides the write itself
+        t = time.perf_counter()
+        b = io.BytesIO()
+        torch.save(payload, b)
+        b.getvalue()
+        ser.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        hashlib.sha256(data).hexdigest()
+        sha.append(time.perf_counter() - t)
+    mo, mr = bl.median(ours), bl.median(raw)
+    return {"bytes": len(data), "ours_s": ours, "raw_s": raw, "ours_mb_s": len(data) / mo / 1e6,
+            "raw_mb_s": len(data) / mr / 1e6, "ratio_pct": 100 * mr / mo,
+            "serialise_s": bl.median(ser), "sha256_s": bl.median(sha)}
+
+
+# --- 3. memory ---------------------------------------------------------------------------------------------
+def _rss() -> int:
+    """Resident bytes, after handing freed heap memory back to the OS (else the allocator's cache counts)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def _hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def _reset_hwm() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS counter (Linux >= 4.0)
+
+
+def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
+    """Runs in a fresh process: model + optimizers (with state) first, then the Manager, then DiLoCo."""
+    import torch
+
+    from torchx_diloco.cluster import build_manager
+    from torchx_diloco.diloco import DiLoCo
+    from torchx_diloco.model import build_model
+    from torchx_diloco.train import build_optimizers
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_model(preset, block_size=seq_len)
+    inner, outer = build_optimizers(model, SimpleNamespace(inner_lr=4e-4, weight_decay=0.1, outer_lr=0.7,
+                                                           outer_momentum=0.9))
+    x = torch.randint(0, 256, (2, seq_len))
+
+    def inner_step() -> None:
+        _, loss = model(x, x)
+        loss.backward()
+        inner.step()
+        inner.zero_grad(set_to_none=True)
+
+    inner_step()  # the inner optimizer's state exists before we measure
+    rss_model = _rss()
+    manager = build_manager(0, torch.device("cpu"), 1, 60, 60, os.environ["TORCHFT_LIGHTHOUSE"])
+    inner_step()
+    rss_manager = _rss()
+    diloco = DiLoCo(manager, model, inner, outer, sync_every=H)
+    rss_built = _rss()
+    _reset_hwm()
+    commits = 0
+    for _ in range(2 * H):  # two outer steps: the second shows nothing more accumulates
+        inner_step()
+        commits += diloco.step()
+    peak = _hwm()
+    rss_after = _rss()
+    manager.shutdown(wait=False)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    held = sum(t.numel() * t.element_size() for t in diloco.global_weights()) + sum(
+        t.numel() * t.element_size() for st in outer.state.values() for t in st.values() if torch.is_tensor(t))
+    return {"preset": preset, "param_bytes": param_bytes, "outer_steps_committed": commits,
+            "manager_bytes": rss_manager - rss_model,
+            "backup_over_params": (rss_built - rss_manager) / param_bytes,
+            "diloco_bytes": rss_after - rss_manager,
+            "diloco_over_params": (rss_after - rss_manager) / param_bytes,
+            "tensors_held_over_params": held / param_bytes,
+            "peak_during_outer_steps_bytes": peak - rss_manager,
+            "peak_over_params": (peak - rss_manager) / param_bytes}
+
+
+def memory(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
+    out = []
+    for preset in cfg["memory_models"]:
+        lighthouse, url = bl.start_lighthouse(work, 1)
+        try:
+            env = bl.group_env(0, 1, url)
+            r = subprocess.run([bl.PYTHON, __file__, "--memory-probe", preset, str(cfg["seq_len"])], env=env,
+                               capture_output=True, text=True, timeout=600, cwd=bl.REPO)
+            if r.returncode != 0:
+                raise RuntimeError(f"memory probe failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+            out.append(json.loads(r.stdout.strip().splitlines()[-1]))
+        finally:
+            lighthouse.kill()
+    return {"models": out}
+
+
+# --- 4. recovery -------------------------------------------------------------------------------------------
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", re.M)
+
+
+def _first_commit_after(jsonl: Path, t: float) -> Any:
+    return next((r for r in bl.read_jsonl(jsonl) if r.get("committed") and r["time"] > t), None)
+
+
+def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str, Any]:
+    """``from_checkpoint``: the restarted group finds its own checkpoint of the last step; else it has none
+    (checkpoints off) and must heal from its peer."""
+    args = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--sync-every", "5", "--outer-steps",
+            "100000", "--eval-batches", "0", "--checkpoint-every", "1" if from_checkpoint else "100000000",
+            "--min-replicas", "1"]
+    run = bl.Run(work / f"recovery-{from_checkpoint}", 2, args, min_replicas=1)
+    samples = []
+    try:
+        jsonl = run.jsonl(1)
+        for k in range(cfg["kills"]):
+            deadline = time.monotonic() + 300
+            base = len(bl.committed(bl.read_jsonl(jsonl)))
+            while len(bl.committed(bl.read_jsonl(jsonl))) < base + 3:  # a few commits in steady state first
+                if time.monotonic() > deadline or any(p.proc.poll() is not None for p in run.procs):
+                    raise RuntimeError(f"the groups stopped committing:\n{run.procs[1].output()[-3000:]}")
+                time.sleep(0.2)
+            victim = run.procs[1]
+            t_kill = time.time()
+            victim.kill()
+            run.procs[1] = run.start_group(1, args, tag=f"-restart{k}")
+            while (first := _first_commit_after(jsonl, t_kill)) is None:
+                if time.monotonic() > deadline or run.procs[1].proc.poll() is not None:
+                    raise RuntimeError(f"the restarted group did not commit:\n{run.procs[1].output()[-3000:]}")
+                time.sleep(0.05)
+            log = run.procs[1].output()
+            time.sleep(1.0)  # let the survivor log its next commits
+            survivor = [r["time"] for r in bl.committed(bl.read_jsonl(run.jsonl(0)))
+                        if t_kill - 2 <= r["time"] <= first["time"] + 1]
+            pause = max((b - a for a, b in zip(survivor, survivor[1:])), default=None)
+            samples.append({"kill_to_first_commit_s": first["time"] - t_kill, "outer_step": first["outer_step"],
+                            "resumed_from_checkpoint": "resumed from" in log,
+                            "healed_from_peer": "healed from a peer" in log,
+                            "survivor_longest_pause_s": pause})
+            print(f"  kill {k}: first committed outer step {first['outer_step']} "
+                  f"{first['time'] - t_kill:.1f}s after SIGKILL")
+    finally:
+        run.close()
+    return {"samples": samples, "median_s": bl.median(s["kill_to_first_commit_s"] for s in samples),
+            "survivor_pause_median_s": bl.median(s["survivor_longest_pause_s"] for s in samples), "args": args}
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-probe":
+        print(json.dumps(memory_probe(sys.argv[2], int(sys.argv[3]), H=2)))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the short version (default)")
+    p.add_argument("--full", action="store_true", help="more repetitions, a larger model for memory")
+    a = p.parse_args()
+    started = time.time()
+    cfg = dict(model="small", seq_len=64, batch_size=4, H=20, outer_steps=8, reps=2, write_reps=6,
+               memory_models=["small"], kills=2)
+    if a.full:
+        cfg.update(outer_steps=12, reps=4, write_reps=10, memory_models=["small", "medium"], kills=5)
+    print(f"benchmark 4: durability and recovery costs (model {cfg['model']})")
+    work = Path(tempfile.mkdtemp(prefix="bench_durability-"))
+    try:
+        slow = slowdown(cfg, work)
+        print(f"  slowdown: {slow['median_on']:.0f} vs {slow['median_off']:.0f} tok/s")
+        thr = throughput(cfg, work)
+        print(f"  write: ours {thr['ours_mb_s']:.0f} MB/s, raw {thr['raw_mb_s']:.0f} MB/s")
+        mem = memory(cfg, work)
+        rec = {"own checkpoint": recovery(cfg, work, True), "peer only": recovery(cfg, work, False)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    rows = [["inner-loop slowdown, checkpoint every outer step vs off", f"{slow['slowdown_pct']:.1f}%",
+             f"{slow['median_on']:.0f} vs {slow['median_off']:.0f} tokens/s (medians)", "<= 5%"],
+            ["checkpoint write throughput vs raw fsspec write", f"{thr['ratio_pct']:.0f}%",
+             f"{thr['ours_mb_s']:.0f} vs {thr['raw_mb_s']:.0f} MB/s for {thr['bytes'] / 1e6:.0f} MB; of "
+             f"{1e3 * thr['bytes'] / 1e6 / thr['ours_mb_s']:.0f} ms: torch.save {1e3 * thr['serialise_s']:.0f} ms, "
+             f"sha256 {1e3 * thr['sha256_s']:.0f} ms", ">= 80%"]]
+    for m in mem["models"]:
+        rows.append([f"host memory DiLoCo adds ({m['preset']}, {m['param_bytes'] / 1e6:.0f} MB params)",
+                     f"{m['diloco_over_params']:.2f}x params",
+                     f"backup alone {m['backup_over_params']:.2f}x; tensors held {m['tensors_held_over_params']:.2f}x; "
+                     f"peak during outer steps {m['peak_over_params']:.2f}x; Manager {m['manager_bytes'] / 1e6:.0f} MB",
+                     "~2x"])
+    for how, r in rec.items():
+        rows.append([f"SIGKILL to first committed outer step after restart ({how})", f"{r['median_s']:.1f} s",
+                     f"median of {len(r['samples'])}; resumed from checkpoint: "
+                     f"{all(s['resumed_from_checkpoint'] for s in r['samples'])}, healed from peer: "
+                     f"{all(s['healed_from_peer'] for s in r['samples'])}; survivor paused "
+                     f"{bl.fmt(r['survivor_pause_median_s'], 1)} s", "-"])
+    print(bl.table(["cost", "measured", "detail", "goal"], rows))
+    bl.write_result("durability", {
+        "config": cfg, "slowdown": slow, "throughput": thr, "memory": mem, "recovery": rec,
+        "goals": {"slowdown<=5%": slow["slowdown_pct"] <= 5, "throughput>=80%": thr["ratio_pct"] >= 80,
+                  "memory~2x": all(1.5 <= m["diloco_over_params"] <= 2.5 for m in mem["models"])},
+    }, started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Benchmark 3: learning quality at equal tokens on the default corpus (pydoc).
+
+Four ways to spend the same tokens: one group with a 4x batch, data-parallel over 4 groups (gradients
+averaged every step through torchft: benchmarks/dp_worker.py), and DiLoCo over 4 groups
+(``python -m torchx_diloco.train``) at H=10 and H=50. All use the same model, AdamW and learning-rate
+schedule, and are evaluated on the same held-out windows. Reports the final eval loss and the bytes each
+group sends (computed for a ring all-reduce: 2(n-1)/n x buffer per all-reduce; benchmark 2 measures the
+n=2 case on a real link), and draws eval loss against tokens to benchmarks/results/loss_vs_tokens.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl  # noqa: E402
+
+DP_WORKER = str(Path(__file__).resolve().parent / "dp_worker.py")
+GROUPS = 4
+
+
+def curve_dp(records: List[Dict[str, Any]], tokens_per_step: int) -> List[tuple]:
+    return [(r["step"] * tokens_per_step, r["eval_loss"]) for r in records if "eval_loss" in r]
+
+
+def curve_diloco(records: List[Dict[str, Any]], tokens_per_outer: int) -> List[tuple]:
+    return [(r["outer_step"] * tokens_per_outer, r["eval_loss"]) for r in bl.committed(records)
+            if r.get("eval_loss") is not None]
+
+
+def plot(curves: Dict[str, List[tuple]], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=130)
+    styles = {"single group (4x batch)": ("k", "--"), "data-parallel, 4 groups": ("tab:blue", "-"),
+              "DiLoCo H=10, 4 groups": ("tab:orange", "-"), "DiLoCo H=50, 4 groups": ("tab:red", "-")}
+    for name, pts in curves.items():
+        if not pts:
+            continue
+        color, ls = styles.get(name, (None, "-"))
+        xs, ys = zip(*pts)
+        ax.plot([x / 1e6 for x in xs], ys, ls, color=color, label=name, lw=1.8,
+                marker="o" if len(pts) < 15 else None, ms=3.5)
+    ax.set_xlabel("training tokens, all groups (millions)")
+    ax.set_ylabel("eval loss (held-out pydoc bytes)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    lo = min(y for pts in curves.values() for _, y in pts)
+    ax.set_ylim(lo - 0.05, min(lo + 1.2, max(y for pts in curves.values() for _, y in pts) + 0.05))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the short version (default)")
+    p.add_argument("--full", action="store_true", help="a longer run at the default sequence length")
+    a = p.parse_args()
+    started = time.time()
+    cfg = dict(model="tiny", seq_len=128, batch_size=8, steps=2000, H=[10, 50], eval_batches=8) if a.full else \
+        dict(model="tiny", seq_len=64, batch_size=8, steps=400, H=[10, 50], eval_batches=8)
+    params = bl.model_params(cfg["model"], cfg["seq_len"])
+    buffer_bytes = 4 * params
+    ring = 2 * (GROUPS - 1) / GROUPS
+    common = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--seed", "0"]
+    eval_every = max(1, cfg["steps"] // 40)
+    step_tokens = cfg["batch_size"] * cfg["seq_len"] * GROUPS
+    print(f"benchmark 3: eval loss at equal tokens, model {cfg['model']} ({params / 1e6:.2f}M params), "
+          f"{cfg['steps']} steps x {GROUPS} x {cfg['batch_size']} x {cfg['seq_len']} = "
+          f"{cfg['steps'] * step_tokens / 1e6:.2f}M tokens")
+
+    work = Path(tempfile.mkdtemp(prefix="bench_quality-"))
+    rows, curves, runs = [], {}, {}
+    try:
+        eval_args = ["--eval-every", str(eval_every), "--eval-batches", str(cfg["eval_batches"]),
+                     "--eval-batch-size", str(cfg["batch_size"])]
+        plan = [
+            ("single group (4x batch)", 1, None),
+            ("data-parallel, 4 groups", GROUPS, None),
+            *((f"DiLoCo H={H}, 4 groups", GROUPS, H) for H in cfg["H"]),
+        ]
+        for name, groups, H in plan:
+            t = time.time()
+            if H is None:
+                batch = cfg["batch_size"] * GROUPS // groups
+                run = bl.Run(work / f"dp{groups}", groups, [*common, "--steps", str(cfg["steps"]), "--batch-size",
+                                                           str(batch), *eval_args], script=DP_WORKER).wait(1800)
+                records = run.metrics[0]
+                curve = curve_dp(records, step_tokens)
+                sent = 0 if groups == 1 else cfg["steps"] * ring * buffer_bytes
+            else:
+                run = bl.Run(work / f"diloco{H}", groups, [
+                    *common, "--batch-size", str(cfg["batch_size"]), "--sync-every", str(H), "--outer-steps",
+                    str(cfg["steps"] // H), "--eval-batches", str(cfg["eval_batches"]), "--checkpoint-every",
+                    "1000000", "--min-replicas", str(groups)]).wait(1800)
+                records = run.metrics[0]
+                curve = curve_diloco(records, H * step_tokens)
+                sent = cfg["steps"] // H * ring * (buffer_bytes + 4)
+            curves[name] = curve
+            runs[name] = {"wall_s": round(time.time() - t, 1), "curve": curve, "bytes_sent_per_group": sent}
+            final = curve[-1][1] if curve else None
+            rows.append([name, final, sent / 1e6])
+            print(f"  {name:26s} eval loss {bl.fmt(final)}  sent/group {sent / 1e6:9.1f} MB  "
+                  f"(wall {time.time() - t:.0f}s)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    dp_loss = rows[1][1]
+    dp_bytes = rows[1][2]
+    table_rows = [[name, loss, bl.ratio(loss, dp_loss) and 100 * (loss / dp_loss - 1), mb,
+                   bl.ratio(dp_bytes, mb) if mb else None] for name, loss, mb in rows]
+    print(bl.table(["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"],
+                   table_rows, digits=3))
+    png = bl.RESULTS / "loss_vs_tokens.png"
+    bl.RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(curves, f"GPT {cfg['model']} ({params / 1e6:.2f}M params) on pydoc, seq {cfg['seq_len']}, "
+                 f"{GROUPS} groups x batch {cfg['batch_size']}", png)
+    print(f"wrote {png.relative_to(bl.REPO)}")
+    goals = {}
+    for name, loss, mb in rows[2:]:
+        goals[f"{name}: within 2% of DP eval loss"] = loss is not None and dp_loss is not None and loss <= 1.02 * dp_loss
+        goals[f"{name}: >= 50x fewer bytes than DP"] = bool(mb) and dp_bytes / mb >= 50
+    bl.write_result("quality", {
+        "config": {**cfg, "params": params, "groups": GROUPS, "eval_every_dp": eval_every,
+                   "bytes_model": "ring all-reduce: 2(n-1)/n x 4 bytes x params per all-reduce"},
+        "results": [{"method": r[0], "final_eval_loss": r[1], "vs_dp_pct": r[2], "mb_sent_per_group": r[3],
+                     "dp_bytes_over_bytes": r[4]} for r in table_rows],
+        "runs": runs, "goals": goals, "png": str(png.relative_to(bl.REPO)),
+    }, started)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
