@@ -193,13 +193,16 @@ fi
 rm -f "$new_conf"
 
 # ------------------------------------------------------------------ daemons
+started=0
 if ! alive "$STATE/slurmctld.pid"; then
+  started=1
   say "starting slurmctld"
   /usr/sbin/slurmctld -i  # daemonizes; -i: start even if the saved state is unreadable
 fi
 for i in $(seq 1 "$SLURM_NODES"); do
   n=$NODE_PREFIX$i
   if ! alive "$STATE/slurmd.$n.pid"; then
+    started=1
     say "starting slurmd $n"
     unshare --uts sh -c "hostname $n && exec /usr/sbin/slurmd -N $n"  # daemonizes
   fi
@@ -219,6 +222,10 @@ done
 if [ "$ready" != 1 ]; then
   sinfo -N -l >&2 || true
   die "nodes not idle after 60 s: see $LOGS/slurmctld.log and $LOGS/slurmd.*.log"
+fi
+# the saved state may say idle before a restarted slurmd registered: a step on every node proves it
+if [ "$started" = 1 ]; then
+  timeout 60 srun -N "$SLURM_NODES" -t 1 true || die "a test step on all nodes failed: see $LOGS/slurmd.*.log"
 fi
 sinfo
 say "cluster ready in $(( $(date +%s) - t0 ))s (state and logs: $SLURM_DIR)"
