@@ -196,6 +196,8 @@ def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
     for g in (0, 1):
         assert f"replica_group_{g}/0 DiLoCo: group {g} finished at outer step 6" in after.stdout
     assert "lighthouse/0 lighthouse: groups seen: replica_group_0, replica_group_1" in after.stdout
+    elsewhere = torchx(["log", f"{handle}/replica_group_1"], tmp_path)  # found through squeue's working dir
+    assert "DiLoCo: group 1 finished at outer step 6" in elsewhere.stdout, elsewhere.stderr
     err = torchx(["log", "--streams", "stderr", f"{handle}/lighthouse"], run)
     assert err.returncode == 0, err.stderr
     steps = [json.loads(line)["outer_step"] for line in (job_dir / "ckpt/metrics/replica_group_1.jsonl").open()]

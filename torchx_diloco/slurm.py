@@ -15,7 +15,8 @@ What it changes, and why:
   falls back to ``squeue``.
 - sbatch's refusal (unknown partition, more GPUs than any node has) is raised as one line naming sbatch's error,
   instead of a ``CalledProcessError`` traceback.
-- ``torchx log`` reads stdout (where the training prints its progress) unless ``--streams`` says otherwise.
+- ``torchx log`` reads stdout (where the training prints its progress) unless ``--streams`` says otherwise, and
+  finds the logs from any directory (the job's working directory from squeue) while Slurm knows the job.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from datetime import datetime
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from torchx.schedulers import slurm_scheduler as upstream
-from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream
+from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream, filter_regex, split_lines_iterator
+from torchx.schedulers.local_scheduler import LogIterator
 from torchx.specs import AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus
 from torchx.specs.api import InvalidRunConfigException
 
@@ -172,8 +174,31 @@ class SlurmScheduler(upstream.SlurmScheduler):
     def log_iter(self, app_id: str, role_name: str, k: int = 0, regex: Optional[str] = None,
                  since: Optional[datetime] = None, until: Optional[datetime] = None,
                  should_tail: bool = False, streams: Optional[Stream] = None) -> Iterable[str]:
-        return super().log_iter(app_id, role_name, k, regex, since, until, should_tail,
-                                Stream.STDOUT if streams is None else streams)
+        if streams == Stream.COMBINED:
+            raise ValueError("Slurm keeps stdout and stderr apart: use --streams stdout or --streams stderr")
+        if since or until:
+            log.warning("since/until are ignored on Slurm: all log lines are returned")
+        ext = "err" if streams == Stream.STDERR else "out"  # default stdout: the training's progress
+        log_file = os.path.join(self._log_dir(app_id), f"slurm-{app_id}-{role_name}-{k}.{ext}")
+        lines: Iterable[str] = split_lines_iterator(LogIterator(app_id, log_file, self, should_tail=should_tail))
+        return filter_regex(regex, lines) if regex else lines
+
+    def _log_dir(self, app_id: str) -> str:
+        """Where the job writes its logs: its job_dir as noted at submission in this directory, else the job's
+        working directory as squeue reports it (so `torchx log` works from anywhere while squeue knows the
+        job), else this directory."""
+        noted = upstream._get_job_dirs().get(app_id)
+        if noted:
+            return noted
+        try:
+            out = subprocess.run(["squeue", "--json", "-j", app_id], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, encoding="utf-8", check=True).stdout
+            for job in jobs_of_app(json.loads(out).get("jobs", []), app_id):
+                if str(job.get("job_id")) == app_id and job.get("current_working_directory"):
+                    return str(job["current_working_directory"])
+        except (subprocess.CalledProcessError, FileNotFoundError, ValueError):
+            pass
+        return ""
 
 
 def describe_from_squeue_json(output: Mapping[str, Any], app_id: str) -> Optional[DescribeAppResponse]:
