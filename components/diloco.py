@@ -59,7 +59,8 @@ def diloco(
             this component sets
         replica_groups: number of replica groups (DiLoCo workers) that average pseudo-gradients every H steps
         gpus_per_group: GPUs (= torchrun processes) per group; 0 trains on CPU with one process per group
-        gpu_assignment: local_cwd only: explicit CUDA devices per group, groups separated by ';' (e.g. "0,1;2,3");
+        gpu_assignment: local_cwd only: explicit CUDA devices per group, groups separated by ';' (e.g. "0,1;2,3"),
+            each list as long as gpus_per_group (which defaults to that length);
             leave the scheduler option auto_set_cuda_visible_devices off when you use it (it would overwrite
             these). Without it, turn auto_set_cuda_visible_devices on to give groups distinct GPUs
         cpu: CPU cores per group; on CPU also the group's OMP_NUM_THREADS, so groups do not fight over cores
