@@ -15,7 +15,7 @@ import os
 import re
 import shlex
 import subprocess
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
 from torchx.specs import macros
@@ -82,11 +82,7 @@ def diloco(
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
     _check_port(lighthouse_port)
-    resource = _group_resource(cpu, gpus_per_group, memMB, h)
-    devices = _parse_gpu_assignment(gpu_assignment, replica_groups, resource.gpu)
-    if devices is not None and resource.gpu == 0:
-        resource = _group_resource(cpu, len(devices[0]), memMB, h)
-    _check_gpu_count(resource.gpu * replica_groups, devices)
+    resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
     train_args = _train_args(checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args))
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{lighthouse_port}"
@@ -170,11 +166,7 @@ def replica_group(
         raise ValueError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
         raise ValueError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
-    resource = _group_resource(cpu, gpus, memMB, h)
-    devices = _parse_gpu_assignment(cuda_visible_devices, 1, resource.gpu) if cuda_visible_devices else None
-    if devices is not None and resource.gpu == 0:
-        resource = _group_resource(cpu, len(devices[0]), memMB, h)
-    _check_gpu_count(resource.gpu, devices)
+    resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
     train_args = _train_args(checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args))
     url = shlex.quote(lighthouse_url.rstrip("/"))
     role = _group_role(group, replica_groups, url, resource, devices[0] if devices else None, max_restarts, env,
@@ -201,6 +193,17 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
 def _check_port(port: int) -> None:
     if not 0 < port < 65536:
         raise ValueError(f"lighthouse port {port} must be within 1..65535")
+
+
+def _group_resources(groups: int, cpu: int, gpus: int, memMB: int, h: Optional[str],
+                     assignment: Optional[str]) -> Tuple[specs.Resource, Optional[List[List[int]]]]:
+    """Each group's resource and, if assigned, its devices; checked against this machine's GPUs."""
+    resource = _group_resource(cpu, gpus, memMB, h)
+    devices = _parse_gpu_assignment(assignment, groups, resource.gpu)
+    if devices is not None and resource.gpu == 0:
+        resource = _group_resource(cpu, len(devices[0]), memMB, h)
+    _check_gpu_count(resource.gpu * groups, devices)
+    return resource, devices
 
 
 def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.Resource:
