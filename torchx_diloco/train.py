@@ -295,9 +295,12 @@ class Trainer:
         def job() -> None:
             record["weights_sha"] = weights_checksum(weights)
             try:
+                started = time.perf_counter()
                 self.store.write_part(step, group_part(self.group), group_state)
                 if writes_global:
-                    self.store.wait_for_group_parts(step, participants, self.cfg.collective_timeout)
+                    # peers write their parts at the same time as ours; one that died meanwhile never will
+                    patience = max(10.0, 5 * (time.perf_counter() - started))
+                    self.store.wait_for_group_parts(step, participants, patience)
                     self.store.write_part(step, GLOBAL_PART, global_state)
                     self.store.prune()
                 record["checkpoint"] = self.store.step_dir(step)
