@@ -1,0 +1,47 @@
+"""Chaos, CI size: three torchrun groups lose workers to SIGKILL, then the whole job dies twice; one history survives.
+
+The long form (20 worker kills, 10 whole-job restarts, a summary table) is ``scripts/chaos.py``; both use
+``tests/chaos_harness.py``, whose docstring defines the invariant checked here.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from tests import chaos_harness as chaos
+
+pytestmark = pytest.mark.slow
+
+SEED = int(os.environ.get("CHAOS_SEED", "20261125"))
+
+
+@pytest.mark.timeout(300)
+def test_worker_kills_during_inner_steps_sync_and_checkpoint_leave_one_history(tmp_path):
+    print(f"chaos seed {SEED} (set CHAOS_SEED to replay)")
+    kills, audit = chaos.worker_kills(tmp_path, kills=3, rng=random.Random(SEED), outer_steps=50, sync_every=40)
+    assert len(kills) == 3, "the run ended before three kills: give it more outer steps"
+    assert {k.phase for k in kills} == set(chaos.PHASES)
+    for k in kills:  # torchrun restarted every victim and it committed again, ahead of where it died
+        assert k.recovered_step is not None and k.recovered_step >= k.step, k
+        assert k.how in ("resumed", "resumed+healed", "healed"), k
+    assert audit.problems == [], audit.problems
+    assert audit.committed_steps == 50 and audit.latest_checkpoint == 50
+    assert audit.mismatches == 0 and audit.lost == 0 and audit.recommitted == 0
+    assert audit.checkpoints_checked >= 1
+
+
+@pytest.mark.timeout(300)
+def test_whole_job_killed_twice_resumes_from_newest_checkpoint_and_matches_uninterrupted(tmp_path):
+    print(f"chaos seed {SEED} (set CHAOS_SEED to replay)")
+    restarts, audit, reference = chaos.whole_job_restarts(tmp_path, count=2, rng=random.Random(SEED),
+                                                          outer_steps=16, sync_every=20)
+    assert len(restarts) == 2
+    for r in restarts:  # the next life started from the newest complete checkpoint, nothing earlier
+        assert r.first_step_after == r.latest_checkpoint + 1, r
+    assert audit.problems == [], audit.problems
+    assert reference.problems == [], reference.problems
+    assert audit.final_sha == reference.final_sha, "the interrupted run must end with the uninterrupted weights"
+    assert audit.redone_same == audit.recommitted, "a step trained again after a restart gave different weights"
