@@ -111,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = [["#", "group", "aimed at", "seen at the kill", "landed", "died after", "back at", "after s", "how",
              "peers dropped"]]
     for k in kills:
-        rows.append([str(k.n), str(k.group), k.phase, k.evidence[:44], "yes" if k.landed else "no", str(k.step),
+        rows.append([str(k.n), str(k.group), k.phase, k.evidence, "yes" if k.landed else "no", str(k.step),
                      str(k.recovered_step), f"{k.recovery_s}", k.how, str(k.dropped_rounds)])
     print(table(rows))
     print("\nwhole-job kills (agents, workers and lighthouse at once; --min-replicas 3)")

@@ -276,9 +276,12 @@ def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random,
         present = sorted(p.name for p in folder.iterdir())
     except OSError:
         present = []
-    mine = f"MANIFEST.replica_group_{group}.json"
-    landed = folder.exists() and (mine not in present or "MANIFEST.global.json" not in present)  # step incomplete
-    return Kill(n, group, phase, pid, time.time(), step + 1, f"{folder.name}: {' '.join(present) or '-'}", landed)
+    parts = [name[len("MANIFEST.replica_group_"):-len(".json")] for name in present
+             if name.startswith("MANIFEST.replica_group_")]
+    landed = folder.exists() and (str(group) not in parts or "MANIFEST.global.json" not in present)  # incomplete
+    evidence = (f"step {step + 1}: parts of {','.join(parts) or 'none'} published, global "
+                f"{'published' if 'MANIFEST.global.json' in present else 'not yet'}")
+    return Kill(n, group, phase, pid, time.time(), step + 1, evidence, landed)
 
 
 def chaos(job: Job, ckpt: str, kills: int, rng: random.Random, outer_steps: int) -> List[Kill]:
