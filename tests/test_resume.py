@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.procs import Group, Lighthouse, run_groups
-from tests.test_groups import SMALL, committed_checksums, wait_for_step
-from torchx_diloco.checkpoint import CheckpointStore
+from tests.test_groups import SMALL, committed_checksums
+from torchx_diloco.checkpoint import Checkpoint, CheckpointStore
 from torchx_diloco.faultfs import FAULTS_ENV
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,10 @@ def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrup
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
     groups = [Group(g, 2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first")
               for g in range(2)]
-    wait_for_step(ckpt / "metrics" / "replica_group_1.jsonl", 3)
+    deadline = time.monotonic() + 120
+    while (CheckpointStore(str(ckpt)).latest(0) or Checkpoint(0, {}, None)).step < 3:
+        assert time.monotonic() < deadline, "no checkpoint of step 3 in time"
+        time.sleep(0.1)
     for g in groups:
         g.kill()  # SIGKILL, no chance to flush anything
     lighthouse.kill()
