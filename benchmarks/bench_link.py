@@ -39,6 +39,7 @@ def dp_stats(run: bl.Run, cfg: Dict[str, Any], skip: int) -> Dict[str, Any]:
         per_group.append({
             "tokens_per_s": len(window) * cfg["batch_size"] * cfg["seq_len"] / (t1 - t0),
             "utilisation": sum(r["compute_s"] for r in window) / sum(r["step_s"] for r in window),
+            "wait_s_per_inner_step": sum(r["step_s"] - r["compute_s"] for r in window) / len(window),
             "bytes_per_inner_step": tx / len(window) if tx is not None else None,
             "steps_measured": len(window),
         })
@@ -59,6 +60,7 @@ def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int) -> Dict[str, Any]:
         per_group.append({
             "tokens_per_s": sum(tokens for _ in window) / sum(windows_s),
             "utilisation": 1 - sum(r["sync_s"] for r in window) / sum(windows_s),
+            "wait_s_per_inner_step": sum(r["sync_s"] for r in window) / (H * len(window)),
             "bytes_per_inner_step": tx / (H * len(window)) if tx is not None else None,
             "steps_measured": H * len(window),
             "first_sync_s": done[0]["sync_s"],
@@ -130,12 +132,13 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     results.sort(key=lambda r: (rates.index(r["link"]), 0 if r["H"] is None else r["H"]))
-    rows = [[r["link"], r["method"], r["tokens_per_s"], 100 * r["utilisation"],
+    rows = [[r["link"], r["method"], r["tokens_per_s"], 100 * r["utilisation"], 1e3 * r["wait_s_per_inner_step"],
              r["bytes_per_inner_step"] / 1e3 if r["bytes_per_inner_step"] is not None else None,
              r["expected_bytes_per_inner_step"] / 1e3,
              r["bytes_per_inner_step"] / r["expected_bytes_per_inner_step"] if r["bytes_per_inner_step"] else None]
             for r in results]
-    print(bl.table(["link", "method", "tokens/s per group", "compute util %", "kB sent per inner step",
+    print(bl.table(["link", "method", "tokens/s per group", "compute util %", "ms waiting per inner step",
+                    "kB sent per inner step",
                     "model kB / H", "measured / expected"], rows, digits=2))
     shaped = [r for r in results if r["link"] != "none"]
     goals = {}
