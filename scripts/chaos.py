@@ -76,28 +76,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     outer = args.outer_steps or 12 * args.kills + 40
     restart_steps = args.restart_steps or 5 * args.restarts + 12
     started = time.time()
-    failed = True
+    problems: List[str] = []
+    kills: List[chaos.Kill] = []
+    restarts: List[chaos.Restart] = []
+    kill_audit = restart_audit = reference = chaos.Audit(0)
+    t0 = time.monotonic()
     try:
-        t0 = time.monotonic()
         kills, kill_audit = chaos.worker_kills(work, args.kills, rng, outer, args.sync_every, args.groups,
                                                timeout=3600)
-        kills_s = time.monotonic() - t0
-        t0 = time.monotonic()
+    except Exception as e:  # noqa: BLE001 - reported with the rest; part 2 still runs
+        problems.append(f"worker kills: the run failed: {type(e).__name__}: {e}")
+    kills_s = time.monotonic() - t0
+    t0 = time.monotonic()
+    try:
         restarts, restart_audit, reference = chaos.whole_job_restarts(
             work, args.restarts, rng, restart_steps, max(2, args.sync_every // 2), args.groups, timeout=3600)
-        restarts_s = time.monotonic() - t0
-        failed = False
-    finally:
-        if failed:
-            print(f"chaos: the run failed; logs and checkpoints are in {work}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        problems.append(f"restarts: the run failed: {type(e).__name__}: {e}")
+    restarts_s = time.monotonic() - t0
 
     survived = [k for k in kills if k.recovered_step is not None]
     by_phase = Counter(k.phase for k in kills)
     landed = Counter(k.phase for k in kills if k.landed)
     recovery = [k.recovery_s for k in survived]
-    same_final = restart_audit.final_sha == reference.final_sha
+    same_final = restart_audit.final_sha is not None and restart_audit.final_sha == reference.final_sha
     first_ok = all(r.first_step_after == r.latest_checkpoint + 1 for r in restarts)
-    problems = ([f"worker kills: {p}" for p in kill_audit.problems]
+    problems += ([f"worker kills: {p}" for p in kill_audit.problems]
                 + [f"restarts: {p}" for p in restart_audit.problems]
                 + [f"uninterrupted: {p}" for p in reference.problems])
     if not same_final:

@@ -46,7 +46,8 @@ TORCHRUN = str(Path(PYTHON).parent / "torchrun")
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]
 PHASES = ("inner", "sync", "checkpoint")
 FIRST_ROUND = ("checkpoint", "sync", "inner")  # the last of a short run is a kill that never holds a peer up
-COLLECTIVE_TIMEOUT_S = 6  # bounds how long a dead peer's missing checkpoint part can hold a group up
+COLLECTIVE_TIMEOUT_S = 10  # bounds an all-reduce with a peer that died at an unlucky instant
+PART_WAIT_S = 10  # the global writer waits this long for a dead peer's checkpoint part (train.py: max(10, 5x write))
 
 
 def log(msg: str) -> None:
@@ -179,9 +180,9 @@ def last_committed_step(ckpt: str, groups: int) -> int:
                default=0)
 
 
-def window_s(ckpt: str, group: int, default: float = 0.5) -> float:
-    """Recent time between two commits of ``group``: the length of an inner-step window."""
-    times = [r["time"] for r in read_records(ckpt, group) if r.get("committed")][-8:]
+def window_s(ckpt: str, group: int, default: float = 0.5, since: float = 0) -> float:
+    """Recent time between two commits of ``group`` (after ``since``): the length of an inner-step window."""
+    times = [r["time"] for r in read_records(ckpt, group) if r.get("committed") and r["time"] > since][-8:]
     gaps = [b - a for a, b in zip(times, times[1:]) if 0 < b - a < 10]
     return statistics.median(gaps) if gaps else default
 
@@ -320,9 +321,9 @@ def chaos(job: Job, ckpt: str, kills: int, rng: random.Random, outer_steps: int)
 def time_needed(phase: str, done: List[Kill]) -> float:
     """Seconds of training a kill needs after it for everyone to be back in step: the victim's restart, or, when
     the kill can land between a commit and the victim's checkpoint part, the global writer's wait for that part
-    (``--collective-timeout``, which holds the writer's group out of the syncs meanwhile), whichever is longer."""
+    (which holds the writer's group out of the syncs meanwhile), whichever is longer."""
     restart = max([k.recovery_s or 0 for k in done] + [8.0])
-    return 1.2 * max(restart, 0 if phase == "inner" else COLLECTIVE_TIMEOUT_S) + 3
+    return 1.2 * max(restart, 0 if phase == "inner" else PART_WAIT_S) + 3
 
 
 def describe_recoveries(job: Job, ckpt: str, kill_list: List[Kill]) -> None:
@@ -445,7 +446,8 @@ def restarts(work: Path, ckpt: str, groups: int, train_args: Sequence[str], oute
              rng: random.Random, timeout: float) -> tuple:
     """``count`` whole-job SIGKILLs at random instants, each followed by a fresh job on the same folder.
 
-    Every life runs until each group has committed a step, then a random 0..3 windows more, then dies at once
+    Every life runs until each group has committed a step and group 0 a second, then a random 0..3 windows more
+    (measured in this life), then dies at once
     (agents, workers and lighthouse). The next life's groups must print, as their first committed step, the newest
     complete checkpoint's step + 1. Returns (restarts, the last job, still running, and the step it must print).
     """
@@ -457,8 +459,9 @@ def restarts(work: Path, ckpt: str, groups: int, train_args: Sequence[str], oute
         started = time.time()
         try:
             for g in range(groups):
-                wait_for_commit(ckpt, g, started, timeout, job)
-            time.sleep(rng.uniform(0, 3) * window_s(ckpt, 0))
+                first = wait_for_commit(ckpt, g, started, timeout, job)
+            wait_for_commit(ckpt, 0, first["time"], timeout, job)  # a second commit: this life's window
+            time.sleep(rng.uniform(0, 3) * window_s(ckpt, 0, since=started))
         finally:
             job.kill()
         if done:
@@ -537,3 +540,31 @@ def whole_job_restarts(work: Path, count: int, rng: random.Random, outer_steps: 
     if done:
         check_first_steps(job, done[-1])
     return done, audit(ckpt, groups, outer_steps, logs, rollback_allowed=True), ref
+
+
+def pause_until_peers_finish(work: Path, outer_steps: int = 30, sync_every: int = 40, pause_at: int = 10,
+                             groups: int = 3, timeout: float = 300) -> Audit:
+    """A known limitation, reproduced: group 0's worker is frozen (SIGSTOP: a long GC pause, a stalled VM) at
+    outer step ``pause_at`` until the other groups have finished, then thawed. Nobody is left to heal from, so
+    with ``--min-replicas 1`` it trains the remaining steps alone and, being the quorum's first group, rewrites
+    the final checkpoint with weights the others never had. Returns the audit, whose ``problems`` show it.
+    """
+    ckpt = str(work / "pause")
+    job = Job(work, ckpt, groups, train_args(outer_steps, sync_every), min_replicas=1, tag="-pause")
+    try:
+        while last_committed_step(ckpt, groups) < pause_at:
+            if not job.running():
+                raise AssertionError("the job ended early")
+            time.sleep(0.05)
+        pid = job.members[0].worker()
+        os.kill(pid, signal.SIGSTOP)
+        log(f"froze group 0 (pid {pid}) at outer step {last_committed_step(ckpt, groups)}")
+        deadline = time.monotonic() + timeout
+        while any(m.proc.poll() is None for m in job.members[1:]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGCONT)
+        log("the other groups finished; thawed group 0")
+        logs = finish(job, timeout)
+    finally:
+        job.kill()
+    return audit(ckpt, groups, outer_steps, logs, rollback_allowed=False)
