@@ -100,3 +100,25 @@ def test_late_group_heals_from_peer_and_matches(tmp_path):
     assert len(common) >= 2, (s0, s1)
     assert all(s0[k] == s1[k] for k in common), (s0, s1)
     assert "healed from a peer" in g1.output()
+
+
+def test_lighthouse_killed_and_restarted_mid_run_groups_wait_and_continue(tmp_path):
+    """The groups retry the quorum (bounded by --lighthouse-timeout) until a new lighthouse answers."""
+    lighthouse = Lighthouse(tmp_path, idle_exit=0)
+    ckpt = tmp_path / "ckpt"
+    args = [*SMALL, "--outer-steps", "10", "--sync-every", "50", "--quorum-timeout", "5", "--lighthouse-timeout", "90",
+            "--checkpoint-dir", str(ckpt)]
+    groups = [Group(g, 2, lighthouse.url, args, tmp_path) for g in range(2)]
+    wait_for_step(ckpt / "metrics" / "replica_group_0.jsonl", 3)
+    lighthouse.kill()
+    time.sleep(6)  # longer than a window: a sync happens while it is away
+    lighthouse.start()  # same port, empty state: no quorum history, no heartbeats
+    for g in groups:
+        assert g.wait() == 0, g.output()[-2000:]
+    lighthouse.kill()
+    sums = [committed_checksums(ckpt, g) for g in range(2)]
+    assert max(sums[0]) == 10 and max(sums[1]) == 10
+    common = sorted(set(sums[0]) & set(sums[1]))
+    assert [k for k in common if k > 3], "both groups trained together after the restart"
+    assert all(sums[0][k] == sums[1][k] for k in common)
+    assert any("retrying until the lighthouse answers" in g.output() for g in groups)
