@@ -100,6 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     landed = Counter(k.phase for k in kills if k.landed)
     recovery = [k.recovery_s for k in survived]
     same_final = restart_audit.final_sha is not None and restart_audit.final_sha == reference.final_sha
+    retrained = sum(r.killed_at_step - r.latest_checkpoint for r in restarts)
     first_ok = all(r.first_step_after == r.latest_checkpoint + 1 for r in restarts)
     problems += ([f"worker kills: {p}" for p in kill_audit.problems]
                 + [f"restarts: {p}" for p in restart_audit.problems]
@@ -134,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   f"{restart_audit.committed_steps}/{restart_steps} (restarts)"],
         ["rounds dropped by peers", str(kill_audit.uncommitted_records)],
         ["whole-job restarts", f"{len(restarts)}, each from the newest checkpoint: {'yes' if first_ok else 'NO'}"],
-        ["steps re-trained after restarts", f"{restart_audit.recommitted // args.groups}, all bit-identical: "
+        ["steps re-trained after restarts", f"{retrained} ({restart_audit.recommitted_steps} distinct), all bit-identical: "
                                             f"{'yes' if restart_audit.redone_same == restart_audit.recommitted else 'NO'}"],
         ["final weights = uninterrupted run", f"{'yes' if same_final else 'NO'} ({restart_audit.final_sha})"],
         ["committed steps lost", str(kill_audit.lost + restart_audit.lost)],
@@ -154,7 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "committed_steps": {"worker_kills": kill_audit.committed_steps, "restarts": restart_audit.committed_steps},
         "committed_steps_lost": kill_audit.lost + restart_audit.lost,
         "mismatches": kill_audit.mismatches + restart_audit.mismatches,
-        "steps_retrained_after_restarts": restart_audit.recommitted // args.groups,
+        "steps_retrained_after_restarts": retrained,
+        "distinct_steps_retrained": restart_audit.recommitted_steps,
         "final_weights_equal_uninterrupted": same_final,
         "rounds_dropped_by_peers": kill_audit.uncommitted_records,
         "problems": problems,

@@ -350,6 +350,7 @@ class Audit:
     mismatches: int = 0  # steps with more than one weights_sha or participant count
     missing_steps: List[int] = field(default_factory=list)
     recommitted: int = 0  # (group, step) committed twice by the same group
+    recommitted_steps: int = 0  # distinct steps some group committed twice (re-trained after a restart)
     redone_same: int = 0  # of those, re-trained to the identical weights (whole-job restarts)
     latest_checkpoint: Optional[int] = None
     checkpoints_checked: int = 0
@@ -372,6 +373,7 @@ def audit(ckpt: str, groups: int, outer_steps: int, logs: Sequence[str], rollbac
     a = Audit(outer_steps)
     shas: Dict[int, set] = {}
     quorum: Dict[int, set] = {}
+    twice: set = set()
     for g in range(groups):
         seen: Dict[int, str] = {}
         for r in read_records(ckpt, g):
@@ -387,11 +389,13 @@ def audit(ckpt: str, groups: int, outer_steps: int, logs: Sequence[str], rollbac
             quorum.setdefault(k, set()).add(r["participants"])
             if k in seen:
                 a.recommitted += 1
+                twice.add(k)
                 a.redone_same += seen[k] == r["weights_sha"]
                 if not rollback_allowed:
                     a.problems.append(f"group {g} committed outer step {k} twice")
             seen[k] = r["weights_sha"]
     a.committed_steps = len(shas)
+    a.recommitted_steps = len(twice)
     for k in sorted(shas):
         if len(shas[k]) > 1 or len(quorum[k]) > 1:
             a.mismatches += 1
