@@ -30,6 +30,7 @@ from torchx_diloco.diloco import DiLoCo
 from torchx_diloco.errors import UserError
 from torchx_diloco.metrics import MetricsLog, print_outer_step, progress_bar, weights_checksum
 from torchx_diloco.model import build_model
+from torchx_diloco.torchft_diloco import TorchftDiLoCo
 
 logger = logging.getLogger("torchx_diloco")
 
@@ -68,40 +69,6 @@ def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_cpu(v) for v in obj)
     return obj
-
-
-class TorchftDiLoCo:
-    """``torchft.local_sgd.DiLoCo`` behind our interface, so benchmarks and tests can compare the two."""
-
-    def __init__(self, manager, model, inner_optimizer, outer_optimizer, sync_every: int) -> None:
-        from torchft.local_sgd import DiLoCo as _TorchftDiLoCo
-
-        self.manager = manager
-        self.outer_optimizer = outer_optimizer
-        self._impl = _TorchftDiLoCo(manager, [model], inner_optimizer, outer_optimizer, sync_every=sync_every,
-                                    backup_device=torch.device("cpu"))
-        self._impl.__enter__()  # hooks the inner optimizer: the sync runs inside its H-th step()
-        self._fragment = self._impl._fragments[0]
-        self._last_step = manager.current_step()
-
-    def step(self) -> bool:
-        step = self.manager.current_step()
-        committed, self._last_step = step > self._last_step, step
-        return committed
-
-    def global_weights(self) -> List[torch.Tensor]:
-        return list(self._fragment.original_parameters.values())
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"global_weights": dict(self._fragment.original_parameters),
-                "outer_optimizer": self.outer_optimizer.state_dict()}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        for name, t in self._fragment.original_parameters.items():
-            t.copy_(state["global_weights"][name])
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self._fragment.restore_parameters()
-        self._last_step = self.manager.current_step()
 
 
 class Trainer:
