@@ -33,18 +33,20 @@ from tests import chaos_harness as chaos  # noqa: E402 (the harness is shared wi
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="scripts/chaos.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--kills", type=int, default=20, help="worker SIGKILLs in part 1")
-    p.add_argument("--restarts", type=int, default=10, help="whole-job SIGKILLs + restarts in part 2")
+    p = argparse.ArgumentParser(prog="scripts/chaos.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--kills", type=int, default=20, help="worker SIGKILLs in part 1 (default 20)")
+    p.add_argument("--restarts", type=int, default=10, help="whole-job SIGKILLs + restarts in part 2 (default 10)")
     p.add_argument("--seed", type=int, default=None, help="seeds who dies when (default: from the clock, printed)")
-    p.add_argument("--groups", type=int, default=3, help="replica groups")
-    p.add_argument("--sync-every", type=int, default=40, help="H in part 1 (part 2 uses H/2)")
+    p.add_argument("--groups", type=int, default=3, help="replica groups (default 3)")
+    p.add_argument("--sync-every", type=int, default=40, help="H in part 1; part 2 uses H/2 (default 40)")
     p.add_argument("--outer-steps", type=int, default=None, help="part 1 length (default: 12 per kill + 40)")
     p.add_argument("--restart-steps", type=int, default=None, help="part 2 length (default: 5 per restart + 12)")
     p.add_argument("--work", default=None, help="folder for checkpoints and logs (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (always kept on failure)")
-    p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"), help="where to write results")
+    p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"), help="where to write the results (default docs/fault-tolerance.json)")
+    p.add_argument("--pause-repro", action="store_true",
+                   help="only reproduce the known limitation: a group frozen until its peers finish trains the "
+                   "rest alone and rewrites the final checkpoint (exits 1 while it exists)")
     args = p.parse_args(argv)
     for name in ("kills", "restarts"):
         if getattr(args, name) < 0:
@@ -63,6 +65,18 @@ def table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
+def pause_repro(work: Path, groups: int) -> int:
+    result = chaos.pause_until_peers_finish(work, groups=groups)
+    for line in result.problems[:5]:
+        print(f"  {line}")
+    if result.problems:
+        print(f"chaos: the frozen group forked the history ({result.mismatches} outer steps with two results); "
+              f"logs in {work}", file=sys.stderr)
+        return 1
+    print("chaos: the frozen group rejoined the one history")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     seed = args.seed if args.seed is not None else int(time.time()) % 100_000
@@ -73,6 +87,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rng = random.Random(seed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.pause_repro:
+        return pause_repro(work, args.groups)
     outer = args.outer_steps or 12 * args.kills + 40
     restart_steps = args.restart_steps or 5 * args.restarts + 12
     started = time.time()
