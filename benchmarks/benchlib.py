@@ -176,14 +176,17 @@ def machine() -> Dict[str, Any]:
     }
 
 
+def _rel(path: str) -> str:
+    return os.path.relpath(path, REPO) if os.path.abspath(path).startswith(str(REPO) + os.sep) else path
+
+
 def write_result(name: str, data: Dict[str, Any], started: float) -> Path:
     """Write ``benchmarks/results/<name>.json`` with the date, machine and exact command."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO))
-                               else sys.executable, *sys.argv]),
+        "command": shlex.join([_rel(sys.executable), _rel(sys.argv[0]), *sys.argv[1:]]),
         "wall_s": round(time.time() - started, 1),
         "machine": machine(),
         **data,
