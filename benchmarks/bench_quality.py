@@ -130,7 +130,8 @@ def main() -> int:
     print(f"wrote {png.relative_to(bl.REPO)}")
     goals = {}
     for name, loss, mb in rows[2:]:
-        goals[f"{name}: within 2% of DP eval loss"] = loss is not None and dp_loss is not None and loss <= 1.02 * dp_loss
+        goals[f"{name}: within 2% of DP eval loss"] = (loss is not None and dp_loss is not None
+                                                      and loss <= 1.02 * dp_loss)
         goals[f"{name}: >= 50x fewer bytes than DP"] = bool(mb) and dp_bytes / mb >= 50
     bl.write_result("quality", {
         "config": {**cfg, "params": params, "groups": GROUPS, "eval_every_dp": eval_every,

@@ -146,7 +146,6 @@ def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 def machine() -> Dict[str, Any]:
     import torch
-    import torchft  # noqa: F401
 
     try:
         from importlib.metadata import version
@@ -225,7 +224,7 @@ class Run:
     """One run of ``groups`` replica groups against a fresh lighthouse; ``metrics[g]`` after :meth:`wait`."""
 
     def __init__(self, workdir: Path, groups: int, args: Sequence[str], min_replicas: Optional[int] = None,
-                 lab: Any = None, script: Optional[str] = None, out_flag: bool = False) -> None:
+                 lab: Any = None, script: Optional[str] = None) -> None:
         """``script``: a worker script instead of the training module (it gets ``--out <jsonl>``)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)

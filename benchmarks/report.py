@@ -26,7 +26,7 @@ def vs_torchft(d) -> str:
             f"steps, batch {c['batch_size']} x {c['seq_len']}, {c['reps']} runs per side, interleaved "
             f"({d['date'][:10]}):\n\n"
             + bl.table(["", "torchx_diloco", "torchft.local_sgd.DiLoCo", "ours / torchft"], rows)
-            + f"\n\nLargest difference between the two runs' final global weights (from the checkpoints): "
+            + "\n\nLargest difference between the two runs' final global weights (from the checkpoints): "
             + ", ".join(f"{x:.1e}" for x in d["max_abs_weight_diff"]) + ".")
 
 
@@ -40,8 +40,8 @@ def link(d) -> str:
              f"{r['expected_bytes_per_inner_step'] / 1e3:.0f}"] for r in d["results"]]
     return (f"GPT `{c['model']}` ({c['params'] / 1e6:.2f}M parameters, {c['model_bytes'] / 1e6:.1f} MB), 2 groups, "
             f"{c['steps']} inner steps of batch {c['batch_size']} x {c['seq_len']} each ({d['date'][:10]}):\n\n"
-            + bl.table(["link", "method", "tokens/s per group", "compute utilisation", "ms on the network per inner step",
-                        "kB sent per inner step", "model kB / H"], rows))
+            + bl.table(["link", "method", "tokens/s per group", "compute utilisation",
+                        "ms on the network per inner step", "kB sent per inner step", "model kB / H"], rows))
 
 
 def _wait(r, c) -> float:
