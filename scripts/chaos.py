@@ -44,15 +44,18 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--work", default=None, help="folder for checkpoints and logs (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (always kept on failure)")
     p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"), help="where to write the results (default docs/fault-tolerance.json)")
-    p.add_argument("--pause-repro", action="store_true",
+    p.add_argument("--pause-repro", nargs="?", type=int, const=1, default=None, metavar="MIN_REPLICAS",
                    help="only reproduce the known limitation: a group frozen until its peers finish trains the "
-                   "rest alone and rewrites the final checkpoint (exits 1 while it exists)")
+                   "rest alone and rewrites the final checkpoint (exits 1 while it happens); with 2, a majority "
+                   "quorum, it must not")
     args = p.parse_args(argv)
     for name in ("kills", "restarts"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
     if args.groups < 3:
         p.error("--groups must be >= 3: with fewer, torchft's split-brain guard cannot tell a majority")
+    if args.pause_repro is not None and not 1 <= args.pause_repro <= args.groups:
+        p.error(f"--pause-repro {args.pause_repro}: pass a quorum size in 1..{args.groups}")
     if args.sync_every < 2:
         p.error("--sync-every must be >= 2")
     return args
@@ -65,8 +68,8 @@ def table(rows: List[List[str]]) -> str:
     return "\n".join(lines)
 
 
-def pause_repro(work: Path, groups: int) -> int:
-    result = chaos.pause_until_peers_finish(work, groups=groups)
+def pause_repro(work: Path, groups: int, min_replicas: int) -> int:
+    result = chaos.pause_until_peers_finish(work, groups=groups, min_replicas=min_replicas)
     for line in result.problems[:5]:
         print(f"  {line}")
     if result.problems:
@@ -87,8 +90,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rng = random.Random(seed)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
-    if args.pause_repro:
-        return pause_repro(work, args.groups)
+    if args.pause_repro is not None:
+        return pause_repro(work, args.groups, args.pause_repro)
     outer = args.outer_steps or 12 * args.kills + 40
     restart_steps = args.restart_steps or 5 * args.restarts + 12
     started = time.time()
