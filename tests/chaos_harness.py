@@ -462,9 +462,8 @@ def restarts(work: Path, ckpt: str, groups: int, train_args: Sequence[str], oute
             return done, job
         started = time.time()
         try:
-            for g in range(groups):
-                first = wait_for_commit(ckpt, g, started, timeout, job)
-            wait_for_commit(ckpt, 0, first["time"], timeout, job)  # a second commit: this life's window
+            firsts = [wait_for_commit(ckpt, g, started, timeout, job) for g in range(groups)]
+            wait_for_commit(ckpt, 0, firsts[0]["time"], timeout, job)  # group 0's second: this life's window
             time.sleep(rng.uniform(0, 3) * window_s(ckpt, 0, since=started))
         finally:
             job.kill()
