@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import shlex
@@ -152,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   if recovery else "-"],
         ["committed outer steps", f"{kill_audit.committed_steps}/{outer} (kills), "
                                   f"{restart_audit.committed_steps}/{restart_steps} (restarts)"],
-        ["rounds dropped by peers", str(kill_audit.uncommitted_records)],
+        ["rounds dropped and retried", str(kill_audit.uncommitted_records)],
         ["whole-job restarts", f"{len(restarts)}, each from the newest checkpoint: {'yes' if first_ok else 'NO'}"],
         ["steps re-trained after restarts", f"{retrained} ({restart_audit.recommitted_steps} distinct), all bit-identical: "
                                             f"{'yes' if restart_audit.redone_same == restart_audit.recommitted else 'NO'}"],
@@ -177,14 +178,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         "steps_retrained_after_restarts": retrained,
         "distinct_steps_retrained": restart_audit.recommitted_steps,
         "final_weights_equal_uninterrupted": same_final,
-        "rounds_dropped_by_peers": kill_audit.uncommitted_records,
+        "rounds_dropped_and_retried": kill_audit.uncommitted_records,
         "problems": problems,
         "seed": seed,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "command": command,
         "setup": {"groups": args.groups, "outer_steps_kills": outer, "outer_steps_restarts": restart_steps,
                   "sync_every_kills": args.sync_every, "sync_every_restarts": max(2, args.sync_every // 2),
-                  "train_args": chaos.SMALL, "cpus": __import__("os").cpu_count(), "python": platform.python_version()},
+                  "train_args_kills": chaos.train_args(outer, args.sync_every),
+                  "train_args_restarts": chaos.train_args(restart_steps, max(2, args.sync_every // 2),
+                                                          chaos.RESTART_EXTRA),
+                  "cpus": os.cpu_count(), "python": platform.python_version()},
         "wall_s": {"worker_kills": round(kills_s, 1), "restarts": round(restarts_s, 1)},
         "worker_kill_log": [vars(k) for k in kills],
         "restart_log": [vars(r) for r in restarts],

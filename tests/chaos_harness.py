@@ -47,6 +47,7 @@ SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batc
 PHASES = ("inner", "sync", "checkpoint")
 FIRST_ROUND = ("checkpoint", "sync", "inner")  # the last of a short run is a kill that never holds a peer up
 COLLECTIVE_TIMEOUT_S = 10  # bounds an all-reduce with a peer that died at an unlucky instant
+RESTART_EXTRA = ["--checkpoint-every", "2"]  # whole-job kills: some land after a commit with no checkpoint yet
 PART_WAIT_S = 10  # the global writer waits this long for a dead peer's checkpoint part (train.py: max(10, 5x write))
 
 
@@ -530,7 +531,7 @@ def whole_job_restarts(work: Path, count: int, rng: random.Random, outer_steps: 
     Checkpoints every second step, so some kills fall after a commit that has no checkpoint yet: that step is
     trained again after the restart and must come out bit-identical (the audit's one-result-per-step rule).
     """
-    args = train_args(outer_steps, sync_every, ["--checkpoint-every", "2"])
+    args = train_args(outer_steps, sync_every, RESTART_EXTRA)
     ref_ckpt = str(work / "uninterrupted")
     reference = Job(work, ref_ckpt, groups, args, min_replicas=groups, tag="-uninterrupted")
     ref_logs = finish(reference, timeout)
