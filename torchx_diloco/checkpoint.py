@@ -159,6 +159,13 @@ class CheckpointStore:
         self.fs.invalidate_cache(self.step_dir(step))
         return self.fs.exists(f"{self.step_dir(step)}/MANIFEST.{part}.json")
 
+    def newest_published_step(self) -> int:
+        """The newest step with a global manifest (not verified: cheap enough to ask at every sync); 0 if none."""
+        for step in reversed(self.steps()):
+            if self.has_part(step, GLOBAL_PART):
+                return step
+        return 0
+
     def latest(self, group_id: int) -> Optional[Checkpoint]:
         """The newest step whose global part is complete and sound, with this group's part if it has one.
 

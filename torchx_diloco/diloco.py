@@ -120,9 +120,17 @@ class DiLoCo:
                 for p, mine in zip(self._params, local):
                     p.copy_(mine)
             return
+        self.adopt_newer_global_state(state)
+        logger.info("healed from a peer: now at outer step %d", self.manager.current_step())
+
+    def adopt_newer_global_state(self, state: Dict[str, Any]) -> None:
+        """Take global weights newer than our local progress (from a peer or from storage).
+
+        The model is reset to them, and this group contributes nothing to the next sync: its inner steps
+        started from weights the others have moved past.
+        """
         self.load_state_dict(state)
         self._healed = True
-        logger.info("healed from a peer: now at outer step %d", self.manager.current_step())
 
     def global_weights(self) -> List[torch.Tensor]:
         return list(self._backup)
@@ -138,7 +146,6 @@ class DiLoCo:
 
     def sync(self) -> bool:
         """Average pseudo-gradients across groups and take the outer step; False if the round was dropped."""
-        self._healed = False
         self._step_at_sync = self.manager.current_step()
         self._start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
         flat = self._pseudo_gradient()
@@ -184,6 +191,7 @@ class DiLoCo:
             offset += n
         if self._healed:  # our local weights predate the global ones we just received
             flat.zero_()
+            self._healed = False
         else:
             flat[-1] = 1.0
         return flat

@@ -171,6 +171,9 @@ class Trainer:
             syncing = window_step == cfg.sync_every
             if syncing:
                 self.writer.wait()  # the sync rewrites the global state a checkpoint write may be reading
+                self._catch_up_with_storage()
+                if self.manager.current_step() >= cfg.outer_steps:
+                    break  # the peers finished the run without us
             t0 = time.perf_counter()
             self.inner_opt.step()  # (torchft's implementation syncs inside this call)
             self.inner_opt.zero_grad(set_to_none=True)
@@ -193,6 +196,21 @@ class Trainer:
         if self.is_group_leader:
             print(f"DiLoCo: group {self.group} finished at outer step {self.manager.current_step()}", flush=True)
         return 0
+
+    def _catch_up_with_storage(self) -> None:
+        """A group left behind (frozen, or back after its peers moved on or even finished) must not train on
+        alone from stale weights and overwrite their checkpoints: if storage holds a newer step, adopt it."""
+        if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo):
+            return
+        if self.store.newest_published_step() <= self.manager.current_step():
+            return
+        ckpt = self.store.latest(self.group)
+        if ckpt is None or ckpt.step <= self.manager.current_step():
+            return
+        logger.warning("group %d is at outer step %d but its peers published step %d: adopting it",
+                       self.group, self.manager.current_step(), ckpt.step)
+        self.manager.load_state_dict(ckpt.global_state["manager"])
+        self.diloco.adopt_newer_global_state(ckpt.global_state["diloco"])
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
