@@ -123,7 +123,7 @@ def main() -> int:
                    bl.ratio(dp_bytes, mb) if mb else None] for name, loss, mb in rows]
     print(bl.table(["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"],
                    table_rows, digits=3))
-    png = bl.RESULTS / "loss_vs_tokens.png"
+    png = bl.RESULTS / ("loss_vs_tokens-full.png" if a.full else "loss_vs_tokens.png")
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(curves, f"GPT {cfg['model']} ({params / 1e6:.2f}M params) on pydoc, seq {cfg['seq_len']}, "
                  f"{GROUPS} groups x batch {cfg['batch_size']}", png)

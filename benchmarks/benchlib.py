@@ -180,8 +180,11 @@ def _rel(path: str) -> str:
 
 
 def write_result(name: str, data: Dict[str, Any], started: float) -> Path:
-    """Write ``benchmarks/results/<name>.json`` with the date, machine and exact command."""
+    """Write ``benchmarks/results/<name>.json`` (``<name>-full.json`` for ``--full``) with the date, machine and
+    exact command."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if "--full" in sys.argv[1:]:
+        name = f"{name}-full"
     out = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
