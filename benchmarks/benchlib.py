@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+# where results go; the override is for trying the scripts without touching the committed results
+RESULTS = Path(os.environ.get("TORCHX_DILOCO_BENCH_RESULTS", REPO / "benchmarks" / "results"))
 PYTHON = sys.executable
 NS_GROUP = str(REPO / "benchmarks" / "ns_group.py")  # hosts a group's store on a routable address
 
@@ -195,7 +196,7 @@ def write_result(name: str, data: Dict[str, Any], started: float) -> Path:
     }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(f"wrote {path.relative_to(REPO)}")
+    print(f"wrote {_rel(str(path))}")
     return path
 
 
