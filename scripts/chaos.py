@@ -44,7 +44,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--restart-steps", type=int, default=None, help="part 2 length (default: 5 per restart + 12)")
     p.add_argument("--work", default=None, help="folder for checkpoints and logs (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (always kept on failure)")
-    p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"), help="where to write the results (default docs/fault-tolerance.json)")
+    p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"),
+                   help="where to write the results (default docs/fault-tolerance.json)")
     p.add_argument("--pause-repro", nargs="?", type=int, const=1, default=None, metavar="MIN_REPLICAS",
                    help="only reproduce the known limitation: a group frozen until its peers finish trains the "
                    "rest alone and rewrites the final checkpoint (exits 1 while it happens); with 2, a majority "
@@ -155,8 +156,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   f"{restart_audit.committed_steps}/{restart_steps} (restarts)"],
         ["rounds dropped and retried", str(kill_audit.uncommitted_records)],
         ["whole-job restarts", f"{len(restarts)}, each from the newest checkpoint: {'yes' if first_ok else 'NO'}"],
-        ["steps re-trained after restarts", f"{retrained} ({restart_audit.recommitted_steps} distinct), all bit-identical: "
-                                            f"{'yes' if restart_audit.redone_same == restart_audit.recommitted else 'NO'}"],
+        ["steps re-trained after restarts",
+         f"{retrained} ({restart_audit.recommitted_steps} distinct), all bit-identical: "
+         f"{'yes' if restart_audit.redone_same == restart_audit.recommitted else 'NO'}"],
         ["final weights = uninterrupted run", f"{'yes' if same_final else 'NO'} ({restart_audit.final_sha})"],
         ["committed steps lost", str(kill_audit.lost + restart_audit.lost)],
         ["mismatches", str(kill_audit.mismatches + restart_audit.mismatches)],
