@@ -41,7 +41,7 @@ def link(d) -> str:
     return (f"GPT `{c['model']}` ({c['params'] / 1e6:.2f}M parameters, {c['model_bytes'] / 1e6:.1f} MB), 2 groups, "
             f"{c['steps']} inner steps of batch {c['batch_size']} x {c['seq_len']} each ({d['date'][:10]}):\n\n"
             + bl.table(["link", "method", "tokens/s per group", "compute utilisation",
-                        "ms on the network per inner step", "kB sent per inner step", "model kB / H"], rows))
+                        "ms waiting per inner step", "kB sent per inner step", "model kB / H"], rows))
 
 
 def _wait(r, c) -> float:
