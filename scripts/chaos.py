@@ -47,9 +47,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"),
                    help="where to write the results (default docs/fault-tolerance.json)")
     p.add_argument("--pause-repro", nargs="?", type=int, const=1, default=None, metavar="MIN_REPLICAS",
-                   help="only reproduce the known limitation: a group frozen until its peers finish trains the "
-                   "rest alone and rewrites the final checkpoint (exits 1 while it happens); with 2, a majority "
-                   "quorum, it must not")
+                   help="only check a group frozen (SIGSTOP) until its peers finish: it must adopt their final "
+                   "checkpoint, not train the rest alone and rewrite it (exits 1 if it forks the history); "
+                   "MIN_REPLICAS for groups and lighthouse (default 1)")
     args = p.parse_args(argv)
     for name in ("kills", "restarts"):
         if getattr(args, name) < 0:

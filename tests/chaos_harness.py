@@ -548,11 +548,11 @@ def whole_job_restarts(work: Path, count: int, rng: random.Random, outer_steps: 
 
 def pause_until_peers_finish(work: Path, outer_steps: int = 30, sync_every: int = 40, pause_at: int = 10,
                              groups: int = 3, min_replicas: int = 1, timeout: float = 400) -> Audit:
-    """A known limitation, reproduced: group 0's worker is frozen (SIGSTOP: a long GC pause, a stalled VM) at
-    outer step ``pause_at`` until the other groups have finished, then thawed. Nobody is left to heal from, so
-    with ``--min-replicas 1`` it trains the remaining steps alone and, being the quorum's first group, rewrites
-    the final checkpoint with weights the others never had. Returns the audit, whose ``problems`` show it.
-    ``min_replicas`` (groups and lighthouse) shows what a majority quorum does instead.
+    """Group 0's worker is frozen (SIGSTOP: a long GC pause, a stalled VM) at outer step ``pause_at`` until the
+    other groups have finished, then thawed. Nobody is left to heal from. Before the runtime checked storage at each
+    sync, it trained the remaining steps alone (``--min-replicas 1``) and, as the first group of its one-group
+    quorum, rewrote the final checkpoint with weights the others never had; now it must adopt the checkpoint they
+    published. Returns the audit (its ``problems`` list any fork); ``min_replicas`` applies to groups and lighthouse.
     """
     ckpt = str(work / f"pause-min{min_replicas}")
     job = Job(work, ckpt, groups, train_args(outer_steps, sync_every), min_replicas=min_replicas,

@@ -1,4 +1,5 @@
-"""Chaos, CI size: three torchrun groups lose workers to SIGKILL, then the whole job dies twice; one history survives.
+"""Chaos, CI size: three torchrun groups lose workers to SIGKILL, the whole job dies twice, a group is frozen past
+the end of the run; one history survives each.
 
 The long form (20 worker kills, 10 whole-job restarts, a summary table) is ``scripts/chaos.py``; both use
 ``tests/chaos_harness.py``, whose docstring defines the invariant checked here.
@@ -45,3 +46,13 @@ def test_whole_job_killed_twice_resumes_from_newest_checkpoint_and_matches_unint
     assert reference.problems == [], reference.problems
     assert audit.final_sha == reference.final_sha, "the interrupted run must end with the uninterrupted weights"
     assert audit.redone_same == audit.recommitted, "a step trained again after a restart gave different weights"
+
+
+@pytest.mark.timeout(200)
+def test_group_frozen_until_its_peers_finish_adopts_their_checkpoint_instead_of_forking(tmp_path):
+    """Found by the chaos harness: the thawed group used to train the rest alone and rewrite the final checkpoint."""
+    audit = chaos.pause_until_peers_finish(tmp_path, outer_steps=20, pause_at=6)
+    assert audit.problems == [], audit.problems
+    frozen = (tmp_path / "group0-pause-min1.log").read_text(errors="replace")
+    assert "its peers published step" in frozen, frozen[-3000:]
+    assert audit.latest_checkpoint == 20 and audit.mismatches == 0
