@@ -291,7 +291,7 @@ def chaos(job: Job, ckpt: str, kills: int, rng: random.Random, outer_steps: int)
 
     The first three aim at a checkpoint write, a sync and inner steps; then phases are drawn at random. A kill is
     only made while enough of the run is left for everyone to be back in step before its end (see
-    :func:`time_needed`): a group still away when its peers finish meets a known limitation, not chaos.
+    :func:`time_needed`): a kill counts as survived only once its victim has committed again.
     """
     done: List[Kill] = []
     attempts = 0
