@@ -95,7 +95,7 @@ class CheckpointStore:
             self.fs.rm_file(manifest)
         buf = io.BytesIO()
         torch.save(payload, buf)
-        data = buf.getvalue()
+        data = buf.getbuffer()  # no extra copy of the serialised bytes
         with self.fs.open(f"{folder}/{part}.pt", "wb") as f:
             f.write(data)
         entry = {"file": f"{part}.pt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -76,8 +77,10 @@ def build_manager(group_id: int, device: torch.device, min_replicas: int, timeou
     if "MASTER_ADDR" not in os.environ:  # launched by hand, not by torchrun: a one-rank group
         from torch.distributed import TCPStore
 
-        store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-        store_kwargs = dict(store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
+        # the quorum hands this address to the other groups: it must be reachable from their hosts
+        host = socket.gethostname()
+        store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        store_kwargs = dict(store_addr=host, store_port=store.port, rank=0, world_size=1)
     manager = Manager(
         pg=process_group(device, timeout),
         load_state_dict=None,

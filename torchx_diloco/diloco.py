@@ -158,7 +158,7 @@ class DiLoCo:
         self._restore_backup()
         contributors = float(flat[-1])
         if contributors > 0:
-            self._apply_outer_step(flat[:-1] / contributors)
+            self._apply_outer_step(flat[:-1].div_(contributors))  # in place: no second copy of the model
         return True
 
     # --- pieces ------------------------------------------------------------------------------------------
