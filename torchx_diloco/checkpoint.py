@@ -21,6 +21,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
@@ -71,7 +72,7 @@ class CheckpointStore:
 
     def check_writable(self) -> None:
         """Fail now, with one line, rather than at the first outer step."""
-        probe = f"{self.root}/.write-test"
+        probe = f"{self.root}/.write-test-{uuid.uuid4().hex}"  # groups probe at the same time: one file each
         try:
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"ok")
