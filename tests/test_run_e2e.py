@@ -158,3 +158,40 @@ def test_killed_worker_is_restarted_by_torchrun_heals_and_the_app_succeeds(tmp_p
         text = read(role_log(log_dir, f"replica_group_{g}"))
         assert f"DiLoCo: group {g} finished at outer step {outer}" in text, text[-3000:]
     assert_complete_checkpoint(ckpt, outer)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_group_out_of_restarts_fails_the_app_while_its_peer_trains_to_the_end(tmp_path):
+    """`--max_restarts 0`: a killed worker is not restarted, so `torchx run` ends FAILED, non-zero; the other
+    group is not taken down with it (DiLoCo goes on with the groups it has) and finishes the run."""
+    port, outer = free_port(), 6
+    log_dir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
+    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}", "diloco.diloco",
+           "--lighthouse_port", str(port), "--outer_steps", str(outer), "--sync_every", "40", "--model", "nano",
+           "--max_restarts", "0", "--lighthouse_idle_exit", "3", "--checkpoint_dir", str(ckpt),
+           "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--group-wait", "0"]
+    with open(tmp_path / "torchx.log", "wb") as console:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, read(tmp_path / "torchx.log")[-3000:]
+            assert time.monotonic() < deadline, "group 1's training process never started"
+            try:
+                victim = train_worker_pid(1, port)
+                break
+            except AssertionError:
+                time.sleep(0.2)
+        os.kill(victim, signal.SIGKILL)
+        rc = proc.wait(timeout=200)
+    finally:
+        stop(proc, port)
+
+    console_text = read(tmp_path / "torchx.log")
+    assert rc != 0, console_text[-4000:]  # a restarted worker would have trained to the end: rc 0
+    assert "job finished: FAILED" in console_text, console_text[-4000:]
+    g1 = read(role_log(log_dir, "replica_group_1", "stderr"))
+    assert re.search(rf"exitcode\s*: -9 \(pid: {victim}\)", g1), g1[-4000:]
+    g0 = read(role_log(log_dir, "replica_group_0"))
+    assert f"DiLoCo: group 0 finished at outer step {outer}" in g0, g0[-3000:]
