@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -295,11 +296,20 @@ class Trainer:
         self.writer.submit(job, f"checkpoint of outer step {step}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def configure_logging() -> None:
+    """Our INFO lines, the libraries' warnings, minus two harmless ones a group prints at every heal on CPU."""
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO otherwise
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("torchx_diloco").setLevel(os.environ.get("TORCHX_DILOCO_LOGLEVEL", "INFO").upper())
+    # torchft, after every quorum change without NCCL: there is no NCCL trace to reset on CPU
+    logging.getLogger("torchft.manager").addFilter(lambda r: "NCCL flight recorder" not in r.getMessage())
+    # torch, on reading a healing peer's weights: they are only read (copied into our global weights)
+    warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    configure_logging()
     try:
         cfg = parse_config(argv)
         return Trainer(cfg).run()
