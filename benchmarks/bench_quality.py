@@ -127,7 +127,7 @@ def main() -> int:
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(curves, f"GPT {cfg['model']} ({params / 1e6:.2f}M params) on pydoc, seq {cfg['seq_len']}, "
                  f"{GROUPS} groups x batch {cfg['batch_size']}", png)
-    print(f"wrote {png.relative_to(bl.REPO)}")
+    print(f"wrote {bl.rel(str(png))}")
     goals = {}
     for name, loss, mb in rows[2:]:
         goals[f"{name}: within 2% of DP eval loss"] = (loss is not None and dp_loss is not None
@@ -138,7 +138,7 @@ def main() -> int:
                    "bytes_model": "ring all-reduce: 2(n-1)/n x 4 bytes x params per all-reduce"},
         "results": [{"method": r[0], "final_eval_loss": r[1], "vs_dp_pct": r[2], "mb_sent_per_group": r[3],
                      "dp_bytes_over_bytes": r[4]} for r in table_rows],
-        "runs": runs, "goals": goals, "png": str(png.relative_to(bl.REPO)),
+        "runs": runs, "goals": goals, "png": bl.rel(str(png)),
     }, started)
     return 0
 

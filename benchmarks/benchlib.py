@@ -176,7 +176,8 @@ def machine() -> Dict[str, Any]:
     }
 
 
-def _rel(path: str) -> str:
+def rel(path: str) -> str:
+    """``path`` relative to the repository when it is inside it (results may be redirected elsewhere)."""
     return os.path.relpath(path, REPO) if os.path.abspath(path).startswith(str(REPO) + os.sep) else path
 
 
@@ -189,14 +190,14 @@ def write_result(name: str, data: Dict[str, Any], started: float) -> Path:
     out = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([_rel(sys.executable), _rel(sys.argv[0]), *sys.argv[1:]]),
+        "command": shlex.join([rel(sys.executable), rel(sys.argv[0]), *sys.argv[1:]]),
         "wall_s": round(time.time() - started, 1),
         "machine": machine(),
         **data,
     }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(f"wrote {_rel(str(path))}")
+    print(f"wrote {rel(str(path))}")
     return path
 
 
