@@ -93,6 +93,18 @@ def assert_complete_checkpoint(ckpt: Path, step: int) -> None:
     assert (folder / "global.pt").is_file()
 
 
+def start_nano_run(tmp_path: Path, port: int, outer: int, max_restarts: int, idle_exit: int,
+                   train_flags: List[str]) -> subprocess.Popen:
+    """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs, checkpoints in tmp_path/ckpt."""
+    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", "diloco.diloco",
+           "--lighthouse_port", str(port), "--outer_steps", str(outer), "--sync_every", "40", "--model", "nano",
+           "--max_restarts", str(max_restarts), "--lighthouse_idle_exit", str(idle_exit),
+           "--checkpoint_dir", str(tmp_path / "ckpt"),
+           "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", *train_flags]
+    with open(tmp_path / "torchx.log", "wb") as console:
+        return subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_bare_torchx_run_in_a_fresh_clone(tmp_path):
@@ -125,14 +137,10 @@ def test_bare_torchx_run_in_a_fresh_clone(tmp_path):
 def test_killed_worker_is_restarted_by_torchrun_heals_and_the_app_succeeds(tmp_path):
     port, outer = free_port(), 15
     log_dir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
-    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}", "diloco.diloco",
-           "--lighthouse_port", str(port), "--outer_steps", str(outer), "--sync_every", "40", "--model", "nano",
-           "--max_restarts", "2", "--lighthouse_idle_exit", "15", "--checkpoint_dir", str(ckpt),
-           # no durable checkpoint before the last step: the restarted worker starts from nothing and must
-           # heal from group 0 (with one, it would resume from disk at the step the peer is at)
-           "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--checkpoint-every", "1000"]
-    with open(tmp_path / "torchx.log", "wb") as console:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
+    # no durable checkpoint before the last step: the restarted worker starts from nothing and must
+    # heal from group 0 (with one, it would resume from disk at the step the peer is at)
+    proc = start_nano_run(tmp_path, port, outer, max_restarts=2, idle_exit=15,
+                          train_flags=["--checkpoint-every", "1000"])
     try:
         deadline = time.monotonic() + 180
         while not re.search(r"outer optimizer steps completed: \[2\]", read(role_log(log_dir, "replica_group_1"))):
@@ -166,13 +174,8 @@ def test_group_out_of_restarts_fails_the_app_while_its_peer_trains_to_the_end(tm
     """`--max_restarts 0`: a killed worker is not restarted, so `torchx run` ends FAILED, non-zero; the other
     group is not taken down with it (DiLoCo goes on with the groups it has) and finishes the run."""
     port, outer = free_port(), 6
-    log_dir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
-    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={log_dir}", "diloco.diloco",
-           "--lighthouse_port", str(port), "--outer_steps", str(outer), "--sync_every", "40", "--model", "nano",
-           "--max_restarts", "0", "--lighthouse_idle_exit", "3", "--checkpoint_dir", str(ckpt),
-           "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--group-wait", "0"]
-    with open(tmp_path / "torchx.log", "wb") as console:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
+    log_dir = tmp_path / "logs"
+    proc = start_nano_run(tmp_path, port, outer, max_restarts=0, idle_exit=3, train_flags=["--group-wait", "0"])
     try:
         deadline = time.monotonic() + 120
         while True:
