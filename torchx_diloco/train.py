@@ -302,7 +302,7 @@ def configure_logging() -> None:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("torchx_diloco").setLevel(os.environ.get("TORCHX_DILOCO_LOGLEVEL", "INFO").upper())
-    # torchft, after every quorum change without NCCL: there is no NCCL trace to reset on CPU
+    # torchft, after every quorum change on a torch built without NCCL (the CPU wheel): no NCCL trace to reset
     logging.getLogger("torchft.manager").addFilter(lambda r: "NCCL flight recorder" not in r.getMessage())
     # torch, on reading a healing peer's weights: they are only read (copied into our global weights)
     warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
