@@ -1,0 +1,217 @@
+"""Every private torchft/TorchX member listed in torchx_diloco/upstream.py still has the shape we rely on.
+
+Real objects only: in-process lighthouses, real torchft Managers on Gloo, TorchX's own Slurm scheduler class.
+A failure names the member, what we use it for and where, so an upgrade that breaks one says so in one place.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Callable, Dict, Iterator
+
+import pytest
+import torch
+import torch.nn as nn
+
+torchft = pytest.importorskip("torchft")
+from torch.distributed import TCPStore  # noqa: E402
+from torchft import Manager  # noqa: E402
+from torchft.coordination import LighthouseServer  # noqa: E402
+from torchft.process_group import ProcessGroupGloo  # noqa: E402
+
+from torchx_diloco.cluster import lighthouse_status, live_replicas  # noqa: E402
+from torchx_diloco.upstream import PRIVATE_USES, PrivateUse  # noqa: E402
+
+TIMEOUT = timedelta(seconds=10)
+
+Check = Callable[[pytest.FixtureRequest], None]
+CHECKS: Dict[str, Check] = {}
+
+
+def checks(name: str) -> Callable[[Check], Check]:
+    """Registers the check of the table entry ``name``."""
+    def register(fn: Check) -> Check:
+        CHECKS[name] = fn
+        return fn
+    return register
+
+
+@contextmanager
+def lighthouse(min_replicas: int = 1) -> Iterator[str]:
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=min_replicas, join_timeout_ms=100)
+    try:
+        yield server.address()
+    finally:
+        server.shutdown()
+
+
+@contextmanager
+def manager(url: str, use_async_quorum: bool = False, min_replica_size: int = 1,
+            replica_id: str = "replica_group_0") -> Iterator[Manager]:
+    """A Manager built as cluster.build_manager builds one (a one-rank group hosting its store), on loopback."""
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    m = Manager(pg=ProcessGroupGloo(timeout=TIMEOUT), load_state_dict=None, state_dict=None,
+                min_replica_size=min_replica_size, use_async_quorum=use_async_quorum, replica_id=replica_id,
+                lighthouse_addr=url, timeout=TIMEOUT, quorum_timeout=TIMEOUT, connect_timeout=TIMEOUT,
+                store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
+    try:
+        yield m
+    finally:
+        m.shutdown(wait=False)
+        del store
+
+
+# --- torchft -----------------------------------------------------------------------------------------------
+@checks("torchft._torchft.LighthouseServer")
+def _lighthouse_server(request: pytest.FixtureRequest) -> None:
+    import torchft._torchft as private
+    import torchft.coordination as public
+
+    assert public.LighthouseServer is private.LighthouseServer, "the public path is no longer the same class"
+    # the keywords torchx_diloco/lighthouse.py passes
+    server = public.LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100,
+                                     heartbeat_timeout_ms=5000)
+    try:
+        assert server.address().startswith("http://"), server.address()
+    finally:
+        server.shutdown()
+
+
+@checks("torchft._torchft.LighthouseClient")
+def _lighthouse_client(request: pytest.FixtureRequest) -> None:
+    import torchft._torchft as private
+    import torchft.coordination as public
+
+    assert public.LighthouseClient is private.LighthouseClient, "the public path is no longer the same class"
+    with lighthouse() as url:
+        public.LighthouseClient(url, connect_timeout=timedelta(seconds=5)).heartbeat("replica_group_0:0000")
+        assert live_replicas(lighthouse_status(url)) == {"replica_group_0"}
+
+
+@checks("torchft lighthouse GET /status (HTML: '<replica_id>:<uuid>: seen <s>s ago')")
+def _status_page(request: pytest.FixtureRequest) -> None:
+    """A real Manager's own heartbeats, read back through cluster.py's regex."""
+    with lighthouse() as url, manager(url, replica_id="replica_group_3"):
+        deadline, html = time.monotonic() + 10, ""
+        while time.monotonic() < deadline:
+            html = lighthouse_status(url)
+            if live_replicas(html) == {"replica_group_3"}:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"cluster._HEARTBEAT finds no live replica_group_3 in /status: {html[-1500:]!r}")
+
+
+@checks("torchft.Manager._use_async_quorum")
+def _use_async_quorum(request: pytest.FixtureRequest) -> None:
+    with lighthouse() as url:
+        for flag in (True, False):
+            with manager(url, use_async_quorum=flag) as m:
+                assert m._use_async_quorum is flag, f"use_async_quorum={flag} reads {m._use_async_quorum!r}"
+
+
+def _failed_quorum(m: Manager) -> BaseException:
+    try:
+        m.start_quorum(timeout=timedelta(seconds=0.3))
+    except Exception as e:  # noqa: BLE001 - whatever torchft raises for a quorum that timed out
+        return e
+    raise AssertionError("a quorum of 1 group succeeded where 2 are needed")
+
+
+@checks("torchft.Manager._quorum_future")
+def _quorum_future(request: pytest.FixtureRequest) -> None:
+    """A failed quorum is kept and re-raised until the attribute is reset: what diloco._start_quorum undoes."""
+    with lighthouse(min_replicas=2) as url, manager(url, min_replica_size=2) as m:
+        assert m._quorum_future is None, "a new Manager has a quorum future already"
+        first = _failed_quorum(m)
+        assert _failed_quorum(m) is first, ("start_quorum no longer re-raises the stored failure: "
+                                            "the reset in diloco.py may be unneeded")
+        m._quorum_future = None
+        assert _failed_quorum(m) is not first, "resetting _quorum_future no longer makes start_quorum ask again"
+
+
+@checks("torchft.local_sgd.DiLoCo._fragments[0].original_parameters / .restore_parameters()")
+def _torchft_diloco_fragments(request: pytest.FixtureRequest) -> None:
+    """Through our wrapper, which is what reads and writes them."""
+    from torchx_diloco.torchft_diloco import TorchftDiLoCo
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    with lighthouse() as url, manager(url) as m:
+        wrapped = TorchftDiLoCo(m, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                torch.optim.SGD(model.parameters(), lr=0.7), sync_every=2)
+        assert [torch.equal(g, p) for g, p in zip(wrapped.global_weights(), model.parameters())] == [True, True]
+        target = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters()}
+        state = wrapped.state_dict()
+        assert set(state["global_weights"]) == set(target), sorted(state["global_weights"])
+        wrapped.load_state_dict({**state, "global_weights": target})
+        assert all(torch.equal(p, target[n]) for n, p in model.named_parameters()), "restore_parameters()"
+        wrapped._impl.__exit__(None, None, None)
+
+
+# --- TorchX ------------------------------------------------------------------------------------------------
+@checks("torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs")
+def _job_dirs(request: pytest.FixtureRequest) -> None:
+    from torchx.schedulers import slurm_scheduler as upstream
+
+    request.getfixturevalue("monkeypatch").chdir(request.getfixturevalue("tmp_path"))  # they use the cwd
+    assert upstream._get_job_dirs() == {}
+    upstream._save_job_dir("4242", "/scratch/run")
+    assert upstream._get_job_dirs()["4242"] == "/scratch/run"
+
+
+@checks("torchx.schedulers.slurm_scheduler.SlurmScheduler._squeue_pending_hostname")
+def _pending_hostname(request: pytest.FixtureRequest) -> None:
+    from torchx.schedulers.slurm_scheduler import SlurmScheduler
+
+    f = SlurmScheduler._squeue_pending_hostname  # called on the class: it must stay a staticmethod
+    assert f({"nodes": "dlnode1"}, None) == "dlnode1"  # no job_resources (22.05, 24.11.5+)
+    assert f({}, {"scheduled_nodes": "dlnode2"}) == "dlnode2"
+    assert f({}, {"nodes": {"list": "dlnode3"}}) == "dlnode3"
+
+
+@checks("torchx.schedulers.slurm_scheduler.SlurmScheduler._squeue_allocated_nodes")
+def _allocated_nodes(request: pytest.FixtureRequest) -> None:
+    from torchx.schedulers.slurm_scheduler import SlurmScheduler
+
+    f = SlurmScheduler._squeue_allocated_nodes
+    legacy = f({"allocated_nodes": [{"nodename": "dlnode1", "cpus_used": 2, "memory_allocated": 1024}]})
+    assert [(h, r.cpu) for h, r in legacy] == [("dlnode1", 2)]
+    new = f({"nodes": {"allocation": [{"name": "dlnode2", "cpus": {"used": 4}, "memory": {"allocated": 2048}}]}})
+    assert [(h, r.cpu) for h, r in new] == [("dlnode2", 4)]
+    assert f({"nodes": {"list": "dlnode3"}}) == [("dlnode3", None)]
+
+
+@checks("torchx.schedulers.slurm_scheduler.SlurmScheduler._describe_sacct")
+def _describe_sacct(request: pytest.FixtureRequest) -> None:
+    from torchx.schedulers.slurm_scheduler import SlurmScheduler
+
+    assert list(inspect.signature(SlurmScheduler._describe_sacct).parameters) == ["self", "app_id"]
+    request.getfixturevalue("monkeypatch").setenv("PATH", str(request.getfixturevalue("tmp_path")))  # no sacct
+    try:
+        found = SlurmScheduler("test")._describe_sacct("4242")
+    except FileNotFoundError:
+        return
+    assert found is None, found
+
+
+# --- the table and the checks ------------------------------------------------------------------------------
+def test_every_listed_member_has_a_check_and_every_check_is_listed() -> None:
+    listed = {u.name for u in PRIVATE_USES}
+    assert listed - set(CHECKS) == set(), "listed in torchx_diloco/upstream.py without a check here"
+    assert set(CHECKS) - listed == set(), "checked here but not listed in torchx_diloco/upstream.py"
+
+
+@pytest.mark.parametrize("use", PRIVATE_USES, ids=[u.name.split(" ")[0] for u in PRIVATE_USES])
+def test_private_member_still_has_the_shape_we_rely_on(use: PrivateUse, request: pytest.FixtureRequest) -> None:
+    check = CHECKS.get(use.name)
+    if check is None:
+        pytest.fail(f"{use.name}: no check in tests/test_upstream.py")
+    try:
+        check(request)
+    except Exception as e:  # noqa: BLE001 - any failure, assertion or missing attribute, gets the same report
+        public = f"; public replacement: {use.public}" if use.public else ""
+        pytest.fail(f"{use.name} is gone or changed upstream ({type(e).__name__}: {e}); we use it to {use.why} "
+                    f"(in {', '.join(use.where)}){public}")

@@ -1,0 +1,86 @@
+"""Every private part of torchft and TorchX this project relies on, listed once.
+
+Upstream may rename or drop an underscore member (or reword an HTML page) in any release, nightly or not;
+``tests/test_upstream.py`` checks each entry against the installed versions, with the real objects, and fails
+naming the member and what we use it for. When one breaks: fix the files in ``where``, then this entry.
+Use a public API instead where ``public`` names one.
+
+Plain data: importing this module imports neither torch nor torchft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class PrivateUse:
+    """One upstream member outside the public API that we depend on."""
+
+    name: str  # as upstream spells it
+    why: str  # what we use it for (completes "we use it to ...")
+    where: Tuple[str, ...]  # the files that use it
+    public: str = ""  # the public replacement, where one exists
+
+
+PRIVATE_USES: Tuple[PrivateUse, ...] = (
+    # --- torchft -------------------------------------------------------------------------------------------
+    PrivateUse(
+        "torchft._torchft.LighthouseServer",
+        "run the lighthouse (python -m torchx_diloco.lighthouse)",
+        ("torchx_diloco/lighthouse.py",),
+        public="torchft.coordination.LighthouseServer (the same class)",
+    ),
+    PrivateUse(
+        "torchft._torchft.LighthouseClient",
+        "heartbeat a lighthouse from a test",
+        ("tests/test_lighthouse.py",),
+        public="torchft.coordination.LighthouseClient (the same class)",
+    ),
+    PrivateUse(
+        "torchft lighthouse GET /status (HTML: '<replica_id>:<uuid>: seen <s>s ago')",
+        "see which groups heartbeated recently (cluster._HEARTBEAT, live_replicas: the start-up wait for all "
+        "groups, the lighthouse's idle exit) and that the lighthouse answers",
+        ("torchx_diloco/cluster.py", "torchx_diloco/lighthouse.py", "tests/procs.py"),
+    ),
+    PrivateUse(
+        "torchft.Manager._use_async_quorum",
+        "refuse a Manager built with use_async_quorum=True (a healing group must hold the healed weights "
+        "before its first inner step)",
+        ("torchx_diloco/diloco.py",),
+    ),
+    PrivateUse(
+        "torchft.Manager._quorum_future",
+        "forget a failed quorum so the next start_quorum() asks the lighthouse again (torchft re-raises the "
+        "stored failure otherwise): a sync retries while the lighthouse restarts",
+        ("torchx_diloco/diloco.py",),
+    ),
+    PrivateUse(
+        "torchft.local_sgd.DiLoCo._fragments[0].original_parameters / .restore_parameters()",
+        "read and load torchft DiLoCo's global weights (--impl torchft: checkpoints, the equivalence test, "
+        "the benchmark against torchft)",
+        ("torchx_diloco/torchft_diloco.py",),
+    ),
+    # --- TorchX --------------------------------------------------------------------------------------------
+    PrivateUse(
+        "torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs",
+        "note a Slurm job's directory at submission where upstream's own log reader finds it (torchx log)",
+        ("torchx_diloco/slurm.py",),
+    ),
+    PrivateUse(
+        "torchx.schedulers.slurm_scheduler.SlurmScheduler._squeue_pending_hostname",
+        "read the host of a pending job from every squeue --json shape (torchx status on Slurm 22.05..24.11)",
+        ("torchx_diloco/slurm.py",),
+    ),
+    PrivateUse(
+        "torchx.schedulers.slurm_scheduler.SlurmScheduler._squeue_allocated_nodes",
+        "read the hosts and resources of a running job from every squeue --json shape (torchx status)",
+        ("torchx_diloco/slurm.py",),
+    ),
+    PrivateUse(
+        "torchx.schedulers.slurm_scheduler.SlurmScheduler._describe_sacct",
+        "describe a job squeue has forgotten; we catch FileNotFoundError where sacct is not installed",
+        ("torchx_diloco/slurm.py",),
+    ),
+)
