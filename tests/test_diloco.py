@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 torchft = pytest.importorskip("torchft")
-from torchft._torchft import LighthouseServer  # noqa: E402
+from torchft.coordination import LighthouseServer  # noqa: E402
 
 from torchx_diloco import DiLoCo  # noqa: E402
 from torchx_diloco.cluster import build_manager  # noqa: E402
@@ -154,10 +154,23 @@ def test_bad_arguments_are_refused(lighthouse, change, message):
 
 
 def test_async_quorum_manager_is_refused(lighthouse):
-    class AsyncManager:
-        _use_async_quorum = True
+    """A real Manager with torchft's default use_async_quorum=True, built as build_manager builds ours."""
+    from datetime import timedelta
 
+    from torch.distributed import TCPStore
+    from torchft import Manager
+    from torchft.process_group import ProcessGroupGloo
+
+    timeout = timedelta(seconds=10)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    manager = Manager(pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None,
+                      min_replica_size=1, use_async_quorum=True, replica_id="replica_group_0",
+                      lighthouse_addr=lighthouse, timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
+                      store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
     model = nn.Linear(2, 1)
-    with pytest.raises(ValueError, match="use_async_quorum=False"):
-        DiLoCo(AsyncManager(), model, torch.optim.SGD(model.parameters(), lr=1),
-               torch.optim.SGD(model.parameters(), lr=1), sync_every=1)
+    try:
+        with pytest.raises(ValueError, match="use_async_quorum=False"):
+            DiLoCo(manager, model, torch.optim.SGD(model.parameters(), lr=1),
+                   torch.optim.SGD(model.parameters(), lr=1), sync_every=1)
+    finally:
+        manager.shutdown(wait=False)
