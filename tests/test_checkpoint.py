@@ -6,12 +6,19 @@ import io
 import json
 import logging
 import pickle
+import time
 
-import fsspec
 import pytest
 import torch
 
-from torchx_diloco.checkpoint import GLOBAL_PART, AsyncWriter, CheckpointStore, CorruptCheckpoint, group_part
+from torchx_diloco.checkpoint import (
+    FORMAT_VERSION,
+    GLOBAL_PART,
+    AsyncWriter,
+    CheckpointStore,
+    CorruptCheckpoint,
+    group_part,
+)
 from torchx_diloco.errors import UserError
 from torchx_diloco.faultfs import FAULTS_ENV
 
@@ -152,8 +159,42 @@ def test_wait_for_group_parts(tmp_path):
     assert store.wait_for_group_parts(4, 2, timeout_s=0.2)
 
 
-def test_memory_filesystem_is_shared_in_process():
-    """memory:// lives in one process: fine for tests and single-process use, documented as such."""
-    store = CheckpointStore("memory://shared-check/ckpt")
+def test_memory_store_publishes_without_waiting_for_other_groups(tmp_path):
+    """memory:// lives in one process: other groups' parts can never appear there, so waiting would only stall."""
+    store = CheckpointStore(f"memory://{tmp_path.name}/ckpt")
+    store.write_part(1, group_part(0), {})
+    start = time.monotonic()
+    assert store.wait_for_group_parts(1, 2, timeout_s=5)
+    assert time.monotonic() - start < 1
+
+
+def test_parts_are_stamped_with_the_format_version(tmp_path):
+    store = CheckpointStore(str(tmp_path / "ckpt"))
     write_step(store, 1)
-    assert fsspec.filesystem("memory").exists("/shared-check/ckpt/step_00000001/MANIFEST.global.json")
+    for part in (GLOBAL_PART, group_part(0)):
+        assert json.loads(store.fs.cat_file(f"{store.step_dir(1)}/MANIFEST.{part}.json"))["format"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("where", ["global manifest", "group manifest", "global part"])
+def test_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path, where):
+    """A newer torchx-diloco wrote it: not skipped as corrupt (an older step would win silently), not a KeyError."""
+    url = str(tmp_path / "ckpt")
+    store = CheckpointStore(url)
+    write_step(store, 1)
+    write_step(store, 2)
+    newer = FORMAT_VERSION + 1
+    folder = store.step_dir(2)
+    if where == "global manifest":  # a layout we don't know: no "file" or "bytes" fields
+        store.fs.pipe_file(f"{folder}/MANIFEST.global.json",
+                           json.dumps({"format": newer, "step": 2, "shards": ["global-0.pt"]}).encode())
+    elif where == "group manifest":
+        manifest = f"{folder}/MANIFEST.{group_part(0)}.json"
+        store.fs.pipe_file(manifest, json.dumps({**json.loads(store.fs.cat_file(manifest)), "format": newer}).encode())
+    else:
+        store.write_part(2, GLOBAL_PART, {**global_state(2), "format": newer})
+    with pytest.raises(UserError) as e:
+        CheckpointStore(url).latest(group_id=0)
+    message = str(e.value)
+    assert f"step_00000002 was written by format {newer}; this torchx-diloco reads format {FORMAT_VERSION}" in message
+    assert message.endswith("upgrade torchx-diloco or use another --checkpoint-dir")
+    assert "\n" not in message

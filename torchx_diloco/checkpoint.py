@@ -11,6 +11,10 @@ A part exists only once its manifest does, and manifests are written last; the g
 after every group of the quorum has published its part, so a step with a global manifest is complete and a
 crash at any instant leaves the previous complete step loadable. Loading checks sizes and checksums and unpickles with
 ``weights_only=True``: a checkpoint from a shared bucket cannot run code.
+
+Every manifest carries ``FORMAT_VERSION``, stamped here (callers write no version of their own). A part of a newer
+format (a newer torchx-diloco wrote it) stops the load with one line: skipping it as corrupt would resume
+silently from an older step, and reading it as ours could misload it.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bump when a manifest or a part changes in a way older readers would misread
+_UNVERSIONED = 1  # the format of a manifest without a "format" field
 GLOBAL_PART = "global"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
 
@@ -44,6 +49,15 @@ class CorruptCheckpoint(Exception):
 
 def group_part(group_id: int) -> str:
     return f"replica_group_{group_id}"
+
+
+def check_format(folder: str, fmt: object) -> None:
+    """Refuse what a newer torchx-diloco wrote (UserError: one line naming the fix); a nonsense version is corrupt."""
+    if isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise CorruptCheckpoint(f"{folder}: format {fmt!r} is not a version number")
+    if fmt > FORMAT_VERSION:
+        raise UserError(f"checkpoint {folder} was written by format {fmt}; this torchx-diloco reads format "
+                        f"{FORMAT_VERSION}: upgrade torchx-diloco or use another --checkpoint-dir")
 
 
 @dataclass
@@ -142,19 +156,23 @@ class CheckpointStore:
         folder = self.step_dir(step)
         try:
             manifest = json.loads(self.fs.cat_file(f"{folder}/MANIFEST.{part}.json"))
+            check_format(folder, manifest.get("format", _UNVERSIONED))  # before any field a new format may lack
             data = self.fs.cat_file(f"{folder}/{manifest['file']}")
         except FileNotFoundError as e:
             raise CorruptCheckpoint(f"{folder}: {part} is missing ({e})") from e
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpoint(f"{folder}: the manifest of {part} is malformed ({e})") from e
         if len(data) != manifest.get("bytes"):
             raise CorruptCheckpoint(f"{folder}: {part}.pt has {len(data)} bytes, the manifest says {manifest.get('bytes')}")
         if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
             raise CorruptCheckpoint(f"{folder}: {part}.pt does not match its checksum")
         try:
-            return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         except Exception as e:  # noqa: BLE001 - unpickling errors have many types; all mean "refuse"
             raise CorruptCheckpoint(f"{folder}: {part}.pt refused by the safe loader ({str(e).splitlines()[0]})") from e
+        if isinstance(state, dict) and "format" in state:  # a part that carries its own version is held to it too
+            check_format(folder, state["format"])
+        return state
 
     def has_part(self, step: int, part: str) -> bool:
         self.fs.invalidate_cache(self.step_dir(step))
@@ -170,7 +188,8 @@ class CheckpointStore:
     def latest(self, group_id: int) -> Optional[Checkpoint]:
         """The newest step whose global part is complete and sound, with this group's part if it has one.
 
-        A corrupt or partial step is reported and skipped in favour of the one before.
+        A corrupt or partial step is reported and skipped in favour of the one before; a step of a newer format
+        raises ``UserError`` (see :func:`check_format`).
         """
         for step in reversed(self.steps()):
             if not self.has_part(step, GLOBAL_PART):
