@@ -1,7 +1,8 @@
 # Two commands a new user needs: `make run` (train with DiLoCo on this machine) and `make test`.
 VENV        ?= .venv
 PYTHON      ?= python3
-# Pins torch to the CPU wheel on machines without a GPU; `make CONSTRAINTS= ...` installs an unpinned torch.
+# Pins torch's version (constraints.txt), not its build: CPU or CUDA is whatever the package index serves for
+# that version (PyPI's Linux x86_64 wheels are CUDA builds). `make CONSTRAINTS= ...` installs an unpinned torch.
 CONSTRAINTS ?= constraints.txt
 EXTRAS      ?= test
 PYTEST_ARGS ?=
