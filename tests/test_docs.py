@@ -1,0 +1,188 @@
+"""The documentation stays navigable: every relative link resolves, and the shell blocks can be extracted.
+
+``shell_commands`` is the helper for tests that run the documented commands: it reads the fenced shell blocks of
+a markdown file and returns one string per command, backslash-continued lines joined.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Dict, Iterator, List, Set, Tuple
+from urllib.parse import unquote
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def doc_files() -> List[Path]:
+    """The markdown files whose links must resolve."""
+    files = [REPO / name for name in ("README.md", "CONTRIBUTING.md", "CHANGELOG.md")]
+    files += sorted((REPO / "docs").glob("*.md"))
+    files += sorted((REPO / "examples").glob("**/README.md"))
+    return [f for f in files if f.is_file()]
+
+
+# --- markdown, just enough of it ----------------------------------------------------------------------------
+
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
+_SHELL_INFO = {"bash", "sh", "shell", "console", "zsh"}
+
+
+def _blocks(text: str) -> Iterator[Tuple[bool, str, List[str]]]:
+    """(in_fence, info string, lines) runs of a markdown text, in order."""
+    run: List[str] = []
+    fence = ""
+    info = ""
+    for line in text.splitlines():
+        m = _FENCE.match(line)
+        if not fence and m:
+            yield False, "", run
+            run, fence, info = [], m.group(1), m.group(2).lower()
+        elif fence and line.strip().startswith(fence[0] * len(fence)) and not line.strip().strip(fence[0]):
+            yield True, info, run
+            run, fence, info = [], "", ""
+        else:
+            run.append(line)
+    yield bool(fence), info, run
+
+
+def prose_lines(text: str) -> List[str]:
+    """The lines outside fenced code blocks."""
+    return [line for in_fence, _, lines in _blocks(text) if not in_fence for line in lines]
+
+
+def shell_commands(path: Path) -> List[str]:
+    """The commands of the fenced shell blocks (```bash, ```sh, ...) of ``path``, one string per command.
+
+    Backslash-continued lines are joined into one command; blank lines and comment-only lines are dropped.
+    Trailing ``# comments`` stay (the shell ignores them).
+    """
+    commands: List[str] = []
+    for in_fence, info, lines in _blocks(Path(path).read_text(encoding="utf-8")):
+        if not in_fence or info not in _SHELL_INFO:
+            continue
+        pending = ""
+        for line in lines:
+            stripped = line.strip()
+            if not pending and (not stripped or stripped.startswith("#")):
+                continue
+            if stripped.endswith("\\"):
+                pending += stripped[:-1].rstrip() + " "
+                continue
+            commands.append(pending + stripped)
+            pending = ""
+        if pending.strip():
+            commands.append(pending.strip())
+    return commands
+
+
+_INLINE_CODE = re.compile(r"(`+).+?\1")
+_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_REF_DEF = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?(\S+?)>?(?:\s+.*)?$")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def links(text: str) -> List[str]:
+    """Link and image targets outside code (inline ``[x](target)`` and reference definitions ``[x]: target``)."""
+    found: List[str] = []
+    for line in prose_lines(text):
+        ref = _REF_DEF.match(line)
+        if ref:
+            found.append(ref.group(1))
+            continue
+        found += [m.group(1) for m in _LINK.finditer(_INLINE_CODE.sub("", line))]
+    return found
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a heading: markup dropped, lower case, punctuation removed, spaces to hyphens."""
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link in a heading keeps its text
+    text = re.sub(r"<[^>]+>", "", text).strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(text: str) -> Set[str]:
+    """Every heading's anchor, with GitHub's -1, -2 ... suffixes for repeated headings."""
+    seen: Dict[str, int] = {}
+    result: Set[str] = set()
+    for line in prose_lines(text):
+        m = _HEADING.match(line)
+        if not m:
+            continue
+        slug = github_anchor(m.group(2))
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        result.add(slug if count == 0 else f"{slug}-{count}")
+    return result
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def broken_links(path: Path) -> List[str]:
+    """The relative links of ``path`` that point at nothing (a missing file, or a missing heading)."""
+    text = path.read_text(encoding="utf-8")
+    broken: List[str] = []
+    for target in links(text):
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target) or target.startswith("//"):
+            continue  # https:, mailto:, ...: not ours to check offline
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / unquote(file_part)).resolve() if file_part else path
+        if not dest.exists():
+            broken.append(f"{target} (no such file: {_shown(dest)})")
+            continue
+        if anchor and dest.suffix == ".md" and dest.is_file():
+            if unquote(anchor).lower() not in anchors(dest.read_text(encoding="utf-8")):
+                broken.append(f"{target} (no heading #{anchor} in {_shown(dest)})")
+    return broken
+
+
+# --- tests ----------------------------------------------------------------------------------------------------
+
+
+def test_the_docs_are_found():
+    names = {str(f.relative_to(REPO)) for f in doc_files()}
+    assert {"README.md", "docs/architecture.md", "examples/slurm/README.md"} <= names, names
+    assert len(links((REPO / "README.md").read_text(encoding="utf-8"))) >= 10, "the link parser finds no links"
+
+
+@pytest.mark.parametrize("path", doc_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_resolves(path: Path):
+    broken = broken_links(path)
+    assert not broken, f"{path.relative_to(REPO)} has broken links: " + "; ".join(broken)
+
+
+def test_the_link_check_catches_a_broken_file_and_a_broken_anchor(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Run `make bench`, twice\n\n## Run `make bench`, twice\n")
+    page = tmp_path / "README.md"
+    page.write_text(
+        "[ok](docs/a.md) [ok](docs/a.md#a-page) [ok](docs/a.md#run-make-bench-twice-1) [web](https://x.org/y)\n"
+        "`[code](nowhere.md)`\n```\n[fenced](nowhere.md)\n```\n"
+        "[gone](docs/b.md) [bad anchor](docs/a.md#no-such-heading) ![img](pic.png)\n"
+    )
+    assert [b.split(" ")[0] for b in broken_links(page)] == ["docs/b.md", "docs/a.md#no-such-heading", "pic.png"]
+
+
+def test_shell_commands_joins_continued_lines_and_skips_comments(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Text.\n\n```bash\n# a comment\nmake run   # trains\n\ntorchx run diloco.diloco \\\n"
+        "    --replica_groups 3 \\\n    --outer_steps 20\n```\n\n```\nnot shell\n```\n\n```python\nprint(1)\n```\n"
+    )
+    assert shell_commands(page) == [
+        "make run   # trains",
+        "torchx run diloco.diloco --replica_groups 3 --outer_steps 20",
+    ]
+
+
+def test_the_readme_documents_its_commands():
+    commands = shell_commands(REPO / "README.md")
+    assert any(c.startswith("make run") for c in commands), commands
+    assert any(c.startswith("python -m torchx_diloco.lighthouse") for c in commands), commands
