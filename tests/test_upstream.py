@@ -93,15 +93,15 @@ def _lighthouse_client(request: pytest.FixtureRequest) -> None:
 
 @checks("torchft lighthouse GET /status (HTML: '<replica_id>:<uuid>: seen <s>s ago')")
 def _status_page(request: pytest.FixtureRequest) -> None:
-    """A real Manager's own heartbeats, read back through cluster.py's regex."""
-    with lighthouse() as url, manager(url, replica_id="replica_group_3"):
+    """A real Manager's own heartbeats, read back through cluster.py's regex (ids may carry a run: dots, dashes)."""
+    with lighthouse() as url, manager(url, replica_id="run-1.replica_group_3"):
         deadline, html = time.monotonic() + 10, ""
         while time.monotonic() < deadline:
             html = lighthouse_status(url)
-            if live_replicas(html) == {"replica_group_3"}:
+            if live_replicas(html) == {"run-1.replica_group_3"}:
                 return
             time.sleep(0.1)
-        raise AssertionError(f"cluster._HEARTBEAT finds no live replica_group_3 in /status: {html[-1500:]!r}")
+        raise AssertionError(f"cluster._HEARTBEAT finds no live run-1.replica_group_3 in /status: {html[-1500:]!r}")
 
 
 @checks("torchft.Manager._use_async_quorum")

@@ -42,7 +42,7 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "torchft lighthouse GET /status (HTML: '<replica_id>:<uuid>: seen <s>s ago')",
         "see which groups heartbeated recently (cluster._HEARTBEAT, live_replicas: the start-up wait for all "
         "groups, the lighthouse's idle exit) and that the lighthouse answers",
-        ("torchx_diloco/cluster.py", "torchx_diloco/lighthouse.py", "tests/procs.py"),
+        ("torchx_diloco/cluster.py", "torchx_diloco/lighthouse.py", "torchx_diloco/testing.py (was tests/procs.py)"),
     ),
     PrivateUse(
         "torchft.Manager._use_async_quorum",
