@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml $(wildcard $(CONSTRAINTS))
 	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[$(EXTRAS)]'
 	touch $@
 
-## Train on this machine: a lighthouse and two replica groups, launched by TorchX (see .torchxconfig).
+## Train on this machine: a lighthouse and two CPU replica groups, 6 outer steps of H=50 on the tiny GPT
+## (about two minutes on 2 cores); checkpoints in checkpoints/diloco, so a second `make run` resumes there.
+RUN_ARGS ?= --outer_steps 6 --sync_every 50 --model tiny --lighthouse_idle_exit 10
 run: install
-	$(BIN)/torchx run
+	$(BIN)/torchx run diloco.diloco $(RUN_ARGS)
 
 ## The whole test suite, the end-to-end tests included (what CI runs).
 test: install

@@ -6,28 +6,55 @@ against one long-lived lighthouse. All three build their roles with the helpers 
 
 The lighthouse is the first role: the groups find it through TorchX's ``rank0_env`` macro, which names
 the variable holding the first role's host (``TORCHX_RANK0_HOST=localhost`` on ``local_cwd``,
-``SLURM_JOB_NODELIST_HET_GROUP_0`` on Slurm), so one AppDef runs unchanged on both.
+``SLURM_JOB_NODELIST_HET_GROUP_0`` on Slurm), so one AppDef runs unchanged on both. Each run gets its own
+lighthouse port and run id (TorchX's ``app_id``): two runs on one machine never share a quorum.
 
-Imports only torchx and the standard library (TorchX imports this file to list and lint components).
+Every training flag, the ones after ``--`` included, is checked with the training module's own parser
+(``torchx_diloco.config``, torch-free) before anything starts. Imports only torchx, the standard library and
+torch-free parts of torchx_diloco (TorchX imports this file to list and lint components).
 """
 
+import argparse
 import os
 import re
 import shlex
-import subprocess
+import socket
 from typing import Dict, List, Optional, Tuple
 
 import torchx.specs as specs
-from torchx.specs import macros
+from torchx.specs import file_linter, macros
+from torchx.specs.finder import ComponentValidationException
 
-# The GPU count the checks below compare requests with. Overrides `nvidia-smi -L` (the same detection
-# TorchX's local scheduler uses for `auto_set_cuda_visible_devices`): set it when submitting from a machine
-# whose GPUs differ from the ones the groups will run on; the tests use it to stand for an 8-GPU machine.
-GPUS_ENV = "TORCHX_DILOCO_GPUS"
+from torchx_diloco.config import LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT, RUN_ID_ENV, TrainConfig, parse_flags
+from torchx_diloco.errors import UserError
+from torchx_diloco.gpus import GPUS_ENV, check_devices_exist
+
+__all__ = ["diloco", "lighthouse", "replica_group", "GPUS_ENV"]
 
 LIGHTHOUSE_ROLE = "lighthouse"
 TRAIN_MODULE = "torchx_diloco.train"
 LIGHTHOUSE_MODULE = "torchx_diloco.lighthouse"
+MIN_REPLICAS = TrainConfig.min_replicas  # the trainer's default, also the lighthouse's
+
+
+class ComponentError(ValueError, ComponentValidationException):
+    """Bad input to a component: ``torchx run`` prints the message (no traceback) and exits 1."""
+
+
+def _optional_script_args(help_string: "type[file_linter.TorchXArgumentHelpFormatter]") -> None:
+    """TorchX's help formatter marks ``*script_args`` "(required)"; it is not (argparse.REMAINDER, may be empty).
+    Registered in ``torchx_diloco.upstream``: a TorchX upgrade that drops the formatter fails a test there."""
+    original = help_string._get_help_string
+
+    def get_help(self: argparse.HelpFormatter, action: argparse.Action) -> str:
+        if action.nargs == argparse.REMAINDER:
+            return action.help or ""
+        return original(self, action)  # type: ignore[arg-type]
+
+    help_string._get_help_string = get_help  # type: ignore[method-assign]
+
+
+_optional_script_args(file_linter.TorchXArgumentHelpFormatter)
 
 
 def diloco(
@@ -39,14 +66,14 @@ def diloco(
     memMB: int = 4096,
     h: Optional[str] = None,
     max_restarts: int = 3,
-    lighthouse_port: int = 29510,
-    min_replicas: int = 1,
-    checkpoint_dir: str = "checkpoints/diloco",
-    outer_steps: int = 0,
-    sync_every: int = 0,
+    lighthouse_port: Optional[int] = None,
+    min_replicas: int = MIN_REPLICAS,
+    checkpoint_dir: Optional[str] = None,
+    outer_steps: Optional[int] = None,
+    sync_every: Optional[int] = None,
     model: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
-    lighthouse_idle_exit: float = 20.0,
+    lighthouse_idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
     name: str = "diloco",
 ) -> specs.AppDef:
     """DiLoCo training: a torchft lighthouse plus ``replica_groups`` groups, each under ``torchrun``.
@@ -55,7 +82,7 @@ def diloco(
     (arguments after ``--`` go to ``python -m torchx_diloco.train``; see its ``--help``).
 
     Args:
-        script_args: extra flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones
+        script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones
             this component sets
         replica_groups: number of replica groups (DiLoCo workers) that average pseudo-gradients every H steps
         gpus_per_group: GPUs (= torchrun processes) per group; 0 trains on CPU with one process per group
@@ -67,13 +94,14 @@ def diloco(
         memMB: memory per group in MB (Slurm --mem)
         h: a registered TorchX named resource for each group (wins over cpu, gpus_per_group and memMB)
         max_restarts: times torchrun restarts a group's crashed workers; a restarted group heals from a peer
-        lighthouse_port: port of the torchft lighthouse on the first role's host
+        lighthouse_port: port of the torchft lighthouse on the first role's host (default: a free port picked
+            when the app is built, so runs on one machine never share a lighthouse)
         min_replicas: groups needed to commit an outer step (the others may be down or restarting)
         checkpoint_dir: fsspec URL of the durable checkpoints (relative paths are under the job's working
-            directory); a re-run with the same directory resumes from its newest complete checkpoint
-            (use e.g. checkpoints/${app_id} for a fresh start each run)
-        outer_steps: outer steps (syncs) to train for; 0 = the training module's default
-        sync_every: H, inner steps between syncs; 0 = the training module's default
+            directory; default: the training module's, checkpoints/diloco); a re-run with the same directory
+            resumes from its newest complete checkpoint (use e.g. checkpoints/${app_id} for a fresh start)
+        outer_steps: outer steps (syncs) to train for (default: the training module's)
+        sync_every: H, inner steps between syncs (default: the training module's)
         model: GPT preset nano, tiny, small or medium (default: the training module's)
         env: environment variables for every role (e.g. LOGLEVEL=INFO,TORCHX_DILOCO_LOGLEVEL=DEBUG)
         lighthouse_idle_exit: seconds every group must stay silent before the lighthouse exits 0 and the app
@@ -81,42 +109,48 @@ def diloco(
         name: the app's name
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
-    _check_port(lighthouse_port)
+    port = _pick_port() if lighthouse_port is None else _check_port(lighthouse_port)
     resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
-    train_args = _train_args(checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args))
+    train_args = _train_args(replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model,
+                             list(script_args))
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
-    url = f"http://$${{{macros.rank0_env}:-localhost}}:{lighthouse_port}"
-    roles = [_lighthouse_role(lighthouse_port, min_replicas, lighthouse_idle_exit, env)]
+    url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
+    roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, run_id=macros.app_id)]
     roles += [
-        _group_role(g, replica_groups, url, resource, devices[g] if devices else None, max_restarts, env, train_args)
+        _group_role(g, replica_groups, url, resource, devices[g] if devices else None, max_restarts, env, train_args,
+                    run_id=macros.app_id)
         for g in range(replica_groups)
     ]
     return specs.AppDef(name=name, roles=roles)
 
 
 def lighthouse(
-    port: int = 29510,
-    min_replicas: int = 1,
-    idle_exit: float = 60.0,
+    port: int = LIGHTHOUSE_PORT,
+    min_replicas: int = MIN_REPLICAS,
+    idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
+    run_id: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     name: str = "diloco-lighthouse",
 ) -> specs.AppDef:
     """The torchft lighthouse alone, for replica groups submitted as separate jobs (``diloco.replica_group``).
 
-    Under Slurm it listens on its node's address; on a laptop on 127.0.0.1. It exits 0 once every group
-    that joined has been silent for ``idle_exit`` seconds, or 1 if none joined within 10 minutes.
+    Under Slurm it listens on the address other nodes reach it by; on a laptop on 127.0.0.1. It exits 0 once
+    every group that joined has been silent for ``idle_exit`` seconds, 1 if none joined within 10 minutes or
+    a group reported an error no restart can fix.
 
     Args:
         port: port to listen on; give the groups --lighthouse_url http://THIS_HOST:PORT
         min_replicas: groups needed to commit an outer step
         idle_exit: seconds every group must stay silent before the lighthouse exits (0 = serve forever)
+        run_id: a name for the run; groups given the same --run_id refuse any other lighthouse, and this one
+            refuses groups of other runs (default: no check)
         env: environment variables for the lighthouse
         name: the app's name
     """
     if min_replicas < 1:
-        raise ValueError(f"--min_replicas {min_replicas} must be >= 1")
+        raise ComponentError(f"--min_replicas {min_replicas} must be >= 1")
     _check_port(port)
-    return specs.AppDef(name=name, roles=[_lighthouse_role(port, min_replicas, idle_exit, env)])
+    return specs.AppDef(name=name, roles=[_lighthouse_role(port, min_replicas, idle_exit, env, run_id)])
 
 
 def replica_group(
@@ -130,11 +164,12 @@ def replica_group(
     memMB: int = 4096,
     h: Optional[str] = None,
     max_restarts: int = 3,
-    min_replicas: int = 1,
-    checkpoint_dir: str = "checkpoints/diloco",
-    outer_steps: int = 0,
-    sync_every: int = 0,
+    min_replicas: int = MIN_REPLICAS,
+    checkpoint_dir: Optional[str] = None,
+    outer_steps: Optional[int] = None,
+    sync_every: Optional[int] = None,
     model: Optional[str] = None,
+    run_id: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     name: str = "diloco-group",
 ) -> specs.AppDef:
@@ -143,7 +178,7 @@ def replica_group(
     Usage: ``torchx run diloco.replica_group --lighthouse_url http://HOST:29510 --group 1 --replica_groups 2``
 
     Args:
-        script_args: extra flags for ``python -m torchx_diloco.train`` (after ``--``)
+        script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``)
         lighthouse_url: the lighthouse, http://HOST:PORT (from ``diloco.lighthouse``)
         group: this group's id, 0 .. replica_groups-1 (REPLICA_GROUP_ID)
         replica_groups: how many groups the run has in all (NUM_REPLICA_GROUPS)
@@ -155,22 +190,26 @@ def replica_group(
         max_restarts: times torchrun restarts the group's crashed workers
         min_replicas: groups needed to commit an outer step
         checkpoint_dir: fsspec URL of the durable checkpoints; every group of a run must use the same one
-        outer_steps: outer steps (syncs) to train for; 0 = the training module's default
-        sync_every: H, inner steps between syncs; 0 = the training module's default
+            (default: the training module's, checkpoints/diloco)
+        outer_steps: outer steps (syncs) to train for (default: the training module's)
+        sync_every: H, inner steps between syncs (default: the training module's)
         model: GPT preset nano, tiny, small or medium (default: the training module's)
+        run_id: the lighthouse's --run_id: the group refuses a lighthouse that serves another run
+            (default: no check)
         env: environment variables for the group
         name: the app's name
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
     if not 0 <= group < replica_groups:
-        raise ValueError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
+        raise ComponentError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
-        raise ValueError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
+        raise ComponentError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
     resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
-    train_args = _train_args(checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args))
+    train_args = _train_args(replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model,
+                             list(script_args))
     url = shlex.quote(lighthouse_url.rstrip("/"))
     role = _group_role(group, replica_groups, url, resource, devices[0] if devices else None, max_restarts, env,
-                       train_args)
+                       train_args, run_id)
     return specs.AppDef(name=name, roles=[role])
 
 
@@ -181,43 +220,56 @@ def replica_group(
 def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu: int) -> None:
     """Bad numbers fail here, before anything starts, with the fix in the message."""
     if replica_groups < 1:
-        raise ValueError(f"--replica_groups {replica_groups}: DiLoCo needs at least 1 group; pass 1 or more")
+        raise ComponentError(f"--replica_groups {replica_groups}: DiLoCo needs at least 1 group; pass 1 or more")
     if not 1 <= min_replicas <= replica_groups:
-        raise ValueError(f"--min_replicas {min_replicas} must be within 1..{replica_groups} (the number of groups)")
+        raise ComponentError(f"--min_replicas {min_replicas} must be within 1..{replica_groups} (the number of groups)")
     if max_restarts < 0:
-        raise ValueError(f"--max_restarts {max_restarts} must be >= 0")
+        raise ComponentError(f"--max_restarts {max_restarts} must be >= 0")
     if cpu < 1:
-        raise ValueError(f"--cpu {cpu} must be >= 1 (cores per group)")
+        raise ComponentError(f"--cpu {cpu} must be >= 1 (cores per group)")
 
 
-def _check_port(port: int) -> None:
+def _check_port(port: int) -> int:
     if not 0 < port < 65536:
-        raise ValueError(f"lighthouse port {port} must be within 1..65535")
+        raise ComponentError(f"lighthouse port {port} must be within 1..65535")
+    return port
+
+
+def _pick_port() -> int:
+    """A port free on this machine now: each run its own (on Slurm, the run id still guards against a clash)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def _group_resources(groups: int, cpu: int, gpus: int, memMB: int, h: Optional[str],
                      assignment: Optional[str]) -> Tuple[specs.Resource, Optional[List[List[int]]]]:
-    """Each group's resource and, if assigned, its devices; checked against this machine's GPUs."""
+    """Each group's resource and, if assigned, its devices (which must exist on this machine). How many GPUs
+    fit is the scheduler's to check: all groups on this machine (local_cwd), one group per node (Slurm)."""
     resource = _group_resource(cpu, gpus, memMB, h)
     devices = _parse_gpu_assignment(assignment, groups, resource.gpu)
     if devices is not None and resource.gpu == 0:
         resource = _group_resource(cpu, len(devices[0]), memMB, h)
-    _check_gpu_count(resource.gpu * groups, devices)
+    if devices is not None:
+        try:
+            check_devices_exist(devices)
+        except ValueError as e:
+            raise ComponentError(str(e)) from None
     return resource, devices
 
 
 def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.Resource:
     if gpus < 0:
-        raise ValueError(f"GPUs per group {gpus} must be >= 0 (0 = CPU)")
+        raise ComponentError(f"GPUs per group {gpus} must be >= 0 (0 = CPU)")
     if not h:
         return specs.Resource(cpu=cpu, gpu=gpus, memMB=memMB)
     try:
         named = specs.resource(h=h)
     except (KeyError, ValueError):
-        raise ValueError(f"-h {h!r} is not a registered named resource: pick one TorchX knows, or pass "
+        raise ComponentError(f"-h {h!r} is not a registered named resource: pick one TorchX knows, or pass "
                          "--cpu/--memMB and the GPU count instead") from None
     if gpus and gpus != named.gpu:
-        raise ValueError(f"-h {h} has {named.gpu} GPUs but {gpus} GPUs per group were asked for: drop one of the two")
+        raise ComponentError(f"-h {h} has {named.gpu} GPUs but {gpus} GPUs per group were asked for: drop one of the two")
     return named
 
 
@@ -227,72 +279,44 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
         return None
     entries = [e.strip() for e in spec.split(";")]
     if len(entries) != groups:
-        raise ValueError(f"gpu_assignment {spec!r} has {len(entries)} entries for {groups} groups: "
+        raise ComponentError(f"gpu_assignment {spec!r} has {len(entries)} entries for {groups} groups: "
                          "give one comma-separated device list per group, groups separated by ';'")
     devices: List[List[int]] = []
     for entry in entries:
         if not re.fullmatch(r"\d+(\s*,\s*\d+)*", entry):
-            raise ValueError(f"gpu_assignment entry {entry!r} is not a list of device numbers like '0,1'")
+            raise ComponentError(f"gpu_assignment entry {entry!r} is not a list of device numbers like '0,1'")
         devices.append([int(d) for d in entry.split(",")])
     sizes = {len(d) for d in devices}
     want = gpus or len(devices[0])
     if sizes != {want}:
-        raise ValueError(f"gpu_assignment {spec!r} must give every group exactly {want} GPUs "
+        raise ComponentError(f"gpu_assignment {spec!r} must give every group exactly {want} GPUs "
                          f"(the GPUs per group): fix the lists or the GPU count")
     flat = [d for group in devices for d in group]
     if len(set(flat)) != len(flat):
-        raise ValueError(f"gpu_assignment {spec!r} names a device twice: give each group its own GPUs")
+        raise ComponentError(f"gpu_assignment {spec!r} names a device twice: give each group its own GPUs")
     return devices
 
 
-def _visible_gpus() -> Optional[int]:
-    """GPUs on this machine: TORCHX_DILOCO_GPUS if set, else `nvidia-smi -L` (what TorchX counts too); None if
-    unknown."""
-    override = os.environ.get(GPUS_ENV)
-    if override:
-        if not override.isdigit():
-            raise ValueError(f"{GPUS_ENV}={override!r} is not a number: set it to the machine's GPU count")
-        return int(override)
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
-        return sum(1 for line in out.splitlines() if line.startswith("GPU "))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if os.path.isdir("/proc/driver/nvidia/gpus"):  # a driver without nvidia-smi
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    return None
-
-
-def _check_gpu_count(total: int, devices: Optional[List[List[int]]]) -> None:
-    """Refuse requests this machine cannot meet; skipped where the count is unknown or 0 (e.g. a Slurm login
-    node without GPUs submitting to GPU nodes)."""
-    if total == 0:
-        return
-    have = _visible_gpus()
-    if not have:
-        return
-    if total > have:
-        raise ValueError(f"{total} GPUs requested but this machine has {have}: lower --replica_groups or the GPUs "
-                         f"per group (or set {GPUS_ENV} to the GPU count of the machines that will run the groups)")
-    if devices:
-        bad = sorted({d for group in devices for d in group if d >= have})
-        if bad:
-            raise ValueError(f"gpu_assignment names device(s) {bad} but this machine has GPUs 0..{have - 1}: "
-                             "use devices that exist")
-
-
-def _train_args(checkpoint_dir: str, min_replicas: int, outer_steps: int, sync_every: int,
-                model: Optional[str], script_args: List[str]) -> List[str]:
-    args = ["--checkpoint-dir", checkpoint_dir, "--min-replicas", str(min_replicas)]
-    for flag, value in (("--outer-steps", outer_steps), ("--sync-every", sync_every), ("--model", model)):
-        if value:
+def _train_args(groups: int, checkpoint_dir: Optional[str], min_replicas: int, outer_steps: Optional[int],
+                sync_every: Optional[int], model: Optional[str], script_args: List[str]) -> List[str]:
+    """The training module's flags, checked now with its own parser: a typo fails before anything starts."""
+    args = ["--min-replicas", str(min_replicas)]
+    for flag, value in (("--checkpoint-dir", checkpoint_dir), ("--outer-steps", outer_steps),
+                        ("--sync-every", sync_every), ("--model", model)):
+        if value is not None:
             args += [flag, str(value)]
-    return args + script_args  # argparse: the last occurrence wins, so the user's flags override ours
+    args += script_args  # argparse: the last occurrence wins, so the user's flags override ours
+    try:
+        parse_flags(args, num_replica_groups=groups)
+    except UserError as e:
+        raise ComponentError(str(e)) from None
+    return args
 
 
-def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Optional[Dict[str, str]]) -> specs.Role:
+def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Optional[Dict[str, str]],
+                     run_id: Optional[str] = None) -> specs.Role:
     if idle_exit < 0:
-        raise ValueError(f"lighthouse idle exit {idle_exit} must be >= 0 seconds (0 = never)")
+        raise ComponentError(f"lighthouse idle exit {idle_exit} must be >= 0 seconds (0 = never)")
     role_env = dict(env or {})
     role_env.update(CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")  # the lighthouse never takes a GPU
     return specs.Role(
@@ -300,7 +324,7 @@ def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Option
         image=os.getcwd(),
         entrypoint="python",
         args=["-m", LIGHTHOUSE_MODULE, "--port", str(port), "--min-replicas", str(min_replicas),
-              "--idle-exit", f"{idle_exit:g}"],
+              "--idle-exit", f"{idle_exit:g}", *(["--run-id", run_id] if run_id else [])],
         env=role_env,
         resource=specs.Resource(cpu=1, gpu=0, memMB=1024),
         port_map={"lighthouse": port},
@@ -309,7 +333,7 @@ def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Option
 
 def _group_role(group: int, groups: int, lighthouse_url: str, resource: specs.Resource,
                 devices: Optional[List[int]], max_restarts: int, env: Optional[Dict[str, str]],
-                train_args: List[str]) -> specs.Role:
+                train_args: List[str], run_id: Optional[str] = None) -> specs.Role:
     """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``.
 
     ``lighthouse_url`` is shell text (bash expands the rank0 host variable in it). torchrun's standalone
@@ -327,7 +351,10 @@ def _group_role(group: int, groups: int, lighthouse_url: str, resource: specs.Re
                 "--max_restarts", str(max_restarts), "-m", TRAIN_MODULE, *train_args]
     # a TORCHFT_MANAGER_PORT inherited from the shell would make groups on one machine collide
     unset = "" if "TORCHFT_MANAGER_PORT" in role_env else "unset TORCHFT_MANAGER_PORT; "
-    cmd = f"{unset}export TORCHFT_LIGHTHOUSE={lighthouse_url}; exec {' '.join(shlex.quote(a) for a in torchrun)}"
+    # the run id is a macro TorchX expands in args (on Slurm into "$SLURM_JOB_ID"), so it is set in the command
+    run = f"export {RUN_ID_ENV}={run_id if run_id == macros.app_id else shlex.quote(run_id)}; " if run_id else ""
+    cmd = (f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; "
+           f"exec {' '.join(shlex.quote(a) for a in torchrun)}")
     return specs.Role(
         name=f"replica_group_{group}",
         image=os.getcwd(),

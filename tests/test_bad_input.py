@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.procs import free_port, train_once
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.model import PRESETS
+from torchx_diloco.testing import free_port, train_once
 from torchx_diloco.train import main
 
 NO_CUDA = "no CUDA device is visible"
@@ -49,7 +49,7 @@ CASES = [
     (["--seq-len", "0"], {}, "--seq-len: 0 must be >= 1"),
     (["--keep-checkpoints", "0"], {}, "--keep-checkpoints: 0 must be >= 1"),
     (["--eval-batches", "-1"], {}, "must be >= 0"),
-    (["--device", "tpu"], {}, "--device 'tpu': use auto, cpu or cuda"),
+    (["--device", "tpu"], {}, "--device: 'tpu': use auto, cpu, cuda or cuda:N"),
     (["--device", "cuda"], {}, NO_CUDA),  # skipped where a GPU is visible
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
     (["--min-replicas", "3"], {}, "--min-replicas 3 exceeds NUM_REPLICA_GROUPS=2"),

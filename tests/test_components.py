@@ -12,8 +12,10 @@ import inspect
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Dict, List
@@ -21,8 +23,10 @@ from typing import Dict, List
 import pytest
 from torchx.schedulers import get_scheduler_factories
 from torchx.specs import file_linter, finder
+from torchx.specs.api import InvalidRunConfigException
 
-from tests.procs import REPO
+from torchx_diloco.testing import REPO
+from torchx_diloco.gpus import machine_gpus
 from torchx_diloco_components import diloco as comp
 
 COMPONENTS = ["diloco", "lighthouse", "replica_group"]
@@ -92,11 +96,11 @@ def test_help_documents_every_parameter(fn, tmp_path):
     out = torchx_cli("run", f"diloco.{fn}", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     params = [p for p in inspect.signature(getattr(comp, fn)).parameters.values() if p.kind != p.VAR_POSITIONAL]
-    for p in params:
-        assert f"--{p.name}" in out.stdout
     # every option has text of its own from the docstring, not only argparse's default
-    helps = re.findall(r"^  (?:-\w+ \w+, )?--(\w+) \w+\s*(.*)$", out.stdout, re.M)
-    assert len(helps) >= len(params) - 1 and all(text and not text.startswith("(default") for _, text in helps), out.stdout
+    helps = dict(re.findall(r"^  (?:-\w+ \w+, )?--(\w+) \w+\s*(.*)$", out.stdout, re.M))
+    for p in params:
+        assert helps.get(p.name) and not helps[p.name].startswith("(default"), (p.name, out.stdout)
+    assert "(required)" not in out.stdout.split("options:")[0], "the optional script_args are not required"
 
 
 # --- the AppDef ---------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def test_diloco_on_cpu_lighthouse_first_then_groups(no_gpus):
     lh = app.roles[0]
     assert lh.entrypoint == "python" and lh.resource.gpu == 0 and lh.env["CUDA_VISIBLE_DEVICES"] == ""
     assert lh.args == ["-m", "torchx_diloco.lighthouse", "--port", "29999", "--min-replicas", "2",
-                       "--idle-exit", "3"]
+                       "--idle-exit", "3", "--run-id", "${app_id}"]
     for g, role in enumerate(app.roles[1:]):
         assert role.env["REPLICA_GROUP_ID"] == str(g) and role.env["NUM_REPLICA_GROUPS"] == "3"
         assert role.env["OMP_NUM_THREADS"] == "2" and role.env["FOO"] == "bar"
@@ -118,16 +122,16 @@ def test_diloco_on_cpu_lighthouse_first_then_groups(no_gpus):
         words = shlex.split(group_cmd(role).split("exec ", 1)[1])
         assert words[:9] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "1",
                              "--max_restarts", "5", "-m"]
-        assert words[9:] == ["torchx_diloco.train", "--checkpoint-dir", "checkpoints/diloco", "--min-replicas", "2",
-                             "--outer-steps", "4", "--batch-size", "8"]
+        assert words[9:] == ["torchx_diloco.train", "--min-replicas", "2", "--outer-steps", "4", "--batch-size", "8"]
+        assert "export TORCHX_DILOCO_RUN_ID=${app_id};" in group_cmd(role)  # the run's groups and lighthouse
         # the lighthouse host comes from TorchX's rank0_env macro, escaped for bash
         assert "export TORCHFT_LIGHTHOUSE=http://$${${rank0_env}:-localhost}:29999;" in group_cmd(role)
 
 
 def test_local_cwd_expands_lighthouse_host_and_gives_each_group_its_own_master_port(no_gpus, tmp_path):
-    envs = local_dryrun(comp.diloco(), tmp_path)
+    envs = local_dryrun(comp.diloco(lighthouse_port=29510), tmp_path)
     sched = get_scheduler_factories()["local_cwd"]("test")
-    req = sched.submit_dryrun(comp.diloco(), {"log_dir": str(tmp_path)}).request
+    req = sched.submit_dryrun(comp.diloco(lighthouse_port=29510), {"log_dir": str(tmp_path)}).request
     cmds = [req.role_params[f"replica_group_{g}"][0].args[2] for g in range(2)]
     for cmd in cmds:
         assert "TORCHFT_LIGHTHOUSE=http://${TORCHX_RANK0_HOST:-localhost}:29510" in cmd
@@ -169,7 +173,7 @@ def test_cli_dryrun_with_fake_gpus(eight_gpus, tmp_path):
 
 
 def test_slurm_sbatch_lighthouse_is_het_group_0_and_groups_ask_for_gpus(no_gpus):
-    app = comp.diloco(replica_groups=2, gpus_per_group=2, cpu=8, memMB=16000)
+    app = comp.diloco(replica_groups=2, gpus_per_group=2, cpu=8, memMB=16000, lighthouse_port=29510)
     sched = get_scheduler_factories()["slurm"]("test")  # what `torchx run -s slurm` uses
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no sinfo here, assuming Slurm 24.05" (off a cluster's login node)
@@ -218,12 +222,19 @@ def test_script_args_override_component_flags(no_gpus):
     (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;1,2"), r"names a device twice"),
     (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;x"), r"not a list of device numbers"),
     (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;9"), r"device\(s\) \[9\] .* GPUs 0..7"),
-    (dict(replica_groups=5, gpus_per_group=2), r"10 GPUs requested but this machine has 8: lower"),
     (dict(h="no-such-host"), r"not a registered named resource"),
+    # training flags, checked with the training module's own parser
+    (dict(sync_every=-5), r"argument --sync-every: -5 must be >= 1 \(see python -m torchx_diloco.train --help\)"),
+    (dict(outer_steps=0), r"argument --outer-steps: 0 must be >= 1"),
+    (dict(model="huge"), r"argument --model: invalid choice: 'huge'"),
+    (dict(script_args=("--bogus-flag", "1")), r"unrecognized arguments: --bogus-flag 1"),
+    (dict(script_args=("--batch-size", "eight")), r"argument --batch-size: 'eight' is not a number"),
+    (dict(script_args=("--min-replicas", "3")), r"--min-replicas 3 exceeds the 2 replica groups"),
 ])
 def test_bad_input_raises_value_error_naming_the_fix(eight_gpus, kwargs, message):
+    script_args = kwargs.pop("script_args", ())
     with pytest.raises(ValueError, match=message) as e:
-        comp.diloco(**kwargs)
+        comp.diloco(*script_args, **kwargs)
     assert "\n" not in str(e.value)
 
 
@@ -237,14 +248,28 @@ def test_bad_lighthouse_url_and_group(no_gpus):
 @pytest.mark.skipif(os.path.isdir("/proc/driver/nvidia/gpus"), reason="this machine has NVIDIA GPUs")
 def test_gpu_check_skipped_where_gpus_are_unknown(no_gpus):
     """A login node without GPUs may submit GPU groups to Slurm: no local count, no refusal."""
-    assert comp._visible_gpus() is None
-    assert comp.diloco(replica_groups=4, gpus_per_group=8).roles[1].resource.gpu == 8
+    assert machine_gpus() is None
+    app = comp.diloco(replica_groups=4, gpus_per_group=8)
+    assert app.roles[1].resource.gpu == 8
+    for scheduler in ("local_cwd", "slurm"):
+        get_scheduler_factories()[scheduler]("test").submit_dryrun(app, {})  # no refusal
 
 
-def test_cli_bad_input_exits_nonzero_with_the_message(tmp_path):
-    out = torchx_cli("run", "--dryrun", "-s", "local_cwd", "diloco.diloco", "--replica_groups", "0", cwd=tmp_path)
-    assert out.returncode != 0
-    assert "ValueError: --replica_groups 0: DiLoCo needs at least 1 group; pass 1 or more" in out.stderr
+@pytest.mark.parametrize("dryrun", [True, False])
+@pytest.mark.parametrize("args, message", [
+    (["--replica_groups", "0"], "--replica_groups 0: DiLoCo needs at least 1 group; pass 1 or more"),
+    (["--outer_steps", "1", "--", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
+    (["--sync_every", "-5"], "argument --sync-every: -5 must be >= 1"),
+])
+def test_cli_bad_input_fails_in_about_a_second_with_the_trainers_line(tmp_path, dryrun, args, message):
+    """What a user types, with and without --dryrun: nothing starts, no traceback, the one line, exit 1."""
+    start = time.monotonic()
+    out = torchx_cli("run", *(["--dryrun"] if dryrun else []), "-s", "local_cwd", "-cfg",
+                     f"log_dir={tmp_path / 'logs'}", "diloco.diloco", *args, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert not (tmp_path / "logs").exists(), "nothing may have started"
+    assert time.monotonic() - start < 20  # about a second here; generous for a loaded CI machine
 
 
 def test_repo_torchxconfig_runs_diloco_on_local_cwd(tmp_path):
@@ -253,5 +278,62 @@ def test_repo_torchxconfig_runs_diloco_on_local_cwd(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "torchx_logs/torchx/diloco-" in out.stdout
     joined = re.sub(r"'\s*\n\s*'", "", out.stdout)  # pprint splits long strings into adjacent literals
-    assert "torchx_diloco.train --checkpoint-dir checkpoints/diloco --min-replicas 1 --outer-steps 6" in joined
+    assert "-m torchx_diloco.train --min-replicas 1'" in joined  # the component's and trainer's own defaults
     assert "/torchx_logs/" in (REPO / ".gitignore").read_text()
+
+
+def test_repo_torchxconfig_leaks_no_laptop_settings_into_a_slurm_submission(no_gpus):
+    """The numbers of `make run` are on its command line; a Slurm job from the repo root gets the defaults."""
+    out = torchx_cli("run", "-s", "slurm", "--dryrun", "diloco.diloco", "--gpus_per_group", "8", cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    script = re.sub(r"'\s*\n\s*'", "", out.stdout)
+    assert "--outer-steps" not in script and "--model" not in script and "--cpus-per-task=1\n" not in script
+    make = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True,
+                          env={"PATH": "/usr/local/bin:/usr/bin:/bin"}).stdout
+    assert "torchx run diloco.diloco --outer_steps 6 --sync_every 50 --model tiny" in make
+
+
+def test_each_run_gets_its_own_free_lighthouse_port_and_run_id(no_gpus, tmp_path):
+    """Two default runs on one machine must not share a lighthouse (their groups would average each other)."""
+    ports = set()
+    for _ in range(3):
+        app = comp.diloco()
+        port = int(app.roles[0].args[app.roles[0].args.index("--port") + 1])
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free when the app was built
+        assert f":{port}; exec torchrun" in group_cmd(app.roles[1])
+        ports.add(port)
+    assert len(ports) == 3
+    sched = get_scheduler_factories()["local_cwd"]("test")
+    runs = [sched.submit_dryrun(comp.diloco(), {"log_dir": str(tmp_path)}).request for _ in range(2)]
+    for req in runs:  # the lighthouse and every group carry this app's id as the run id
+        lighthouse_args = req.role_params["lighthouse"][0].args
+        assert lighthouse_args[lighthouse_args.index("--run-id") + 1] == req.app_id
+        assert f"export TORCHX_DILOCO_RUN_ID={req.app_id};" in req.role_params["replica_group_1"][0].args[2]
+    assert runs[0].app_id != runs[1].app_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        script = get_scheduler_factories()["slurm"]("test").submit_dryrun(comp.diloco(), {}).request.materialize()
+    # TorchX turns the app_id macro into the het job's id, expanded by the batch script's shell
+    assert """--run-id ''"$SLURM_JOB_ID"''""" in script
+    assert script.count("""export TORCHX_DILOCO_RUN_ID='"$SLURM_JOB_ID"';""") == 2
+
+
+# --- GPUs: each scheduler checks what it can know -------------------------------------------------------------
+
+
+def test_local_cwd_refuses_more_gpus_than_this_machine_has_in_all(eight_gpus, tmp_path):
+    app = comp.diloco(replica_groups=5, gpus_per_group=2)
+    with pytest.raises(InvalidRunConfigException, match="10 GPUs requested but this machine has 8: lower"):
+        get_scheduler_factories()["local_cwd"]("test").submit_dryrun(app, {"log_dir": str(tmp_path)})
+
+
+def test_slurm_checks_each_group_against_one_nodes_gpus(eight_gpus):
+    """The README's Slurm example: 4 groups x 8 GPUs, one node each, TORCHX_DILOCO_GPUS=8 (a node's GPUs)."""
+    sched = get_scheduler_factories()["slurm"]("test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        script = sched.submit_dryrun(comp.diloco(replica_groups=4, gpus_per_group=8), {}).request.materialize()
+        assert script.count("#SBATCH hetjob") == 4
+        with pytest.raises(InvalidRunConfigException, match="a group asks for 16 GPUs but a Slurm node has at most 8"):
+            sched.submit_dryrun(comp.diloco(replica_groups=2, gpus_per_group=16), {})

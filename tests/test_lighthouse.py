@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 
 import pytest
 
-from tests.procs import PYTHON, REPO, Lighthouse, free_port
 from torchx_diloco.lighthouse import default_bind_host
+from torchx_diloco.testing import PYTHON, REPO, Lighthouse, free_port
 
 
 def listening_addresses(port: int) -> set:
@@ -51,13 +52,58 @@ def test_lighthouse_binds_every_interface_only_when_asked(tmp_path):
         lighthouse.kill()
 
 
-def test_under_slurm_the_default_is_this_nodes_address(monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "42")
-    host = default_bind_host()
-    assert host == socket.gethostbyname(socket.gethostname())
-    assert host not in ("0.0.0.0", "::")
-    monkeypatch.delenv("SLURM_JOB_ID")
-    assert default_bind_host() == "127.0.0.1"
+def non_loopback_ipv4() -> list:
+    """This machine's IPv4 addresses other hosts could reach, from the kernel's routing table (not the resolver)."""
+    found, last = set(), None
+    try:
+        for line in open("/proc/net/fib_trie").read().splitlines():
+            if "/32 host LOCAL" in line and last and not last.startswith("127."):
+                found.add(last)
+            parts = line.split()
+            last = parts[1] if len(parts) == 2 and parts[0] in ("|--", "+--") else last
+    except FileNotFoundError:
+        pass
+    return sorted(found)
+
+
+def start_under_slurm(node_name: str, tmp_path) -> tuple:
+    """The launcher as Slurm starts it on node ``node_name``; returns (process, port, its first line)."""
+    port = free_port()
+    env = dict(os.environ, SLURM_JOB_ID="42", SLURMD_NODENAME=node_name, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port)], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    banner = proc.stdout.readline()
+    deadline = time.monotonic() + 30
+    while not listening_addresses(port) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    return proc, port, banner
+
+
+@pytest.mark.parametrize("resolves_to", ["loopback", "routable"])
+def test_under_slurm_it_listens_where_other_nodes_can_reach_it(tmp_path, resolves_to):
+    """A node name that resolves to loopback (Debian's 127.0.1.1 for the hostname) must not shut out groups on
+    other nodes: then every interface, said in one line; otherwise the node's own routable address only."""
+    if resolves_to == "loopback":
+        name, expected = "localhost", {"0.0.0.0"}
+    else:
+        addresses = non_loopback_ipv4()
+        if not addresses:
+            pytest.skip("this machine has no non-loopback IPv4 address")
+        name, expected = addresses[0], {addresses[0]}  # an address literal resolves to itself
+    proc, port, banner = start_under_slurm(name, tmp_path)
+    try:
+        assert listening_addresses(port) == expected, banner
+        assert f"serving on {next(iter(expected))}:{port}" in banner
+        if resolves_to == "loopback":
+            assert "every interface: Slurm node localhost resolves to loopback here" in banner
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_outside_slurm_the_default_is_loopback(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert default_bind_host()[0] == "127.0.0.1"
 
 
 def test_lighthouse_with_no_group_exits_1_with_a_clear_line():

@@ -5,18 +5,39 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
 import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
+from typing import Any, Optional, Set, Tuple
+
 import torch
 
+from torchx_diloco.config import RUN_ID_ENV
 from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 _HEARTBEAT = re.compile(r"([\w.\-]+):[0-9a-f\-]+: seen ([0-9.e\-]+)s ago")
+GROUP_PREFIX = "replica_group_"
+FATAL_PREFIX = "fatal_group_"  # a group's report that it stopped for good (see report_fatal)
+
+
+def replica_id(group: int, run_id: Optional[str] = None, prefix: str = GROUP_PREFIX) -> str:
+    """``[<run>.]replica_group_<g>``: torchft reads the group number from the trailing digits, we read the run."""
+    return f"{safe_run_id(run_id)}.{prefix}{group}" if run_id else f"{prefix}{group}"
+
+
+def safe_run_id(run_id: str) -> str:
+    return re.sub(r"[^\w\-]", "-", run_id)
+
+
+def split_replica_id(rid: str) -> Tuple[Optional[str], str]:
+    """``run.replica_group_1`` -> ("run", "replica_group_1"); ``replica_group_1`` -> (None, "replica_group_1")."""
+    run, _, name = rid.rpartition(".")
+    return (run or None), name
 
 
 def lighthouse_status(url: str, timeout: float = 2.0) -> str:
@@ -24,9 +45,37 @@ def lighthouse_status(url: str, timeout: float = 2.0) -> str:
         return r.read().decode("utf-8", "replace")
 
 
-def live_replicas(status_html: str, fresher_than_s: float = 2.0) -> set:
+def live_replicas(status_html: str, fresher_than_s: float = 2.0) -> Set[str]:
     """Replica ids (without torchft's per-process uuid) that heartbeated recently, read from /status."""
     return {rid for rid, age in _HEARTBEAT.findall(status_html) if float(age) < fresher_than_s}
+
+
+def check_run(live: Set[str], url: str, run_id: Optional[str]) -> None:
+    """Refuse a lighthouse that serves another run, or a run one of whose groups stopped for good.
+
+    Groups of two runs in one quorum would average each other's pseudo-gradients: never train there.
+    """
+    if run_id:
+        foreign = sorted(r for r in live if split_replica_id(r)[0] != safe_run_id(run_id))
+        if foreign:
+            raise UserError(f"the lighthouse at {url} serves another run (its groups: {', '.join(foreign[:3])}), "
+                            f"not run {run_id}: point TORCHFT_LIGHTHOUSE at this run's lighthouse")
+    fatal = sorted(split_replica_id(r)[1] for r in live if split_replica_id(r)[1].startswith(FATAL_PREFIX))
+    if fatal:
+        name = GROUP_PREFIX + fatal[0][len(FATAL_PREFIX):]
+        raise UserError(f"{name} of this run stopped with an error no restart can fix (its log has the line): "
+                        "this group stops too")
+
+
+def check_lighthouse_serves_run(url: str, run_id: Optional[str]) -> None:
+    """One look at the lighthouse before a sync (a no-op for runs without a run id, e.g. launched by hand)."""
+    if not run_id:
+        return
+    try:
+        live = live_replicas(lighthouse_status(url))
+    except (urllib.error.URLError, OSError):
+        return  # unreachable: the sync's quorum retries and reports it
+    check_run(live, url, run_id)
 
 
 def wait_for_lighthouse(url: str, timeout_s: float) -> None:
@@ -44,20 +93,70 @@ def wait_for_lighthouse(url: str, timeout_s: float) -> None:
             time.sleep(0.5)
 
 
-def wait_for_groups(url: str, expected: int, timeout_s: float, me: str) -> None:
-    """Give the other groups a bounded head start so the first quorum has everyone in it."""
+def wait_for_groups(url: str, expected: int, timeout_s: float, group: int, run_id: Optional[str] = None) -> None:
+    """Give the other groups a bounded head start so the first quorum has everyone in it; look at least once
+    (:func:`check_run`) that the lighthouse serves this run."""
     deadline = time.monotonic() + timeout_s
-    seen: set = set()
-    while time.monotonic() < deadline:
+    me = replica_id(group, run_id)
+    seen: Set[str] = set()
+    while True:
         try:
-            seen = live_replicas(lighthouse_status(url)) | {me}
+            live = live_replicas(lighthouse_status(url))
+            check_run(live, url, run_id)
+            seen = {r for r in live if split_replica_id(r)[1].startswith(GROUP_PREFIX)} | {me}
         except (urllib.error.URLError, OSError):
             pass
         if len(seen) >= expected:
             return
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.2)
     logger.warning("only %d of %d groups reached the lighthouse within %gs; starting without the others",
                    len(seen), expected, timeout_s)
+
+
+def report_fatal(url: str, group: int, run_id: Optional[str]) -> None:
+    """Tell the lighthouse (and through it the other groups) that this group stopped for good.
+
+    A heartbeat under a reserved id: the lighthouse launcher ends the run when it sees one. It briefly blocks
+    quorums (torchft waits for every heartbeating replica), which no longer matters: the run is ending.
+    """
+    from torchft.coordination import LighthouseClient
+
+    try:
+        client = LighthouseClient(url, connect_timeout=timedelta(seconds=2))
+        for _ in range(3):  # the launcher polls /status twice a second
+            client.heartbeat(replica_id(group, run_id, FATAL_PREFIX))
+            time.sleep(0.5)
+    except Exception as e:  # noqa: BLE001 - best effort: the lighthouse may be gone already
+        logger.info("could not tell the lighthouse at %s that this group stopped: %s", url, e)
+
+
+def end_run_on_user_error() -> None:
+    """After an error no restart can fix: tell the run's lighthouse, and stop torchrun from restarting us.
+
+    torchrun restarts failed workers whatever their exit code; ending its agent (SIGTERM: it stops the other
+    ranks of the group too) is the only way to not repeat the same error ``--max_restarts`` times.
+    """
+    url, run_id = os.environ.get("TORCHFT_LIGHTHOUSE", "").rstrip("/"), os.environ.get(RUN_ID_ENV)
+    if run_id and os.environ.get("REPLICA_GROUP_ID", "").isdigit():  # a run's group (by hand: ours alone ends)
+        try:
+            lighthouse_status(url, timeout=1.0)
+        except (urllib.error.URLError, OSError, ValueError):
+            pass  # no lighthouse to tell
+        else:
+            report_fatal(url, int(os.environ["REPLICA_GROUP_ID"]), run_id)
+    if os.environ.get("TORCHELASTIC_RUN_ID") and _parent_is_torchrun():
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+def _parent_is_torchrun() -> bool:
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"torchrun" in cmdline or b"torch.distributed.run" in cmdline
 
 
 def process_group(device: torch.device, timeout: timedelta):
@@ -68,7 +167,7 @@ def process_group(device: torch.device, timeout: timedelta):
 
 
 def build_manager(group_id: int, device: torch.device, min_replicas: int, timeout_s: float,
-                  quorum_timeout_s: float, lighthouse: str):
+                  quorum_timeout_s: float, lighthouse: str, run_id: Optional[str] = None) -> Any:
     """A torchft Manager for this group; outside torchrun it hosts the group's own store."""
     from torchft import Manager
 
@@ -87,7 +186,7 @@ def build_manager(group_id: int, device: torch.device, min_replicas: int, timeou
         state_dict=None,
         min_replica_size=min_replicas,
         use_async_quorum=False,
-        replica_id=f"replica_group_{group_id}",
+        replica_id=replica_id(group_id, run_id),
         lighthouse_addr=lighthouse,
         timeout=timeout,
         quorum_timeout=timedelta(seconds=quorum_timeout_s),

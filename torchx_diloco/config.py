@@ -1,60 +1,37 @@
-"""The training module's flags and environment, validated into one ``TrainConfig``.
+"""Every training flag, declared once in ``TrainConfig``; the parser, the trainer and the components use it.
+
+Imports no torch: the TorchX components parse their ``script_args`` with :func:`parse_flags` before anything
+starts, so a typo fails ``torchx run`` in a second with the same one line the trainer would print.
 
 Environment (as in torchft's DiLoCo example; the TorchX components set them):
-``REPLICA_GROUP_ID`` (0..N-1), ``NUM_REPLICA_GROUPS`` (N), ``TORCHFT_LIGHTHOUSE`` (http://host:port).
+``REPLICA_GROUP_ID`` (0..N-1), ``NUM_REPLICA_GROUPS`` (N), ``TORCHFT_LIGHTHOUSE`` (http://host:port) and
+``TORCHX_DILOCO_RUN_ID`` (optional: the run the lighthouse and the groups belong to).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
-from typing import List, Mapping, Optional
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 from urllib.parse import urlparse
 
-from torchx_diloco.data import DEFAULT_DATA
 from torchx_diloco.errors import UserError
-from torchx_diloco.model import PRESETS
+from torchx_diloco.presets import PRESETS
 
+PROG = "python -m torchx_diloco.train"
 IMPLEMENTATIONS = ("torchx_diloco", "torchft")
+DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
+
+# Run-level defaults shared by the lighthouse, the components and the tests: written here only.
+LIGHTHOUSE_PORT = 29510  # the by-hand lighthouse's port; the components pick a free one per run
+LIGHTHOUSE_IDLE_EXIT_S = 30.0  # above a group's restart time, so a restarting group does not end the run
+LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S = 600.0
+RUN_ID_ENV = "TORCHX_DILOCO_RUN_ID"
 
 
-@dataclass
-class TrainConfig:
-    replica_group_id: int
-    num_replica_groups: int
-    lighthouse: str
-    outer_steps: int
-    sync_every: int
-    checkpoint_dir: str
-    checkpoint_every: int
-    keep_checkpoints: int
-    data: str
-    model: str
-    batch_size: int
-    seq_len: int
-    seed: int
-    inner_lr: float
-    outer_lr: float
-    outer_momentum: float
-    weight_decay: float
-    warmup_steps: Optional[int]
-    max_grad_norm: float
-    min_replicas: int
-    lighthouse_timeout: float
-    group_wait: float
-    collective_timeout: float
-    quorum_timeout: float
-    device: str
-    eval_batches: int
-    impl: str
-
-    @property
-    def total_inner_steps(self) -> int:
-        return self.outer_steps * self.sync_every
-
-
-def _number(text: str, kind: type, ok, requirement: str):
+# --- value parsers: each error names the requirement (argparse prefixes the flag) --------------------------
+def _number(text: str, kind: type, ok: Callable[[Any], bool], requirement: str) -> Any:
     try:
         value = kind(text)
     except ValueError:
@@ -64,75 +41,131 @@ def _number(text: str, kind: type, ok, requirement: str):
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, ">= 1")
 
 
-def _non_negative_int(text: str) -> int:
+def non_negative_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, ">= 0")
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     return _number(text, float, lambda v: v > 0, "> 0")
 
 
-def _unit_float(text: str) -> float:
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, ">= 0")
+
+
+def unit_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
+def device_name(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+
+
+def flag(default: Any, parse: Callable[[str], Any], help: str, choices: Optional[Sequence[str]] = None) -> Any:
+    """A training flag: its default, how its text is parsed and checked, and its --help line."""
+    return field(default=default, metadata={"parse": parse, "help": help, "choices": choices})
+
+
+def from_env(default: Any) -> Any:
+    """A setting read from the environment (set by the components), not a flag."""
+    return field(default=default, metadata={"env": True})
+
+
+_PRESET_SHAPES = ", ".join(f"{k} ({v.n_layer}x{v.n_embd})" for k, v in PRESETS.items())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One replica group's settings. A new flag is one line here: the parser is generated from it."""
+
+    outer_steps: int = flag(10, positive_int, "outer steps (syncs) to train for")
+    sync_every: int = flag(50, positive_int, "H: inner steps between syncs")
+    checkpoint_dir: str = flag(
+        "checkpoints/diloco", str, "fsspec URL of the durable backups (local path, memory://, s3://, gs://); a run "
+        "resumes from the newest complete checkpoint found there")
+    checkpoint_every: int = flag(1, positive_int, "write a checkpoint every k committed outer steps")
+    keep_checkpoints: int = flag(3, positive_int, "how many checkpoints to keep")
+    data: str = flag(DEFAULT_DATA, str,
+                     "'pydoc' (Python's own docs, on every CPython) or an fsspec URL or glob of UTF-8 text files")
+    model: str = flag("tiny", str, f"GPT size preset: {_PRESET_SHAPES}", choices=sorted(PRESETS))
+    batch_size: int = flag(16, positive_int, "sequences per inner step per group")
+    seq_len: int = flag(128, positive_int, "tokens (bytes) per sequence")
+    seed: int = flag(0, int, "seeds the initial weights (same in every group) and the data order")
+    inner_lr: float = flag(4e-4, positive_float, "AdamW peak learning rate (paper: 4e-4)")
+    outer_lr: float = flag(0.7, positive_float, "outer SGD learning rate (paper: 0.7)")
+    outer_momentum: float = flag(0.9, unit_float, "outer Nesterov momentum (paper: 0.9)")
+    weight_decay: float = flag(0.1, non_negative_float, "AdamW weight decay on matrices (paper: 0.1)")
+    warmup_steps: Optional[int] = flag(
+        None, non_negative_int, "inner warm-up steps before the cosine decay (default: 5%% of all inner steps, "
+        "at most 1000)")
+    max_grad_norm: float = flag(1.0, non_negative_float, "clip inner gradients to this norm (0 = off)")
+    min_replicas: int = flag(1, positive_int, "groups needed to commit an outer step (the others may be down)")
+    lighthouse_timeout: float = flag(
+        60.0, positive_float, "seconds to wait for the lighthouse at start, and how long a sync keeps retrying "
+        "while it is away (restarted lighthouse)")
+    group_wait: float = flag(
+        60.0, non_negative_float, "seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the "
+        "lighthouse (0 = don't)")
+    collective_timeout: float = flag(
+        60.0, positive_float, "seconds an all-reduce, commit vote or peer checkpoint fetch may take before the "
+        "round is dropped")
+    quorum_timeout: float = flag(
+        120.0, positive_float, "seconds one quorum may take: longer than the lighthouse's join timeout, so slow "
+        "groups are waited for")
+    device: str = flag("auto", device_name, "'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    eval_batches: int = flag(4, non_negative_int, "held-out batches per eval (0 = no eval)")
+    impl: str = flag("torchx_diloco", str, "whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for "
+                     "comparison)", choices=IMPLEMENTATIONS)
+
+    replica_group_id: int = from_env(0)
+    num_replica_groups: int = from_env(1)
+    lighthouse: str = from_env("")
+    run_id: Optional[str] = from_env(None)
+
+    @property
+    def total_inner_steps(self) -> int:
+        return self.outer_steps * self.sync_every
+
+
+def flag_fields() -> List[Any]:
+    return [f for f in fields(TrainConfig) if "parse" in f.metadata]
+
+
 class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but errors are one line that names the fix, with exit code 2."""
+    """argparse, but errors are one line that names the fix (a UserError: exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(f"{message} (see python -m torchx_diloco.train --help)")
+        raise UserError(f"{message} (see {PROG} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    presets = ", ".join(f"{k} ({v.n_layer}x{v.n_embd})" for k, v in PRESETS.items())
-    p = _OneLineParser(
-        prog="python -m torchx_diloco.train",
+    """The training module's command line, generated from ``TrainConfig``."""
+    parser = _OneLineParser(
+        prog=PROG,
         description="One DiLoCo replica group: inner AdamW steps, every H steps an outer SGD-Nesterov step on "
         "the pseudo-gradient averaged across groups through torchft. Reads REPLICA_GROUP_ID, "
-        "NUM_REPLICA_GROUPS and TORCHFT_LIGHTHOUSE from the environment.",
+        f"NUM_REPLICA_GROUPS, TORCHFT_LIGHTHOUSE and {RUN_ID_ENV} from the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    a = p.add_argument
-    a("--outer-steps", type=_positive_int, default=10, help="outer steps (syncs) to train for")
-    a("--sync-every", type=_positive_int, default=50, help="H: inner steps between syncs")
-    a("--checkpoint-dir", default="checkpoints/diloco",
-      help="fsspec URL of the durable backups (local path, memory://, s3://, gs://); a run resumes from the "
-      "newest complete checkpoint found there")
-    a("--checkpoint-every", type=_positive_int, default=1, help="write a checkpoint every k committed outer steps")
-    a("--keep-checkpoints", type=_positive_int, default=3, help="how many checkpoints to keep")
-    a("--data", default=DEFAULT_DATA,
-      help="'pydoc' (Python's own docs, on every CPython) or an fsspec URL or glob of UTF-8 text files")
-    a("--model", choices=sorted(PRESETS), default="tiny", help=f"GPT size preset: {presets}")
-    a("--batch-size", type=_positive_int, default=16, help="sequences per inner step per group")
-    a("--seq-len", type=_positive_int, default=128, help="tokens (bytes) per sequence")
-    a("--seed", type=int, default=0, help="seeds the initial weights (same in every group) and the data order")
-    a("--inner-lr", type=_positive_float, default=4e-4, help="AdamW peak learning rate (paper: 4e-4)")
-    a("--outer-lr", type=_positive_float, default=0.7, help="outer SGD learning rate (paper: 0.7)")
-    a("--outer-momentum", type=_unit_float, default=0.9, help="outer Nesterov momentum (paper: 0.9)")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (paper: 0.1)")
-    a("--warmup-steps", type=_non_negative_int, default=None,
-      help="inner warm-up steps before the cosine decay (default: 5%% of all inner steps, at most 1000)")
-    a("--max-grad-norm", type=float, default=1.0, help="clip inner gradients to this norm (0 = off)")
-    a("--min-replicas", type=_positive_int, default=1,
-      help="groups needed to commit an outer step (the others may be down)")
-    a("--lighthouse-timeout", type=_positive_float, default=60.0,
-      help="seconds to wait for the lighthouse at start, and how long a sync keeps retrying while it is away "
-      "(restarted lighthouse)")
-    a("--group-wait", type=float, default=60.0,
-      help="seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the lighthouse (0 = don't)")
-    a("--collective-timeout", type=_positive_float, default=60.0,
-      help="seconds an all-reduce, commit vote or peer checkpoint fetch may take before the round is dropped")
-    a("--quorum-timeout", type=_positive_float, default=120.0,
-      help="seconds one quorum may take: longer than the lighthouse's join timeout, so slow groups are waited for")
-    a("--device", default="auto", help="'auto' (CUDA if visible, else CPU), 'cpu' or 'cuda'")
-    a("--eval-batches", type=_non_negative_int, default=4, help="held-out batches per eval (0 = no eval)")
-    a("--impl", choices=IMPLEMENTATIONS, default="torchx_diloco",
-      help="whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for comparison)")
-    return p
+    for f in flag_fields():
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.metadata["parse"], default=f.default,
+                            choices=f.metadata["choices"], help=f.metadata["help"])
+    return parser
+
+
+def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Optional[int] = None) -> TrainConfig:
+    """The flags alone (no environment): what the components check before launch."""
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    cfg = TrainConfig(**vars(args))
+    if num_replica_groups is not None and cfg.min_replicas > num_replica_groups:
+        raise UserError(f"--min-replicas {cfg.min_replicas} exceeds the {num_replica_groups} replica groups: lower it")
+    return cfg
 
 
 def _env_int(env: Mapping[str, str], name: str, default: Optional[str] = None) -> int:
@@ -148,15 +181,15 @@ def _env_int(env: Mapping[str, str], name: str, default: Optional[str] = None) -
 def parse_lighthouse(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
-        raise UserError(
-            f"TORCHFT_LIGHTHOUSE={url!r} is not a lighthouse URL: set it to http://HOST:PORT (e.g. http://localhost:29510)"
-        )
+        raise UserError(f"TORCHFT_LIGHTHOUSE={url!r} is not a lighthouse URL: set it to http://HOST:PORT "
+                        f"(e.g. http://localhost:{LIGHTHOUSE_PORT})")
     return url.rstrip("/")
 
 
-def parse_config(argv: Optional[List[str]] = None, env: Optional[Mapping[str, str]] = None) -> TrainConfig:
+def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> TrainConfig:
+    """The flags plus the group's environment: what one replica group runs with."""
     env = os.environ if env is None else env
-    args = build_parser().parse_args(argv)
+    cfg = parse_flags(argv)
     num_groups = _env_int(env, "NUM_REPLICA_GROUPS", "1")
     if num_groups < 1:
         raise UserError(f"NUM_REPLICA_GROUPS={num_groups} must be >= 1")
@@ -170,13 +203,8 @@ def parse_config(argv: Optional[List[str]] = None, env: Optional[Mapping[str, st
             "TORCHFT_LIGHTHOUSE is not set: start a lighthouse (python -m torchx_diloco.lighthouse) and set "
             "TORCHFT_LIGHTHOUSE=http://HOST:PORT, or launch through the TorchX component"
         )
-    if args.min_replicas > num_groups:
-        raise UserError(f"--min-replicas {args.min_replicas} exceeds NUM_REPLICA_GROUPS={num_groups}: lower it")
-    if args.device not in ("auto", "cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise UserError(f"--device {args.device!r}: use auto, cpu or cuda")
-    return TrainConfig(
-        replica_group_id=group_id,
-        num_replica_groups=num_groups,
-        lighthouse=parse_lighthouse(env["TORCHFT_LIGHTHOUSE"]),
-        **{k: v for k, v in vars(args).items()},
-    )
+    if cfg.min_replicas > num_groups:
+        raise UserError(f"--min-replicas {cfg.min_replicas} exceeds NUM_REPLICA_GROUPS={num_groups}: lower it")
+    return replace(cfg, replica_group_id=group_id, num_replica_groups=num_groups,
+                   lighthouse=parse_lighthouse(env["TORCHFT_LIGHTHOUSE"]), run_id=env.get(RUN_ID_ENV) or None)
+

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import fsspec
 import torch
 
+from torchx_diloco.config import DEFAULT_DATA
 from torchx_diloco.errors import UserError
 
-DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
 EVAL_FRACTION = 0.05
 
 

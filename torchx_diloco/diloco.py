@@ -136,6 +136,11 @@ class DiLoCo:
         return list(self._backup)
 
     # --- the loop --------------------------------------------------------------------------------------
+    @property
+    def sync_due(self) -> bool:
+        """True when the next :meth:`step` syncs: the moment to finish anything that reads the global state."""
+        return self.local_step + 1 >= self.sync_every
+
     def step(self) -> bool:
         """Call after each inner optimizer step. Returns True when this call committed an outer step."""
         self.local_step += 1

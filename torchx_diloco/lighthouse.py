@@ -5,12 +5,13 @@ lighthouse would hang ``torchx run``. This launcher runs the same server and exi
 joined have all gone quiet for ``--idle-exit`` seconds (training finished), or 1 if none joined in time.
 
 Security: the lighthouse serves HTTP with an unauthenticated kill endpoint. It binds to loopback unless it
-runs under Slurm (then to this node's address), or ``--bind-host`` says otherwise.
+runs under Slurm (then to the address other nodes reach it by), or ``--bind-host`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import signal
@@ -18,38 +19,60 @@ import socket
 import sys
 import time
 import urllib.error
-from typing import List, Optional
+from typing import List, Optional, Set, Tuple
 
-from torchx_diloco.cluster import lighthouse_status, live_replicas
+from torchx_diloco.cluster import (
+    FATAL_PREFIX,
+    GROUP_PREFIX,
+    lighthouse_status,
+    live_replicas,
+    safe_run_id,
+    split_replica_id,
+)
+from torchx_diloco.config import LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S, LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT
 
 logger = logging.getLogger("torchx_diloco.lighthouse")
 
 
-def default_bind_host() -> str:
-    """Loopback for a laptop; this node's address (not every interface) inside a Slurm job."""
-    if os.environ.get("SLURM_JOB_ID"):
-        try:
-            return socket.gethostbyname(socket.gethostname())
-        except OSError:
-            return socket.gethostname()
-    return "127.0.0.1"
+def default_bind_host() -> Tuple[str, str]:
+    """Where to listen, and why: loopback on a laptop; inside a Slurm job the address other nodes reach.
+
+    Other nodes reach this one by its Slurm node name. If that name resolves to loopback here (Debian and
+    Ubuntu map the hostname to 127.0.1.1), listening there would shut them out: listen on every interface.
+    """
+    if not os.environ.get("SLURM_JOB_ID"):
+        return "127.0.0.1", "loopback: not in a Slurm job"
+    name = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    try:
+        found = {ai[4][0] for ai in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
+    except OSError:
+        found = set()
+    routable = sorted((a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_loopback),
+                      key=lambda a: (":" in a, a))  # IPv4 first
+    if routable:
+        return routable[0], f"the address of Slurm node {name}"
+    return "0.0.0.0", (f"every interface: Slurm node {name} resolves to loopback here "
+                       f"({', '.join(sorted(found)) or 'nothing'}), which other nodes cannot reach")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m torchx_diloco.lighthouse", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--port", type=int, default=29510, help="port of the lighthouse (gRPC and HTTP /status)")
+    p.add_argument("--port", type=int, default=LIGHTHOUSE_PORT, help="port of the lighthouse (gRPC and HTTP /status)")
     p.add_argument("--bind-host", default=None,
-                   help="address to listen on (default: 127.0.0.1, or this node's address under Slurm; "
+                   help="address to listen on (default: 127.0.0.1, or under Slurm the address other nodes reach; "
                    "'::' for every interface)")
     p.add_argument("--min-replicas", type=int, default=1, help="groups needed to form a quorum")
     p.add_argument("--join-timeout-ms", type=int, default=60000,
                    help="how long a quorum waits for groups that were in the previous one")
     p.add_argument("--heartbeat-timeout-ms", type=int, default=5000, help="a group silent this long is dropped")
-    p.add_argument("--idle-exit", type=float, default=20.0,
+    p.add_argument("--idle-exit", type=float, default=LIGHTHOUSE_IDLE_EXIT_S,
                    help="exit 0 once every group that joined has been silent this many seconds (0 = never)")
-    p.add_argument("--first-join-timeout", type=float, default=600.0,
+    p.add_argument("--first-join-timeout", type=float, default=LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S,
                    help="exit 1 if no group has joined after this many seconds (0 = wait forever)")
+    p.add_argument("--run-id", default=None,
+                   help="the run this lighthouse serves (its groups have the same TORCHX_DILOCO_RUN_ID): groups of "
+                   "other runs are ignored and refuse it")
     args = p.parse_args(argv)
     if args.min_replicas < 1:
         p.error(f"--min-replicas {args.min_replicas} must be >= 1")
@@ -58,10 +81,38 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def serve(args: argparse.Namespace) -> int:
-    from torchft._torchft import LighthouseServer
+class RunWatch:
+    """What the launcher learns from /status: this run's groups, when they went quiet, a group's fatal report."""
 
-    host = args.bind_host or default_bind_host()
+    def __init__(self, run_id: Optional[str]) -> None:
+        self.run = safe_run_id(run_id) if run_id else None
+        self.seen: Set[str] = set()
+        self.foreign: Set[str] = set()
+        self.fatal: Optional[str] = None
+
+    def update(self, live: Set[str]) -> Set[str]:
+        """This run's live groups; remembers new ones, other runs' replicas and fatal reports."""
+        mine = set()
+        for rid in live:
+            run, name = split_replica_id(rid)
+            if self.run is not None and run != self.run:
+                if rid not in self.foreign:
+                    self.foreign.add(rid)
+                    print(f"lighthouse: {rid} belongs to another run, not {self.run}: it is refused", flush=True)
+            elif name.startswith(FATAL_PREFIX):
+                self.fatal = GROUP_PREFIX + name[len(FATAL_PREFIX):]
+            elif name.startswith(GROUP_PREFIX):
+                mine.add(name)
+        if not mine <= self.seen:
+            print(f"lighthouse: groups seen: {', '.join(sorted(self.seen | mine))}", flush=True)
+        self.seen |= mine
+        return mine
+
+
+def serve(args: argparse.Namespace) -> int:
+    from torchft.coordination import LighthouseServer
+
+    host, why = (args.bind_host, "--bind-host") if args.bind_host else default_bind_host()
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     try:
         server = LighthouseServer(bind=bind, min_replicas=args.min_replicas, join_timeout_ms=args.join_timeout_ms,
@@ -69,33 +120,37 @@ def serve(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - the Rust server raises a plain RuntimeError on bind failures
         print(f"torchx_diloco.lighthouse: error: cannot listen on {bind} ({e}): pick a free --port", file=sys.stderr)
         return 1
-    url = f"http://{'localhost' if host in ('127.0.0.1', '::1') else host}:{args.port}"
-    print(f"lighthouse: serving on {bind} ({url}), min_replicas={args.min_replicas}", flush=True)
+    local = host in ("127.0.0.1", "::1", "0.0.0.0", "::")
+    url = f"http://{'localhost' if local else host}:{args.port}"
+    run = f", run {args.run_id}" if args.run_id else ""
+    print(f"lighthouse: serving on {bind} ({why}), min_replicas={args.min_replicas}{run}", flush=True)
 
     stop = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.update(signal=s))
 
-    started, seen, last_live = time.monotonic(), set(), None
+    watch = RunWatch(args.run_id)
+    started, last_live = time.monotonic(), time.monotonic()
     try:
         while stop["signal"] is None:
             time.sleep(0.5)
             try:
-                live = live_replicas(lighthouse_status(f"http://127.0.0.1:{args.port}" if host in ("0.0.0.0", "::") else url))
+                live = watch.update(live_replicas(lighthouse_status(url)))
             except (urllib.error.URLError, OSError) as e:
                 logger.warning("lighthouse /status did not answer: %s", e)
                 continue
             now = time.monotonic()
+            if watch.fatal:
+                print(f"torchx_diloco.lighthouse: error: {watch.fatal} stopped with an error no restart can fix "
+                      "(its log has the line): ending the run", file=sys.stderr, flush=True)
+                return 1
             if live:
-                if not live <= seen:
-                    print(f"lighthouse: groups seen: {', '.join(sorted(seen | live))}", flush=True)
-                seen |= live
                 last_live = now
-            elif seen and args.idle_exit > 0 and now - last_live > args.idle_exit:
-                print(f"lighthouse: all {len(seen)} groups finished (silent for {args.idle_exit:g}s); exiting",
+            elif watch.seen and args.idle_exit > 0 and now - last_live > args.idle_exit:
+                print(f"lighthouse: all {len(watch.seen)} groups finished (silent for {args.idle_exit:g}s); exiting",
                       flush=True)
                 return 0
-            elif not seen and args.first_join_timeout > 0 and now - started > args.first_join_timeout:
+            elif not watch.seen and args.first_join_timeout > 0 and now - started > args.first_join_timeout:
                 print(f"torchx_diloco.lighthouse: error: no replica group joined within {args.first_join_timeout:g}s: "
                       "check that the groups started and that TORCHFT_LIGHTHOUSE points here", file=sys.stderr)
                 return 1

@@ -7,35 +7,14 @@ Small enough to train on a laptop CPU in a minute, real enough (pre-norm blocks,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VOCAB_SIZE = 256  # byte-level tokens
+from torchx_diloco.presets import PRESETS, VOCAB_SIZE, GPTConfig
 
-
-@dataclass(frozen=True)
-class GPTConfig:
-    n_layer: int
-    n_head: int
-    n_embd: int
-    block_size: int = 256
-    vocab_size: int = VOCAB_SIZE
-    dropout: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-# name -> shape; parameter counts are printed by `python -m torchx_diloco.train --help`.
-PRESETS = {
-    "nano": GPTConfig(n_layer=2, n_head=2, n_embd=64),  # ~0.1M: unit tests
-    "tiny": GPTConfig(n_layer=4, n_head=4, n_embd=128),  # ~0.8M: the laptop default
-    "small": GPTConfig(n_layer=6, n_head=6, n_embd=384),  # ~10.7M: benchmarks
-    "medium": GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),  # ~85M: one GPU per group
-}
+__all__ = ["GPT", "GPTConfig", "PRESETS", "VOCAB_SIZE", "build_model"]
 
 
 class CausalSelfAttention(nn.Module):

@@ -13,6 +13,8 @@ What it changes, and why:
 - A het job's state is its leader's (the batch script's), not whichever component squeue printed last.
 - Without accounting (no slurmdbd) ``sacct`` fails: ``describe`` answers "unknown" instead of raising, ``list``
   falls back to ``squeue``.
+- A group asking for more GPUs than one node has is refused before submission (when the count is known:
+  ``TORCHX_DILOCO_GPUS`` or sinfo's gres), as one line.
 - sbatch's refusal (unknown partition, more GPUs than any node has) is raised as one line naming sbatch's error,
   instead of a ``CalledProcessError`` traceback.
 - ``torchx log`` reads stdout (where the training prints its progress) unless ``--streams`` says otherwise, and
@@ -32,8 +34,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 from torchx.schedulers import slurm_scheduler as upstream
 from torchx.schedulers.api import DescribeAppResponse, ListAppResponse, Stream, filter_regex, split_lines_iterator
 from torchx.schedulers.local_scheduler import LogIterator
-from torchx.specs import AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus
+from torchx.specs import AppDef, AppDryRunInfo, AppState, ReplicaStatus, Role, RoleStatus
 from torchx.specs.api import InvalidRunConfigException
+
+from torchx_diloco.gpus import check_node_fits
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,15 @@ def sbatch_error_line(stderr: str, returncode: int) -> str:
 
 class SlurmScheduler(upstream.SlurmScheduler):
     """TorchX's ``SlurmScheduler`` with the fixes listed in the module docstring."""
+
+    def _submit_dryrun(self, app: AppDef, cfg: upstream.SlurmOpts) -> AppDryRunInfo[upstream.SlurmBatchRequest,
+                                                                                     upstream.SlurmOpts]:
+        """Each group runs on its own node: refuse one that asks for more GPUs than a node has (when known)."""
+        try:
+            check_node_fits((role.resource.gpu for role in app.roles), cfg.get("partition"))
+        except ValueError as e:
+            raise SbatchError(str(e)) from None
+        return super()._submit_dryrun(app, cfg)
 
     def schedule(self, dryrun_info: AppDryRunInfo[upstream.SlurmBatchRequest, upstream.SlurmOpts]) -> str:
         req = dryrun_info.request

@@ -24,8 +24,16 @@ class TorchftDiLoCo:
         self._impl.__enter__()  # hooks the inner optimizer: the sync runs inside its H-th step()
         self._fragment = self._impl._fragments[0]
         self._last_step = manager.current_step()
+        self.sync_every = sync_every
+        self.local_step = 0  # inner steps since the last sync (torchft counts the same inside its hook)
+
+    @property
+    def sync_due(self) -> bool:
+        """True when the next inner optimizer step syncs (torchft syncs inside it)."""
+        return self.local_step + 1 >= self.sync_every
 
     def step(self) -> bool:
+        self.local_step = (self.local_step + 1) % self.sync_every
         step = self.manager.current_step()
         committed, self._last_step = step > self._last_step, step
         return committed
@@ -43,3 +51,4 @@ class TorchftDiLoCo:
         self.outer_optimizer.load_state_dict(state["outer_optimizer"])
         self._fragment.restore_parameters()
         self._last_step = self.manager.current_step()
+        self.local_step = 0

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,8 @@ import torch.nn as nn
 from torchx_diloco.checkpoint import GLOBAL_PART, AsyncWriter, Checkpoint, CheckpointStore, group_part
 from torchx_diloco.cluster import (
     build_manager,
+    check_lighthouse_serves_run,
+    end_run_on_user_error,
     group_rank,
     group_world_size,
     pick_device,
@@ -36,28 +38,31 @@ from torchx_diloco.torchft_diloco import TorchftDiLoCo
 logger = logging.getLogger("torchx_diloco")
 
 
-def inner_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak, over all inner steps of the run."""
-    total = cfg.total_inner_steps
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
+def inner_lr(step: int, peak: float, total_steps: int, warmup_steps: Optional[int] = None) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak, over all inner steps of the run.
+
+    ``warmup_steps`` defaults to 5% of the run, at most 1000 (the paper's).
+    """
+    warmup = warmup_steps if warmup_steps is not None else min(1000, total_steps // 20)
     if step < warmup:
-        return cfg.inner_lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return cfg.inner_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizers(model: nn.Module, cfg: TrainConfig):
+def build_optimizers(model: nn.Module, inner_lr: float, outer_lr: float, outer_momentum: float,
+                     weight_decay: float) -> Tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The paper's pair: AdamW (decay on matrices only) inside, SGD with Nesterov momentum outside."""
     params = [p for p in model.parameters() if p.requires_grad]
     inner = torch.optim.AdamW(
         [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ],
-        lr=cfg.inner_lr,
+        lr=inner_lr,
         betas=(0.9, 0.95),
     )
-    outer = torch.optim.SGD(params, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.outer_momentum > 0)
+    outer = torch.optim.SGD(params, lr=outer_lr, momentum=outer_momentum, nesterov=outer_momentum > 0)
     return inner, outer
 
 
@@ -92,7 +97,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights in every group
         self.model = build_model(cfg.model, block_size=cfg.seq_len).to(self.device)
         self.train_model = self._wrap_for_group(self.model)
-        self.inner_opt, self.outer_opt = build_optimizers(self.model, cfg)
+        self.inner_opt, self.outer_opt = build_optimizers(self.model, cfg.inner_lr, cfg.outer_lr, cfg.outer_momentum,
+                                                          cfg.weight_decay)
         self.position = 0  # batches this group has drawn from its shard
         self.inner_steps = 0  # inner steps this group has taken
 
@@ -125,9 +131,10 @@ class Trainer:
         cfg = self.cfg
         wait_for_lighthouse(cfg.lighthouse, cfg.lighthouse_timeout)
         self.manager = build_manager(self.group, self.device, cfg.min_replicas, cfg.collective_timeout,
-                                     cfg.quorum_timeout, cfg.lighthouse)
-        if cfg.group_wait > 0 and cfg.num_replica_groups > 1:
-            wait_for_groups(cfg.lighthouse, cfg.num_replica_groups, cfg.group_wait, f"replica_group_{self.group}")
+                                     cfg.quorum_timeout, cfg.lighthouse, run_id=cfg.run_id)
+        # checks, at least once, that the lighthouse serves this run and no group of it failed for good
+        wait_for_groups(cfg.lighthouse, cfg.num_replica_groups if cfg.group_wait > 0 else 1, cfg.group_wait,
+                        self.group, cfg.run_id)
         if cfg.impl == "torchx_diloco":
             self.diloco = DiLoCo(self.manager, self.model, self.inner_opt, self.outer_opt,
                                  sync_every=cfg.sync_every, quorum_retry_s=cfg.lighthouse_timeout)
@@ -157,22 +164,20 @@ class Trainer:
         self.writer = AsyncWriter()
         self.metrics = MetricsLog(f"{cfg.checkpoint_dir.rstrip('/')}/metrics/{group_part(self.group)}.jsonl")
         bar = progress_bar(cfg.outer_steps, self.manager.current_step(), self.group)
-        window_step, loss_sum, window_start, sync_s = 0, torch.zeros((), device=self.device), time.perf_counter(), 0.0
+        loss_sum, window_start = torch.zeros((), device=self.device), time.perf_counter()
         while self.manager.current_step() < cfg.outer_steps:
-            step = self.manager.current_step() * cfg.sync_every + window_step
+            step = self.manager.current_step() * cfg.sync_every + self.diloco.local_step
             for group in self.inner_opt.param_groups:
-                group["lr"] = inner_lr(step, cfg)
+                group["lr"] = inner_lr(step, cfg.inner_lr, cfg.total_inner_steps, cfg.warmup_steps)
             x, y = self.shard.batch(self.position, cfg.batch_size, cfg.seq_len, self.data_seed)
             self.position += 1
             _, loss = self.train_model(x.to(self.device), y.to(self.device))
             loss.backward()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            window_step += 1
-            syncing = window_step == cfg.sync_every
+            syncing = self.diloco.sync_due
             if syncing:
-                self.writer.wait()  # the sync rewrites the global state a checkpoint write may be reading
-                self._catch_up_with_storage()
+                self._before_sync()
                 if self.manager.current_step() >= cfg.outer_steps:
                     break  # the peers finished the run without us
             t0 = time.perf_counter()
@@ -185,12 +190,12 @@ class Trainer:
                 continue
             sync_s = time.perf_counter() - t0
             if committed:
-                self._after_commit(float(loss_sum) / window_step, window_step, time.perf_counter() - window_start,
-                                   sync_s)
+                self._after_commit(float(loss_sum) / cfg.sync_every, cfg.sync_every,
+                                   time.perf_counter() - window_start, sync_s)
                 bar.update(1)
             else:
                 self._record({"outer_step": self.manager.current_step() + 1, "committed": False, "sync_s": sync_s})
-            window_step, loss_sum, window_start = 0, torch.zeros((), device=self.device), time.perf_counter()
+            loss_sum, window_start = torch.zeros((), device=self.device), time.perf_counter()
         bar.close()
         self.writer.close()
         self.manager.shutdown(wait=False)
@@ -198,20 +203,30 @@ class Trainer:
             print(f"DiLoCo: group {self.group} finished at outer step {self.manager.current_step()}", flush=True)
         return 0
 
-    def _catch_up_with_storage(self) -> None:
+    def _before_sync(self) -> None:
+        """What must happen just before a sync: the writer may be reading the global state the sync rewrites,
+        the lighthouse must still serve this run, and a group left behind catches up with storage."""
+        self.writer.wait()
+        check_lighthouse_serves_run(self.cfg.lighthouse, self.cfg.run_id)
+        if self._catch_up_with_storage():
+            # this step's gradient was computed on the weights just replaced: keep it out of AdamW's moments
+            self.inner_opt.zero_grad(set_to_none=True)
+
+    def _catch_up_with_storage(self) -> bool:
         """A group left behind (frozen, or back after its peers moved on or even finished) must not train on
         alone from stale weights and overwrite their checkpoints: if storage holds a newer step, adopt it."""
         if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo):
-            return
+            return False
         if self.store.newest_published_step() <= self.manager.current_step():
-            return
+            return False
         ckpt = self.store.latest(self.group)
         if ckpt is None or ckpt.step <= self.manager.current_step():
-            return
+            return False
         logger.warning("group %d is at outer step %d but its peers published step %d: adopting it",
                        self.group, self.manager.current_step(), ckpt.step)
         self.manager.load_state_dict(ckpt.global_state["manager"])
         self.diloco.adopt_newer_global_state(ckpt.global_state["diloco"])
+        return True
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -263,7 +278,6 @@ class Trainer:
         writes_global = self.manager.participating_rank() == 0
         participants = self.manager.num_participants()
         global_state = {
-            "format": 1,
             "outer_step": step,
             "model_config": self.model.cfg.to_dict(),
             "manager": self.manager.state_dict(),
@@ -314,7 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg = parse_config(argv)
         return Trainer(cfg).run()
     except UserError as e:
-        print(f"torchx_diloco.train: error: {e}", file=sys.stderr)
+        print(f"torchx_diloco.train: error: {e}", file=sys.stderr, flush=True)
+        end_run_on_user_error()
         return e.exit_code
 
 
