@@ -7,7 +7,7 @@ kills one group's worker at a time, aimed at inner steps, at the sync and at che
 it and it resumes from the newest checkpoint and/or heals from a peer. Part 2: an uninterrupted run, then the
 same run (``--min-replicas 3``) killed whole at random instants and restarted with a fresh lighthouse; it must
 end with the uninterrupted weights. Prints a table, writes ``docs/fault-tolerance.json``, exits 1 on any breach of
-the invariant described in ``tests/chaos_harness.py``.
+the invariant described in ``torchx_diloco/chaos.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from torchx_diloco import chaos  # the harness, shared with tests/test_chaos.py
 
-from tests import chaos_harness as chaos  # noqa: E402 (the harness is shared with tests/test_chaos.py)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:

@@ -20,7 +20,7 @@ from torchx_diloco.checkpoint import (
     group_part,
 )
 from torchx_diloco.errors import UserError
-from torchx_diloco.faultfs import FAULTS_ENV
+from torchx_diloco.testing import FAULTS_ENV  # importing it registers faulty://
 
 
 def global_state(step: int) -> dict:

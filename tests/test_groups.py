@@ -8,18 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.procs import Group, Lighthouse, run_groups
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
-from torchx_diloco.metrics import read_metrics
+from torchx_diloco.testing import Group, Lighthouse, committed, committed_checksums, read_metrics, run_groups
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--group-wait", "20"]
-
-
-def committed_checksums(ckpt: Path, group: int) -> dict:
-    records = read_metrics(str(ckpt / "metrics" / f"replica_group_{group}.jsonl"))
-    return {r["outer_step"]: r["weights_sha"] for r in records if r["committed"]}
 
 
 def final_weights(ckpt_url: str) -> dict:
@@ -74,7 +68,7 @@ def wait_for_step(metrics: Path, step: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if metrics.exists():
-            done = [r for r in read_metrics(str(metrics)) if r["committed"]]
+            done = committed(read_metrics(metrics))
             if done and done[-1]["outer_step"] >= step:
                 return
         time.sleep(0.2)

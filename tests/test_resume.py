@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import Group, Lighthouse, run_groups
-from tests.test_groups import SMALL, committed_checksums
+from tests.test_groups import SMALL
 from torchx_diloco.checkpoint import Checkpoint, CheckpointStore
-from torchx_diloco.faultfs import FAULTS_ENV
+from torchx_diloco.testing import (FAULTS_ENV, Group, Lighthouse, committed, committed_checksums, metrics_url,
+                                   read_metrics, run_groups)
 
 pytestmark = pytest.mark.slow
 
@@ -86,9 +86,7 @@ def test_training_checkpoints_to_s3_and_resumes_from_there(tmp_path, s3_url):
     assert "[3] loss" in second.output() and "[1] loss" not in second.output()
     latest = CheckpointStore(s3_url).latest(0)
     assert latest.step == 3 and latest.group_state["inner_steps"] == 15
-    from torchx_diloco.metrics import read_metrics
-
-    assert [r["outer_step"] for r in read_metrics(f"{s3_url}/metrics/replica_group_0.jsonl")] == [1, 2, 3]
+    assert [r["outer_step"] for r in read_metrics(metrics_url(s3_url, 0))] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("action, text", [("error", "Input/output error"), ("full", "No space left on device")])
@@ -108,11 +106,5 @@ def test_storage_fault_during_training_is_logged_once_and_training_goes_on(tmp_p
     store = CheckpointStore(url)
     assert store.latest(0).step == 3
     assert not store.has_part(2, "global")
-    records = {r["outer_step"]: r for r in committed_records(tmp_path / "ckpt")}
+    records = {r["outer_step"]: r for r in committed(read_metrics(metrics_url(tmp_path / "ckpt", 0)))}
     assert "checkpoint" not in records[2] and "checkpoint" in records[3]
-
-
-def committed_records(ckpt: Path) -> list:
-    from torchx_diloco.metrics import read_metrics
-
-    return [r for r in read_metrics(str(ckpt / "metrics" / "replica_group_0.jsonl")) if r["committed"]]

@@ -10,26 +10,20 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
-from tests.procs import REPO, free_port
+from torchx_diloco.testing import BIN, REPO, cli_env, free_port, pids_of_run, train_workers
 
-BIN = Path(sys.executable).parent
 OUTER = re.compile(r"DiLoCo: Number of outer optimizer steps completed: \[(\d+)\] loss = [\d.]+")
 INNER = re.compile(r"DiLoCo: Number of inner optimizer steps completed: (\d+)")
 
 
 def run_env() -> Dict[str, str]:
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-    for k in ("TORCHXCONFIG", "TORCHX_DILOCO_GPUS", "TORCHFT_LIGHTHOUSE", "REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS",
-              "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        env.pop(k, None)
-    return env
+    return cli_env(PYTHONUNBUFFERED="1")
 
 
 def role_log(log_dir: Path, role: str, stream: str = "stdout") -> Optional[Path]:
@@ -41,33 +35,10 @@ def read(path: Optional[Path]) -> str:
     return path.read_text(errors="replace") if path and path.exists() else ""
 
 
-def pids_of_run(port: int) -> List[int]:
-    """Processes of the app that uses lighthouse port ``port`` (found through their environment)."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if any(e.startswith(b"TORCHFT_LIGHTHOUSE=") and e.endswith(b":%d" % port) for e in environ) or (
-                b"torchx_diloco.lighthouse" in cmdline and b"\0%d\0" % port in cmdline):
-            pids.append(int(proc.name))
-    return pids
-
-
 def train_worker_pid(group: int, port: int) -> int:
     """The training process (torchrun's worker, not the torchrun agent) of ``group`` in the run on ``port``."""
-    out = subprocess.run(["pgrep", "-f", "torchx_diloco.train"], capture_output=True, text=True).stdout.split()
-    for pid in map(int, out):
-        try:
-            environ = set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
-        except OSError:
-            continue
-        if (f"REPLICA_GROUP_ID={group}".encode() in environ
-                and any(e.startswith(b"TORCHFT_LIGHTHOUSE=") and e.endswith(b":%d" % port) for e in environ)
-                and any(e.startswith(b"LOCAL_RANK=") for e in environ)):  # set by torchrun on its workers only
-            return pid
+    for worker in train_workers(lighthouse_port=port, REPLICA_GROUP_ID=str(group)):
+        return int(worker["PID"])
     raise AssertionError(f"no training process of group {group} found")
 
 

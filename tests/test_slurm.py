@@ -13,17 +13,15 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from tests.procs import REPO, free_port
+from torchx_diloco.testing import REPO, cli_env, free_port, metrics_url, read_metrics, train_workers
 
 
-VENV_BIN = Path(sys.executable).parent
 COMPONENT = f"{REPO}/components/diloco.py"
 TRAIN = ["--model", "nano", "--sync_every", "40"]  # ~0.5 s per outer step here: long enough to act mid-run
 # a survivor waits this long (not 60 s) for a dead group's checkpoint part or collective
@@ -65,11 +63,7 @@ def jobs():
 
 
 def env() -> Dict[str, str]:
-    e = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", LOGLEVEL="INFO")
-    for k in ("REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS", "TORCHFT_LIGHTHOUSE", "TORCHFT_MANAGER_PORT",
-              "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        e.pop(k, None)
-    return e
+    return cli_env(LOGLEVEL="INFO")
 
 
 def torchx(args: List[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -129,24 +123,6 @@ def group_log(folder: Path, jid: str, group: int, stream: str = "out") -> Path:
     return folder / f"slurm-{jid}-replica_group_{group}-0.{stream}"
 
 
-def train_workers(jid: str) -> List[Dict[str, str]]:
-    """Environments (plus PID) of job ``jid``'s training workers: torchrun's children, not torchrun itself."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if st == "Z" or b"torchx_diloco.train" not in cmd:
-            continue
-        e = dict(kv.decode(errors="replace").split("=", 1) for kv in environ if b"=" in kv)
-        if e.get("SLURM_JOB_ID") == jid and "LOCAL_RANK" in e:  # SLURM_JOB_ID: a het job's leader id
-            found.append(dict(e, PID=pid))
-    return found
-
-
 # ------------------------------------------------------------------------------------------------- the tests
 
 
@@ -168,7 +144,7 @@ def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
     jid = job_id(handle)
 
     # while it runs: the groups found the lighthouse through SLURM_JOB_NODELIST_HET_GROUP_0
-    workers = wait_until(lambda: len(train_workers(jid)) == 2 and train_workers(jid), 90,
+    workers = wait_until(lambda: len(train_workers(SLURM_JOB_ID=jid)) == 2 and train_workers(SLURM_JOB_ID=jid), 90,
                          "both groups' training workers")
     nodes = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%j %N"], capture_output=True, text=True).stdout
     lighthouse_node = re.search(r"^lighthouse-0 (\S+)$", nodes, re.M).group(1)
@@ -200,7 +176,7 @@ def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
     assert "DiLoCo: group 1 finished at outer step 6" in elsewhere.stdout, elsewhere.stderr
     err = torchx(["log", "--streams", "stderr", f"{handle}/lighthouse"], run)
     assert err.returncode == 0, err.stderr
-    steps = [json.loads(line)["outer_step"] for line in (job_dir / "ckpt/metrics/replica_group_1.jsonl").open()]
+    steps = [r["outer_step"] for r in read_metrics(metrics_url(job_dir / "ckpt", 1))]
     assert steps[-1] == 6
 
     listed = torchx(["list", "-s", "slurm"], run)  # no slurmdbd here: falls back to squeue
@@ -220,18 +196,18 @@ def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
     jid = job_id(handle)
     log1 = group_log(tmp_path, jid, 1)
     wait_until(lambda: outer_steps(log1)[-1:] >= [2], 120, "group 1 at outer step 2")
-    victim = [w for w in train_workers(jid) if w["REPLICA_GROUP_ID"] == "1"]
+    victim = train_workers(SLURM_JOB_ID=jid, REPLICA_GROUP_ID="1")  # SLURM_JOB_ID: a het job's leader id
     assert len(victim) == 1, victim
     os.kill(int(victim[0]["PID"]), signal.SIGKILL)  # the worker dies on its node; torchrun stays
 
-    restarted = wait_until(lambda: [w for w in train_workers(jid) if w["REPLICA_GROUP_ID"] == "1"
-                                    and w["PID"] != victim[0]["PID"]], 60, "torchrun to restart group 1's worker")
+    restarted = wait_until(lambda: [w for w in train_workers(SLURM_JOB_ID=jid, REPLICA_GROUP_ID="1")
+                                    if w["PID"] != victim[0]["PID"]], 60, "torchrun to restart group 1's worker")
     assert restarted[0]["TORCHELASTIC_RESTART_COUNT"] == "1"
     assert wait_done(jid, 180) == "COMPLETED", group_log(tmp_path, jid, 1, "err").read_text()[-3000:]
     for g in (0, 1):
         assert f"DiLoCo: group {g} finished at outer step 30" in group_log(tmp_path, jid, g).read_text()
     # the restarted group rejoined the others (healed) instead of training alone
-    records = [json.loads(line) for line in (ckpt / "metrics/replica_group_1.jsonl").open()]
+    records = read_metrics(metrics_url(ckpt, 1))
     assert records[-1]["outer_step"] == 30 and records[-1]["participants"] == 2, records[-3:]
 
 
@@ -272,8 +248,7 @@ def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest
     logs = [tmp_path / f"slurm-{job_id(h)}-replica_group_{g}-0.out" for g, h in enumerate(groups)]
 
     def trained_together() -> bool:
-        m = ckpt / "metrics/replica_group_1.jsonl"
-        return m.exists() and any(json.loads(line)["participants"] == 2 for line in m.open() if line.strip())
+        return any(r.get("participants") == 2 for r in read_metrics(metrics_url(ckpt, 1)))
 
     wait_until(trained_together, 150, "an outer step with both groups")
     subprocess.run(["scancel", job_id(groups[1])], check=True)

@@ -56,8 +56,3 @@ class MetricsLog:
                 f.write((line + "\n").encode())
         else:
             self.fs.pipe_file(self.path, ("\n".join(self._lines) + "\n").encode())
-
-
-def read_metrics(url: str) -> List[Dict[str, Any]]:
-    with fsspec.open(url, "rb") as f:
-        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]

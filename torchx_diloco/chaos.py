@@ -1,8 +1,9 @@
 """Chaos harness: real replica groups under torchrun, SIGKILLed at chosen instants, then audited from what they wrote.
 
 Shared by ``tests/test_chaos.py`` (a few kills, for CI) and ``scripts/chaos.py`` (the long form, with a summary
-table and ``docs/fault-tolerance.json``). Everything is real: one torchft lighthouse, one ``torchrun`` agent per
-replica group (it restarts a killed worker), one checkpoint folder shared by all groups. Nothing is mocked.
+table and ``docs/fault-tolerance.json``), which is why it lives in the package. Everything is real: one torchft
+lighthouse, one ``torchrun`` agent per replica group (it restarts a killed worker), one checkpoint folder shared by
+all groups (:mod:`torchx_diloco.testing` starts them). Nothing is mocked.
 
 What is audited (:func:`audit`) is the *single-history invariant*, checked only from the metrics JSON lines and
 the checkpoints the groups wrote:
@@ -27,22 +28,19 @@ steps in ``1..N`` that are missing or have more than one result; the goal is 0.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from tests.procs import PYTHON, Lighthouse, group_env
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.metrics import weights_checksum
+from torchx_diloco.testing import Group, Lighthouse, metrics_url, proc_state, read_metrics
 
-TORCHRUN = str(Path(PYTHON).parent / "torchrun")
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]
 PHASES = ("inner", "sync", "checkpoint")
 FIRST_ROUND = ("checkpoint", "sync", "inner")  # the last of a short run is a kill that never holds a peer up
@@ -56,66 +54,6 @@ def log(msg: str) -> None:
 
 
 # --- processes -------------------------------------------------------------------------------------------------
-def proc_state(pid: int) -> Optional[str]:
-    """The kernel's one-letter state of ``pid`` (R running, S sleeping, Z zombie...), None if gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def worker_pid(group: int, lighthouse_url: str) -> Optional[int]:
-    """The live training process of ``group`` (torchrun's child, not the agent), found through /proc.
-
-    PID 1 here reaps orphans lazily, so a killed worker can linger as a zombie: those are skipped.
-    """
-    want_group, want_lh = f"REPLICA_GROUP_ID={group}".encode(), f"TORCHFT_LIGHTHOUSE={lighthouse_url}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-            if b"torchx_diloco.train" not in cmdline or b"torchrun" in cmdline or b"distributed.run" in cmdline:
-                continue
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if want_group in environ and want_lh in environ and proc_state(int(proc.name)) not in (None, "Z"):
-            return int(proc.name)
-    return None
-
-
-class TorchrunGroup:
-    """``torchrun --standalone --nnodes 1 --nproc_per_node 1 --max_restarts R -m torchx_diloco.train``."""
-
-    def __init__(self, group: int, groups: int, lighthouse_url: str, args: Sequence[str], log_dir: Path,
-                 tag: str = "", max_restarts: int = 1000) -> None:
-        self.group, self.lighthouse_url = group, lighthouse_url
-        self.log = Path(log_dir) / f"group{group}{tag}.log"
-        cmd = [TORCHRUN, "--standalone", "--nnodes", "1", "--nproc_per_node", "1", "--max_restarts",
-               str(max_restarts), "-m", "torchx_diloco.train", *args]
-        self.proc = subprocess.Popen(cmd, env=group_env(group, groups, lighthouse_url), stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, cwd=log_dir, start_new_session=True)
-
-    def worker(self) -> Optional[int]:
-        return worker_pid(self.group, self.lighthouse_url)
-
-    def kill(self) -> None:
-        """SIGKILL the agent (so it restarts nothing), then its worker (torchrun puts it in its own session)."""
-        worker = self.worker()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if worker is not None:
-            try:
-                os.kill(worker, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 class Job:
     """One lighthouse and ``groups`` torchrun groups sharing ``ckpt``: what a TorchX app runs, by hand."""
 
@@ -124,7 +62,8 @@ class Job:
         self.groups = groups
         self.lighthouse = Lighthouse(work, min_replicas=min_replicas, idle_exit=0)
         args = [*train_args, "--checkpoint-dir", ckpt, "--min-replicas", str(min_replicas)]
-        self.members = [TorchrunGroup(g, groups, self.lighthouse.url, args, work, tag) for g in range(groups)]
+        self.members = [Group(g, groups, self.lighthouse.url, args, work, tag=tag, max_restarts=1000)
+                        for g in range(groups)]
 
     def running(self) -> bool:
         return any(m.proc.poll() is None for m in self.members)
@@ -153,23 +92,9 @@ class Job:
 
 
 # --- what the groups recorded --------------------------------------------------------------------------------
-def metrics_path(ckpt: str, group: int) -> Path:
-    return Path(ckpt) / "metrics" / f"replica_group_{group}.jsonl"
-
-
 def read_records(ckpt: str, group: int) -> List[Dict[str, Any]]:
-    """The group's JSON lines; a line a SIGKILL cut short would be skipped (and counted by :func:`audit`)."""
-    try:
-        lines = metrics_path(ckpt, group).read_text().splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            records.append({"torn_line": line})
-    return records
+    """The group's JSON lines; a line a SIGKILL cut short comes back as ``torn_line`` (counted by :func:`audit`)."""
+    return read_metrics(metrics_url(ckpt, group))
 
 
 def committed_since(ckpt: str, group: int, since: float) -> List[Dict[str, Any]]:

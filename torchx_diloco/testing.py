@@ -1,0 +1,397 @@
+"""A local fleet for tests, benchmarks and scripts: lighthouses and replica groups as real processes.
+
+Shared by ``tests/``, ``benchmarks/`` and ``scripts/`` (as torchft's ``_test_utils.py`` and TorchX's
+``component_test_base.py`` serve theirs), so that every one of them starts groups the same way: the same
+command lines, the same scrubbed environment, one thread per group, logs in files. It imports neither pytest
+nor torch (benchmark scripts import it before they need either).
+
+Importing it registers ``faulty://`` (:class:`FaultyFileSystem`) with fsspec in this process. A child process
+gets it by starting the trainer through this module, ``python -m torchx_diloco.testing train ARGS...``, which
+:func:`train_module_args` does whenever ARGS name a ``faulty://`` URL.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent  # this environment's scripts: torchrun, torchx
+TORCHRUN = str(BIN / "torchrun")
+
+# --- environments ----------------------------------------------------------------------------------------------
+# Set by a launcher (torchrun, TorchX, Slurm) for what it starts: inherited, they would point a child at the
+# rendezvous of the process that runs the tests, or make it a replica group of someone else's run.
+LAUNCHER_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+GROUP_VARS = ("REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS", "TORCHFT_LIGHTHOUSE", "TORCHFT_MANAGER_PORT")
+TORCHX_VARS = ("TORCHXCONFIG", "TORCHX_DILOCO_GPUS")  # a user's TorchX settings would change what a test runs
+
+
+def clean_env(**overrides: str) -> Dict[str, str]:
+    """This process's environment without the launcher, group and TorchX variables, plus ``overrides``."""
+    drop = {*LAUNCHER_VARS, *GROUP_VARS, *TORCHX_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(overrides)
+    return env
+
+
+def cli_env(**overrides: str) -> Dict[str, str]:
+    """For ``torchx`` CLI runs: :func:`clean_env` with this environment's scripts first on PATH (torchx, torchrun)."""
+    return clean_env(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **overrides)
+
+
+def group_env(group: int, groups: int, lighthouse: str, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The environment of one replica group: its id, the group count, the lighthouse, one thread.
+
+    One thread: the groups share this machine's cores, and more threads than cores only slow every group down.
+    """
+    env = clean_env(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), TORCHFT_LIGHTHOUSE=lighthouse,
+                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the OS's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+def train_module_args(args: Sequence[str]) -> List[str]:
+    """``-m torchx_diloco.train ARGS``; through this module when ARGS name ``faulty://`` (only it registers it)."""
+    if any("faulty://" in a for a in args):
+        return ["-m", "torchx_diloco.testing", "train", *args]
+    return ["-m", "torchx_diloco.train", *args]
+
+
+class Proc:
+    """A child process in its own session, appending to a log file; :meth:`kill` ends the whole session."""
+
+    def __init__(self, argv: Sequence[str], log: Path, env: Optional[Mapping[str, str]] = None,
+                 cwd: Optional[Path] = None) -> None:
+        self.argv = list(argv)
+        self.log = Path(log)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd or REPO
+        self.proc: subprocess.Popen = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        with open(self.log, "ab") as out:
+            return subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+
+    def wait(self, timeout: float = 240) -> int:
+        """The exit code; past ``timeout`` the process is killed and RuntimeError says where its log ended."""
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError(f"{shlex.join(self.argv)} did not finish in {timeout:g}s:\n{self.output()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Lighthouse(Proc):
+    """``python -m torchx_diloco.lighthouse`` on a free port, answering when the constructor returns.
+
+    ``netns``: run it in that network namespace (it is then unreachable from here: its banner says it is up).
+    ``host``: its ``--bind-host`` (default: the lighthouse's own default, loopback). ``extra``: more flags.
+    """
+
+    def __init__(self, log_dir: Path, min_replicas: int = 1, idle_exit: float = 3.0, port: Optional[int] = None,
+                 extra: Sequence[str] = (), netns: Optional[str] = None, host: Optional[str] = None,
+                 env: Optional[Mapping[str, str]] = None, timeout: float = 30) -> None:
+        self.port = port or free_port()
+        self.url = f"http://{'localhost' if host in (None, '127.0.0.1') else host}:{self.port}"
+        self.netns, self.timeout = netns, timeout
+        argv = [*(["ip", "netns", "exec", netns] if netns else []), PYTHON, "-m", "torchx_diloco.lighthouse",
+                "--port", str(self.port), *(["--bind-host", host] if host else []), "--min-replicas",
+                str(min_replicas), "--idle-exit", str(idle_exit), "--join-timeout-ms", "2000", *extra]
+        super().__init__(argv, Path(log_dir) / f"lighthouse-{self.port}.log", env=env)
+        self._wait_ready(0)
+
+    def start(self) -> None:
+        """Start it again, same port and flags (after :meth:`kill`): a lighthouse with an empty state."""
+        seen = len(self.output())
+        self.proc = self._spawn()
+        self._wait_ready(seen)
+
+    def _wait_ready(self, log_from: int) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.netns:
+                if "serving on" in self.output()[log_from:]:
+                    return
+            else:
+                try:
+                    urllib.request.urlopen(f"{self.url}/status", timeout=1).read()
+                    return
+                except OSError:
+                    pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the lighthouse exited before it answered:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError(f"the lighthouse did not answer in {self.timeout:g}s:\n{self.output()[-3000:]}")
+
+
+class Group(Proc):
+    """One replica group, ``python -m torchx_diloco.train ARGS`` in ``log_dir``, logging to ``group<g><tag>.log``.
+
+    ``max_restarts``: run it under ``torchrun --standalone`` instead, which restarts a killed worker up to that
+    many times (what the TorchX component does); :meth:`worker` finds that worker.
+    """
+
+    def __init__(self, group: int, groups: int, lighthouse: str, args: Sequence[str], log_dir: Path,
+                 extra_env: Optional[Mapping[str, str]] = None, tag: str = "",
+                 max_restarts: Optional[int] = None) -> None:
+        self.group, self.lighthouse = group, lighthouse
+        self.torchrun = max_restarts is not None
+        launcher = [TORCHRUN, "--standalone", "--nnodes", "1", "--nproc_per_node", "1", "--max_restarts",
+                    str(max_restarts)] if self.torchrun else [PYTHON]
+        super().__init__([*launcher, *train_module_args(args)], Path(log_dir) / f"group{group}{tag}.log",
+                         env=group_env(group, groups, lighthouse, extra_env), cwd=Path(log_dir))
+
+    def worker(self) -> Optional[int]:
+        """The live training process under torchrun (torchrun's child), None between two of its lives."""
+        found = train_workers(REPLICA_GROUP_ID=str(self.group), TORCHFT_LIGHTHOUSE=self.lighthouse)
+        return int(found[0]["PID"]) if found else None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """The session; under torchrun first the agent (so it restarts nothing), then the worker, which torchrun
+        starts in a session of its own."""
+        worker = self.worker() if self.torchrun else None
+        super().kill(sig)
+        if worker is not None:
+            try:
+                os.kill(worker, sig)
+            except ProcessLookupError:
+                pass
+
+
+def run_groups(groups: int, lighthouse: str, args: Sequence[str], log_dir: Path, timeout: float = 240) -> List[Group]:
+    """Start ``groups`` groups, wait for all; assert each exited 0."""
+    procs = [Group(g, groups, lighthouse, args, log_dir) for g in range(groups)]
+    for p in procs:
+        rc = p.wait(timeout)
+        assert rc == 0, f"group {p.group} exited {rc}:\n{p.output()[-3000:]}"
+    return procs
+
+
+def train_once(args: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 120,
+               cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+    """The training module in the foreground, output captured (for bad-input checks); no group unless ``env``."""
+    return subprocess.run([PYTHON, *train_module_args(args)], env=clean_env(OMP_NUM_THREADS="1", **(env or {})),
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO)
+
+
+# --- finding processes through /proc ---------------------------------------------------------------------------
+_TRAIN_CMDLINES = (b"torchx_diloco.train", b"torchx_diloco.testing\0train")
+
+
+def proc_state(pid: int) -> Optional[str]:
+    """The kernel's one-letter state of ``pid`` (R running, S sleeping, Z zombie...), None if gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _environ(pid: str) -> Dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+def train_workers(lighthouse_port: Optional[int] = None, **env: str) -> List[Dict[str, str]]:
+    """Environments (plus ``PID``) of the live training workers whose environment holds every ``env`` item, and
+    with ``lighthouse_port``, a TORCHFT_LIGHTHOUSE on that port.
+
+    Workers are torchrun's children, told from torchrun itself by LOCAL_RANK, which torchrun sets on them only;
+    whoever started torchrun (us, TorchX, Slurm) does not matter. Zombies are skipped: PID 1 in a container may
+    reap orphans lazily, so a killed worker can linger as one.
+    """
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if not any(c in cmdline for c in _TRAIN_CMDLINES):
+                continue
+            e = _environ(pid)
+        except OSError:
+            continue
+        if "LOCAL_RANK" not in e or any(e.get(k) != v for k, v in env.items()):
+            continue
+        if lighthouse_port is not None and not e.get("TORCHFT_LIGHTHOUSE", "").endswith(f":{lighthouse_port}"):
+            continue
+        if proc_state(int(pid)) not in (None, "Z"):
+            found.append(dict(e, PID=pid))
+    return found
+
+
+def pids_of_run(lighthouse_port: int) -> List[int]:
+    """Every process of the run whose lighthouse listens on ``lighthouse_port``: the lighthouse, the groups'
+    torchrun agents and workers (found through their environment), to leave nothing running after a test."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            lighthouse = _environ(pid).get("TORCHFT_LIGHTHOUSE", "")
+        except OSError:
+            continue
+        if lighthouse.endswith(f":{lighthouse_port}") or (
+                b"torchx_diloco.lighthouse" in cmdline and b"\0%d\0" % lighthouse_port in cmdline):
+            pids.append(int(pid))
+    return pids
+
+
+# --- what the groups recorded ----------------------------------------------------------------------------------
+def metrics_url(checkpoint_dir: Union[str, Path], group: int) -> str:
+    """Where group ``group`` writes its metrics JSON lines: beside the checkpoints (train.py)."""
+    return f"{checkpoint_dir}/metrics/replica_group_{group}.jsonl"
+
+
+def read_metrics(url: Union[str, Path]) -> List[Dict[str, Any]]:
+    """The JSON lines at ``url`` (any fsspec URL); [] before the file exists. A line cut short (a SIGKILL
+    mid-write, or read while being appended) comes back as ``{"torn_line": text}``, for the caller to count."""
+    try:
+        with fsspec.open(str(url), "rb") as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in filter(str.strip, lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            records.append({"torn_line": line})
+    return records
+
+
+def committed(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The records of committed outer steps (a dropped round writes a record with ``committed: false``)."""
+    return [r for r in records if r.get("committed")]
+
+
+def committed_checksums(checkpoint_dir: Union[str, Path], group: int) -> Dict[int, str]:
+    """outer step -> checksum of the global weights, as group ``group`` committed them."""
+    return {r["outer_step"]: r["weights_sha"] for r in committed(read_metrics(metrics_url(checkpoint_dir, group)))}
+
+
+# --- faulty:// -------------------------------------------------------------------------------------------------
+# ``faulty://``: a local filesystem that fails on purpose, for testing what storage faults do to training.
+#
+# Registered with fsspec when this module is imported, so ``--checkpoint-dir faulty:///tmp/run`` works in this
+# process and in trainers started through it (:func:`train_module_args`). Faults come from the environment
+# variable ``TORCHX_DILOCO_FAULTS``, a JSON list of rules::
+#
+#     [{"match": "step_00000003/global.pt", "action": "crash"},   # write half the bytes, then os._exit(137)
+#      {"match": "step_00000005/", "action": "error"},            # OSError(EIO) half way through the write
+#      {"match": "step_00000006/", "action": "full"}]             # OSError(ENOSPC): disk full
+#
+# A rule applies to every write whose path contains ``match``; other writes and all reads behave as local files.
+FAULTS_ENV = "TORCHX_DILOCO_FAULTS"
+
+
+def _fault_rules() -> List[Dict[str, Any]]:
+    return json.loads(os.environ.get(FAULTS_ENV, "[]"))
+
+
+class _FaultyFile:
+    """Forwards to a real file; on close, writes half the data and fails as the matching rule says."""
+
+    def __init__(self, real: Any, action: str, path: str) -> None:
+        self._real, self._action, self._path, self._buf = real, action, path, bytearray()
+
+    def write(self, data: bytes) -> int:
+        self._buf += data
+        return len(data)
+
+    def close(self) -> None:
+        if self._real.closed:
+            return
+        self._real.write(bytes(self._buf[: len(self._buf) // 2]))
+        self._real.flush()
+        if self._action == "crash":
+            os.fsync(self._real.fileno())
+            os._exit(137)  # as if SIGKILLed mid-write
+        self._real.close()
+        if self._action == "full":
+            raise OSError(errno.ENOSPC, f"No space left on device (injected): {self._path}")
+        raise OSError(errno.EIO, f"Input/output error (injected): {self._path}")
+
+    def __enter__(self) -> "_FaultyFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+class FaultyFileSystem(LocalFileSystem):
+    """``faulty://``: local files whose writes fail as the rules in ``TORCHX_DILOCO_FAULTS`` say."""
+
+    protocol = ("faulty",)
+    root_marker = "/"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = path[len("faulty://"):] if str(path).startswith("faulty://") else path
+        return super()._strip_protocol(path)
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        real = super()._open(path, mode, *args, **kwargs)
+        if "w" in mode or "a" in mode:
+            for rule in _fault_rules():
+                if rule["match"] in str(path):
+                    return _FaultyFile(real, rule["action"], str(path))
+        return real
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        with self.open(path, "wb") as f:
+            f.write(value)
+
+
+fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m torchx_diloco.testing train ARGS...``: the trainer, in a process that knows ``faulty://``."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] != ["train"]:
+        print("usage: python -m torchx_diloco.testing train ARGS...", file=sys.stderr)
+        return 2
+    from torchx_diloco.train import main as train_main
+
+    return train_main(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
