@@ -210,7 +210,7 @@ _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", re.M)
 
 
 def _first_commit_after(jsonl: Path, t: float) -> Any:
-    return next((r for r in bl.read_jsonl(jsonl) if r.get("committed") and r["time"] > t), None)
+    return next((r for r in bl.read_metrics(jsonl) if r.get("committed") and r["time"] > t), None)
 
 
 def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str, Any]:
@@ -225,8 +225,8 @@ def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str
         jsonl = run.jsonl(1)
         for k in range(cfg["kills"]):
             deadline = time.monotonic() + 300
-            base = len(bl.committed(bl.read_jsonl(jsonl)))
-            while len(bl.committed(bl.read_jsonl(jsonl))) < base + 3:  # a few commits in steady state first
+            base = len(bl.committed(bl.read_metrics(jsonl)))
+            while len(bl.committed(bl.read_metrics(jsonl))) < base + 3:  # a few commits in steady state first
                 if time.monotonic() > deadline or any(p.proc.poll() is not None for p in run.procs):
                     raise RuntimeError(f"the groups stopped committing:\n{run.procs[1].output()[-3000:]}")
                 time.sleep(0.2)
@@ -240,7 +240,7 @@ def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str
                 time.sleep(0.05)
             log = run.procs[1].output()
             time.sleep(1.0)  # let the survivor log its next commits
-            survivor = [r["time"] for r in bl.committed(bl.read_jsonl(run.jsonl(0)))
+            survivor = [r["time"] for r in bl.committed(bl.read_metrics(run.jsonl(0)))
                         if t_kill - 2 <= r["time"] <= first["time"] + 1]
             pause = max((b - a for a, b in zip(survivor, survivor[1:])), default=None)
             samples.append({"kill_to_first_commit_s": first["time"] - t_kill, "outer_step": first["outer_step"],

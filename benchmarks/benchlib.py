@@ -1,8 +1,9 @@
-"""Shared pieces of the benchmarks: real processes, metrics, statistics, and the results JSON.
+"""Shared pieces of the benchmarks: runs of real processes, statistics, and the results JSON.
 
 Every benchmark launches the real runtime (``python -m torchx_diloco.train``, ``python -m
 torchx_diloco.lighthouse``) as separate processes, one core's worth of threads each (OMP_NUM_THREADS=1),
 and runs the sides of each comparison interleaved (A B A B ...) so a noisy shared machine hurts both alike.
+The processes, their environment and the metrics reader are the tests' own (:mod:`torchx_diloco.testing`).
 """
 
 from __future__ import annotations
@@ -12,109 +13,36 @@ import json
 import os
 import platform
 import shlex
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from torchx_diloco import testing
+# the benchmark scripts use these as bl.PYTHON, bl.committed, bl.read_metrics
+from torchx_diloco.testing import PYTHON, Lighthouse, Proc, committed, read_metrics, train_module_args  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # where results go; the override is for trying the scripts without touching the committed results
 RESULTS = Path(os.environ.get("TORCHX_DILOCO_BENCH_RESULTS", REPO / "benchmarks" / "results"))
-PYTHON = sys.executable
 NS_GROUP = str(REPO / "benchmarks" / "ns_group.py")  # hosts a group's store on a routable address
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def group_env(group: int, groups: int, lighthouse: str, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The environment of one replica group: its id, the group count, the lighthouse, one thread."""
-    env = dict(os.environ)
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOGLEVEL"):
-        env.pop(k, None)
-    env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), TORCHFT_LIGHTHOUSE=lighthouse,
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-    env.update(extra or {})
+def group_env(group: int, groups: int, lighthouse: str) -> Dict[str, str]:
+    """A replica group's environment (:func:`torchx_diloco.testing.group_env`), with this repository on
+    PYTHONPATH and without LOGLEVEL, so that every run logs alike."""
+    env = testing.group_env(group, groups, lighthouse, {"PYTHONPATH": str(REPO)})
+    env.pop("LOGLEVEL", None)
     return env
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).read()
-            return
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"process exited before {url} answered:\n{log.read_text()[-3000:]}")
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer in {timeout:g}s")
-
-
-class Proc:
-    """A child process in its own session, logging to a file; killed (whole session) by :meth:`kill`."""
-
-    def __init__(self, argv: Sequence[str], log: Path, env: Optional[Dict[str, str]] = None,
-                 cwd: Optional[Path] = None) -> None:
-        self.argv = list(argv)
-        self.log = Path(log)
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv, env=env, cwd=cwd or REPO, stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise RuntimeError(f"{shlex.join(self.argv)} did not finish in {timeout:g}s:\n{self.output()[-3000:]}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 def start_lighthouse(log_dir: Path, min_replicas: int, netns: Optional[str] = None, host: str = "127.0.0.1",
-                     idle_exit: float = 5.0) -> tuple:
-    """``python -m torchx_diloco.lighthouse`` (in ``netns`` if given); returns (Proc, url)."""
-    port = free_port()
-    prefix = ["ip", "netns", "exec", netns] if netns else []
-    argv = [*prefix, PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port), "--bind-host", host,
-            "--min-replicas", str(min_replicas), "--idle-exit", str(idle_exit), "--join-timeout-ms", "2000"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = Proc(argv, Path(log_dir) / f"lighthouse-{port}.log", env=env)
-    url = f"http://{'localhost' if host == '127.0.0.1' else host}:{port}"
-    if netns:  # the lighthouse is not reachable from here: wait for its banner instead
-        deadline = time.monotonic() + 60
-        while "serving on" not in proc.output():
-            if proc.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"lighthouse did not start:\n{proc.output()}")
-            time.sleep(0.1)
-    else:
-        wait_http(f"{url}/status", proc.proc, proc.log)
-    return proc, url
-
-
-def train_argv(args: Sequence[str], netns: Optional[str] = None, hostname: Optional[str] = None) -> List[str]:
-    """argv of one group running the training module, optionally inside a network namespace."""
-    if netns:
-        return [*netns_prefix(netns, hostname), PYTHON, NS_GROUP, "-m", "torchx_diloco.train", *args]
-    return [PYTHON, "-m", "torchx_diloco.train", *args]
+                     idle_exit: float = 5.0) -> Tuple[Lighthouse, str]:
+    """``python -m torchx_diloco.lighthouse`` (in ``netns`` if given); returns (the lighthouse, its URL)."""
+    lighthouse = Lighthouse(log_dir, min_replicas, idle_exit=idle_exit, netns=netns, host=host, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    return lighthouse, lighthouse.url
 
 
 def netns_prefix(netns: str, hostname: Optional[str]) -> List[str]:
@@ -123,17 +51,6 @@ def netns_prefix(netns: str, hostname: Optional[str]) -> List[str]:
     if hostname:
         prefix += ["unshare", "--uts", "sh", "-c", f'hostname {shlex.quote(hostname)} && exec "$@"', "_"]
     return prefix
-
-
-def read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def committed(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    return [r for r in records if r.get("committed")]
 
 
 def median(xs: Iterable[float]) -> Optional[float]:
@@ -252,13 +169,13 @@ class Run:
     def jsonl(self, g: int) -> Path:
         if self.script:
             return self.workdir / f"worker{g}.jsonl"
-        return self.workdir / "ckpt" / "metrics" / f"replica_group_{g}.jsonl"
+        return Path(testing.metrics_url(self.workdir / "ckpt", g))
 
     def group_argv(self, g: int, args: Sequence[str]) -> List[str]:
         if self.script:
             body = [self.script, *args, "--out", str(self.jsonl(g))]
         else:
-            body = ["-m", "torchx_diloco.train", *args, "--checkpoint-dir", str(self.workdir / "ckpt")]
+            body = train_module_args([*args, "--checkpoint-dir", str(self.workdir / "ckpt")])
         if self.lab is not None:
             return [*netns_prefix(self.lab.ns(g), self.lab.hostname(g)), PYTHON, NS_GROUP, *body]
         return [PYTHON, *body]
@@ -277,7 +194,7 @@ class Run:
         finally:
             self.close()
         self.wall_s = time.time() - self.started
-        self.metrics = [read_jsonl(self.jsonl(g)) for g in range(self.groups)]
+        self.metrics = [read_metrics(self.jsonl(g)) for g in range(self.groups)]
         return self
 
     def close(self) -> None:
