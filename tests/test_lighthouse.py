@@ -6,11 +6,12 @@ import os
 import socket
 import subprocess
 import time
+from datetime import timedelta
 
 import pytest
 
 from torchx_diloco.lighthouse import default_bind_host
-from torchx_diloco.testing import PYTHON, REPO, Lighthouse, free_port
+from torchx_diloco.testing import PYTHON, REPO, Group, Lighthouse, free_port
 
 
 def listening_addresses(port: int) -> set:
@@ -136,8 +137,7 @@ def test_lighthouse_bad_flags(args, message):
 
 
 def test_lighthouse_exits_0_after_groups_go_quiet(tmp_path):
-    from torchft._torchft import LighthouseClient
-    from datetime import timedelta
+    from torchft.coordination import LighthouseClient
 
     lighthouse = Lighthouse(tmp_path, idle_exit=1.0)
     client = LighthouseClient(f"http://127.0.0.1:{lighthouse.port}", connect_timeout=timedelta(seconds=5))
@@ -146,3 +146,43 @@ def test_lighthouse_exits_0_after_groups_go_quiet(tmp_path):
     assert lighthouse.proc.wait(timeout=30) == 0  # ...and goes quiet: the run is over
     assert time.monotonic() - start >= 1.0
     assert "all 1 groups finished" in lighthouse.output()
+
+
+NANO = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--outer-steps", "2",
+        "--sync-every", "5", "--group-wait", "0"]
+
+
+def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(tmp_path):
+    """Groups of two runs in one quorum would average each other's pseudo-gradients: one line, exit 2, and the
+    lighthouse's own run still trains there afterwards."""
+    lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a"])
+    try:
+        intruder = Group(0, 1, lighthouse.url, [*NANO, "--checkpoint-dir", str(tmp_path / "b")], tmp_path,
+                         extra_env={"TORCHX_DILOCO_RUN_ID": "run-b"}, tag="-run-b")
+        assert intruder.wait(120) == 2, intruder.output()[-2000:]
+        lines = [ln for ln in intruder.output().splitlines() if "torchx_diloco.train: error:" in ln]
+        assert len(lines) == 1 and f"the lighthouse at {lighthouse.url} serves another run" in lines[0], lines
+        assert "not run run-b" in lines[0]
+        own = Group(0, 1, lighthouse.url, [*NANO, "--checkpoint-dir", str(tmp_path / "a")], tmp_path,
+                    extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"}, tag="-run-a")
+        assert own.wait(120) == 0, own.output()[-2000:]
+        assert "DiLoCo: group 0 finished at outer step 2" in own.output()
+    finally:
+        lighthouse.kill()
+
+
+def test_a_group_that_fails_for_good_ends_the_lighthouse_with_one_line(tmp_path):
+    """A group of the run reports an error no restart can fix: the lighthouse ends the run (exit 1) at once,
+    instead of waiting for groups that will never come."""
+    lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a"])
+    try:
+        doomed = Group(1, 2, lighthouse.url, [*NANO, "--data", str(tmp_path / "missing.txt")], tmp_path,
+                       extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"})
+        assert doomed.wait(120) == 2
+        assert "missing.txt does not exist" in doomed.output()
+        start = time.monotonic()
+        assert lighthouse.proc.wait(timeout=30) == 1
+        assert time.monotonic() - start < 10
+        assert "replica_group_1 stopped with an error no restart can fix" in lighthouse.output()
+    finally:
+        lighthouse.kill()

@@ -20,9 +20,11 @@ from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-_HEARTBEAT = re.compile(r"([\w.\-]+):[0-9a-f\-]+: seen ([0-9.e\-]+)s ago")
+# "<replica id>[:<torchft's per-process uuid>]: seen <s>s ago" (managers add the uuid, our own marks do not)
+_HEARTBEAT = re.compile(r"([\w.\-]+?)(?::[0-9a-f\-]+)?: seen ([0-9.e\-]+)s ago")
 GROUP_PREFIX = "replica_group_"
 FATAL_PREFIX = "fatal_group_"  # a group's report that it stopped for good (see report_fatal)
+LIGHTHOUSE_MARK = "lighthouse_0"  # the lighthouse's own run id, shown while none of its groups is live
 
 
 def replica_id(group: int, run_id: Optional[str] = None, prefix: str = GROUP_PREFIX) -> str:
@@ -55,10 +57,10 @@ def check_run(live: Set[str], url: str, run_id: Optional[str]) -> None:
 
     Groups of two runs in one quorum would average each other's pseudo-gradients: never train there.
     """
-    if run_id:
+    if run_id:  # other runs' groups, or the lighthouse's own mark of another run
         foreign = sorted(r for r in live if split_replica_id(r)[0] != safe_run_id(run_id))
         if foreign:
-            raise UserError(f"the lighthouse at {url} serves another run (its groups: {', '.join(foreign[:3])}), "
+            raise UserError(f"the lighthouse at {url} serves another run (seen there: {', '.join(foreign[:3])}), "
                             f"not run {run_id}: point TORCHFT_LIGHTHOUSE at this run's lighthouse")
     fatal = sorted(split_replica_id(r)[1] for r in live if split_replica_id(r)[1].startswith(FATAL_PREFIX))
     if fatal:

@@ -19,13 +19,16 @@ import socket
 import sys
 import time
 import urllib.error
+from datetime import timedelta
 from typing import List, Optional, Set, Tuple
 
 from torchx_diloco.cluster import (
     FATAL_PREFIX,
     GROUP_PREFIX,
+    LIGHTHOUSE_MARK,
     lighthouse_status,
     live_replicas,
+    replica_id,
     safe_run_id,
     split_replica_id,
 )
@@ -95,6 +98,8 @@ class RunWatch:
         mine = set()
         for rid in live:
             run, name = split_replica_id(rid)
+            if name == LIGHTHOUSE_MARK and run == self.run:
+                continue
             if self.run is not None and run != self.run:
                 if rid not in self.foreign:
                     self.foreign.add(rid)
@@ -107,6 +112,27 @@ class RunWatch:
             print(f"lighthouse: groups seen: {', '.join(sorted(self.seen | mine))}", flush=True)
         self.seen |= mine
         return mine
+
+
+class RunMark:
+    """Shows this lighthouse's run id on /status while none of its groups is live, so that a group of another
+    run refuses it even when it arrives first (groups look before their first sync: cluster.check_run).
+
+    It is a heartbeat under a reserved id, and torchft's lighthouse waits for every heartbeating replica before
+    a quorum: it stops as soon as a group of the run is live, and expires within the heartbeat timeout.
+    """
+
+    def __init__(self, url: str, run_id: Optional[str]) -> None:
+        self.client = None
+        self.rid = replica_id(0, run_id, "lighthouse_") if run_id else None
+        if run_id:
+            from torchft.coordination import LighthouseClient
+
+            self.client = LighthouseClient(url, connect_timeout=timedelta(seconds=5))
+
+    def show(self, wanted: bool) -> None:
+        if self.client is not None and wanted:
+            self.client.heartbeat(self.rid)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -130,6 +156,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda s, _f: stop.update(signal=s))
 
     watch = RunWatch(args.run_id)
+    mark = RunMark(url, args.run_id)
     started, last_live = time.monotonic(), time.monotonic()
     try:
         while stop["signal"] is None:
@@ -139,6 +166,7 @@ def serve(args: argparse.Namespace) -> int:
             except (urllib.error.URLError, OSError) as e:
                 logger.warning("lighthouse /status did not answer: %s", e)
                 continue
+            mark.show(not live)
             now = time.monotonic()
             if watch.fatal:
                 print(f"torchx_diloco.lighthouse: error: {watch.fatal} stopped with an error no restart can fix "

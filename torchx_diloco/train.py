@@ -130,6 +130,7 @@ class Trainer:
     def join(self) -> None:
         cfg = self.cfg
         wait_for_lighthouse(cfg.lighthouse, cfg.lighthouse_timeout)
+        check_lighthouse_serves_run(cfg.lighthouse, cfg.run_id)  # before our heartbeats reach another run's
         self.manager = build_manager(self.group, self.device, cfg.min_replicas, cfg.collective_timeout,
                                      cfg.quorum_timeout, cfg.lighthouse, run_id=cfg.run_id)
         # checks, at least once, that the lighthouse serves this run and no group of it failed for good
