@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from torchx_diloco.testing import BIN, REPO, cli_env, free_port, pids_of_run, train_workers
+from torchx_diloco.testing import BIN, REPO, cli_env, free_port, kill_pid, pids_of_run, train_workers
 
 OUTER = re.compile(r"DiLoCo: Number of outer optimizer steps completed: \[(\d+)\] loss = [\d.]+")
 INNER = re.compile(r"DiLoCo: Number of inner optimizer steps completed: (\d+)")
@@ -52,10 +52,7 @@ def stop(proc: subprocess.Popen, port: int) -> None:
             proc.kill()
             proc.wait()
     for pid in pids_of_run(port):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_pid(pid)
 
 
 def assert_complete_checkpoint(ckpt: Path, step: int) -> None:

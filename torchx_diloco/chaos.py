@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.metrics import weights_checksum
-from torchx_diloco.testing import Group, Lighthouse, metrics_url, proc_state, read_metrics
+from torchx_diloco.testing import Group, Lighthouse, kill_pid, metrics_url, proc_state, read_metrics
 
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]
 PHASES = ("inner", "sync", "checkpoint")
@@ -82,10 +82,7 @@ class Job:
                 os.killpg(m.proc.pid, signal.SIGKILL)
         for pid in workers:
             if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                kill_pid(pid)
         for m in self.members:
             m.proc.wait()
         self.lighthouse.kill()
@@ -142,14 +139,6 @@ class Kill:
     dropped_rounds: int = 0  # rounds the peers dropped between the kill and the victim's return
 
 
-def _sigkill(pid: int) -> bool:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random, n: int) -> Optional[Kill]:
     """Wait for the instant ``phase`` names in ``group``'s worker, SIGKILL it, and say what was going on.
 
@@ -170,7 +159,7 @@ def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random,
         for _ in range(5):  # a single sample can catch a short wait for the GIL
             states.append(proc_state(pid))
             time.sleep(0.001)
-        if not _sigkill(pid):
+        if not kill_pid(pid):
             return None
         running = states.count("R")
         return Kill(n, group, phase, pid, time.time(), step, f"main thread running {running}/5 ms", running >= 3)
@@ -186,7 +175,7 @@ def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random,
                 break
             time.sleep(0.002)
         blocked_ms = 1000 * (time.monotonic() - blocked_since) if blocked_since is not None else 0
-        if not _sigkill(pid):
+        if not kill_pid(pid):
             return None
         return Kill(n, group, phase, pid, time.time(), step, f"main thread blocked {blocked_ms:.0f} ms",
                     blocked_since is not None)
@@ -197,7 +186,7 @@ def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random,
         if proc_state(pid) is None:
             return None
         time.sleep(0.001)
-    if not _sigkill(pid):
+    if not kill_pid(pid):
         return None
     try:
         present = sorted(p.name for p in folder.iterdir())

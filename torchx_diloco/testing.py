@@ -73,6 +73,15 @@ def free_port() -> int:
 
 
 # --- processes -------------------------------------------------------------------------------------------------
+def kill_pid(pid: int, sig: int = signal.SIGKILL) -> bool:
+    """Signal ``pid``; False when it is already gone (a process may exit between finding and killing it)."""
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def train_module_args(args: Sequence[str]) -> List[str]:
     """``-m torchx_diloco.train ARGS``; through this module when ARGS name ``faulty://`` (only it registers it)."""
     if any("faulty://" in a for a in args):
@@ -189,10 +198,7 @@ class Group(Proc):
         worker = self.worker() if self.torchrun else None
         super().kill(sig)
         if worker is not None:
-            try:
-                os.kill(worker, sig)
-            except ProcessLookupError:
-                pass
+            kill_pid(worker, sig)
 
 
 def run_groups(groups: int, lighthouse: str, args: Sequence[str], log_dir: Path, timeout: float = 240) -> List[Group]:
