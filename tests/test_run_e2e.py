@@ -8,6 +8,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -16,7 +17,21 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from torchx_diloco.testing import BIN, REPO, cli_env, free_port, kill_pid, pids_of_run, train_workers
+from torchx_diloco.testing import (
+    BIN,
+    REPO,
+    Lighthouse,
+    cli_env,
+    committed,
+    committed_checksums,
+    free_port,
+    kill_pid,
+    metrics_url,
+    pids_of_run,
+    read_metrics,
+    run_groups,
+    train_workers,
+)
 
 OUTER = re.compile(r"DiLoCo: Number of outer optimizer steps completed: \[(\d+)\] loss = [\d.]+")
 INNER = re.compile(r"DiLoCo: Number of inner optimizer steps completed: (\d+)")
@@ -42,6 +57,12 @@ def train_worker_pid(group: int, port: int) -> int:
     raise AssertionError(f"no training process of group {group} found")
 
 
+def lighthouse_port(log_dir: Path) -> int:
+    """The port the run's lighthouse said it serves on (the component picks a free one per run), 0 if none."""
+    found = re.search(r"serving on [\d.]+:(\d+)", read(role_log(log_dir, "lighthouse")))
+    return int(found.group(1)) if found else 0
+
+
 def stop(proc: subprocess.Popen, port: int) -> None:
     """Leave nothing running: the torchx CLI, then any role process of this run still alive."""
     if proc.poll() is None:
@@ -61,13 +82,14 @@ def assert_complete_checkpoint(ckpt: Path, step: int) -> None:
     assert (folder / "global.pt").is_file()
 
 
-def start_nano_run(tmp_path: Path, port: int, outer: int, max_restarts: int, idle_exit: int,
-                   train_flags: List[str]) -> subprocess.Popen:
-    """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs, checkpoints in tmp_path/ckpt."""
+def start_nano_run(tmp_path: Path, port: Optional[int], outer: int, max_restarts: int, idle_exit: int,
+                   train_flags: List[str], sync_every: int = 40, extra: List[str] = ()) -> subprocess.Popen:
+    """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs, checkpoints in tmp_path/ckpt,
+    the console in tmp_path/torchx.log. ``port`` None: the component's own choice (a free port per run)."""
     cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", "diloco.diloco",
-           "--lighthouse_port", str(port), "--outer_steps", str(outer), "--sync_every", "40", "--model", "nano",
-           "--max_restarts", str(max_restarts), "--lighthouse_idle_exit", str(idle_exit),
-           "--checkpoint_dir", str(tmp_path / "ckpt"),
+           *(["--lighthouse_port", str(port)] if port else []), "--outer_steps", str(outer),
+           "--sync_every", str(sync_every), "--model", "nano", "--max_restarts", str(max_restarts),
+           "--lighthouse_idle_exit", str(idle_exit), "--checkpoint_dir", str(tmp_path / "ckpt"), *extra,
            "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", *train_flags]
     with open(tmp_path / "torchx.log", "wb") as console:
         return subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
@@ -75,17 +97,21 @@ def start_nano_run(tmp_path: Path, port: int, outer: int, max_restarts: int, idl
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_bare_torchx_run_in_a_fresh_clone(tmp_path):
-    """What `make run` does: `torchx run`, no arguments, in the repo root (.torchxconfig picks everything)."""
+def test_make_run_in_a_fresh_clone(tmp_path):
+    """What `make run` does, in a fresh clone: its `torchx run` command (the Makefile's RUN_ARGS; .torchxconfig
+    picks the component and local_cwd), with this venv on PATH instead of installing a new one."""
     clone = tmp_path / "repo"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     cfg = configparser.ConfigParser()
     cfg.read(clone / ".torchxconfig")
-    section = cfg["component:diloco.diloco"]
-    groups, outer, sync = int(section["replica_groups"]), int(section["outer_steps"]), int(section["sync_every"])
+    dry = subprocess.run(["make", "-n", "run"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    command = shlex.split(next(line for line in dry.splitlines() if "torchx run" in line))
+    assert command[1:3] == ["run", "diloco.diloco"], command
+    args = dict(zip(command[3::2], command[4::2]))
+    groups, outer, sync = 2, int(args["--outer_steps"]), int(args["--sync_every"])
 
-    out = subprocess.run([str(BIN / "torchx"), "run"], cwd=clone, env=run_env(), capture_output=True, text=True,
-                         timeout=360)
+    out = subprocess.run([str(BIN / "torchx"), *command[1:]], cwd=clone, env=run_env(), capture_output=True,
+                         text=True, timeout=360)
     tail = (out.stdout + out.stderr)[-4000:]
     assert out.returncode == 0, tail
     assert "SUCCEEDED" in out.stderr, tail
@@ -166,3 +192,65 @@ def test_group_out_of_restarts_fails_the_app_while_its_peer_trains_to_the_end(tm
     assert re.search(rf"exitcode\s*: -9 \(pid: {victim}\)", g1), g1[-4000:]
     g0 = read(role_log(log_dir, "replica_group_0"))
     assert f"DiLoCo: group 0 finished at outer step {outer}" in g0, g0[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_an_error_no_restart_can_fix_is_not_retried_and_the_app_fails_within_30s(tmp_path):
+    """A missing data file (found in the group, not before launch): torchrun does not restart the worker 3 times,
+    the lighthouse does not wait 10 minutes for groups that will never come, and the console shows the line."""
+    missing = tmp_path / "no-such-corpus.txt"
+    start = time.monotonic()
+    proc = start_nano_run(tmp_path, None, outer=3, max_restarts=3, idle_exit=3, train_flags=["--data", str(missing)])
+    try:
+        rc = proc.wait(timeout=90)
+    finally:
+        stop(proc, lighthouse_port(tmp_path / "logs"))
+    elapsed = time.monotonic() - start
+    console = read(tmp_path / "torchx.log")
+    assert rc != 0 and "job finished: FAILED" in console, console[-4000:]
+    assert f"torchx_diloco.train: error: --data {str(missing)!r}: {missing} does not exist" in console, console[-4000:]
+    assert "stopped with an error no restart can fix" in console, console[-4000:]
+    logs = "".join(read(role_log(tmp_path / "logs", f"replica_group_{g}", "stderr")) for g in range(2))
+    assert "will restart worker group" not in logs, logs[-4000:]  # torchrun retried nothing
+    assert elapsed < 45, f"{elapsed:.0f}s: an app that cannot succeed must end about as fast as it starts"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alone(tmp_path):
+    """Each run gets its own lighthouse port and run id: no group trains in the other run's quorum (which would
+    average the two runs' pseudo-gradients), and a run's weights are those it has when it runs alone."""
+    runs = {seed: tmp_path / f"seed{seed}" for seed in (0, 1)}
+    flags = ["--min-replicas", "2", "--group-wait", "60"]  # both groups in every quorum: deterministic weights
+    procs = {}
+    for seed, folder in runs.items():
+        folder.mkdir()
+        procs[seed] = start_nano_run(folder, None, outer=3, max_restarts=0, idle_exit=3, sync_every=10,
+                                     train_flags=[*flags, "--seed", str(seed)])
+    try:
+        for seed, proc in procs.items():
+            assert proc.wait(timeout=240) == 0, read(runs[seed] / "torchx.log")[-4000:]
+    finally:
+        for seed, proc in procs.items():
+            stop(proc, lighthouse_port(runs[seed] / "logs"))
+    ports = set()
+    for seed, folder in runs.items():
+        ports.add(lighthouse_port(folder / "logs"))
+        for g in range(2):
+            records = committed(read_metrics(metrics_url(folder / "ckpt", g)))
+            assert [r["outer_step"] for r in records] == [1, 2, 3]
+            assert {r["participants"] for r in records} == {2}, records  # never 4: the runs did not mix
+    assert len(ports) == 2
+
+    alone = tmp_path / "alone"  # seed 1 again, by itself, by hand: the same weights at every step
+    alone.mkdir()
+    lighthouse = Lighthouse(alone, min_replicas=2)
+    try:
+        run_groups(2, lighthouse.url, ["--model", "nano", "--outer-steps", "3", "--sync-every", "10", "--seq-len",
+                                       "32", "--batch-size", "4", "--eval-batches", "0", *flags, "--seed", "1",
+                                       "--checkpoint-dir", str(alone / "ckpt")], alone)
+    finally:
+        lighthouse.kill()
+    assert committed_checksums(alone / "ckpt", 0) == committed_checksums(runs[1] / "ckpt", 0)
+    assert committed_checksums(runs[0] / "ckpt", 0) != committed_checksums(runs[1] / "ckpt", 0)
