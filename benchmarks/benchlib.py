@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+# PYTHON, committed and read_metrics are also the benchmark scripts' (bl.PYTHON, bl.committed, bl.read_metrics)
 from torchx_diloco import testing
-# the benchmark scripts use these as bl.PYTHON, bl.committed, bl.read_metrics
 from torchx_diloco.testing import PYTHON, Lighthouse, Proc, committed, read_metrics, train_module_args  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3
     """A GitHub-markdown table (also readable on a terminal)."""
     cells = [[fmt(c, digits) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda cs: "| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths)) + " |"  # noqa: E731
+    line = lambda cs: "| " + " | ".join(c.ljust(w) for c, w in zip(cs, widths, strict=False)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
 
 

@@ -10,8 +10,16 @@ import pytest
 
 from tests.test_groups import SMALL
 from torchx_diloco.checkpoint import Checkpoint, CheckpointStore
-from torchx_diloco.testing import (FAULTS_ENV, Group, Lighthouse, committed, committed_checksums, metrics_url,
-                                   read_metrics, run_groups)
+from torchx_diloco.testing import (
+    FAULTS_ENV,
+    Group,
+    Lighthouse,
+    committed,
+    committed_checksums,
+    metrics_url,
+    read_metrics,
+    run_groups,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -68,7 +68,7 @@ class Job:
     def running(self) -> bool:
         return any(m.proc.poll() is None for m in self.members)
 
-    def wait(self, timeout: float) -> List[int]:
+    def wait(self, timeout: float) -> List[Optional[int]]:
         deadline = time.monotonic() + timeout
         while self.running() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -106,7 +106,7 @@ def last_committed_step(ckpt: str, groups: int) -> int:
 def window_s(ckpt: str, group: int, default: float = 0.5, since: float = 0) -> float:
     """Recent time between two commits of ``group`` (after ``since``): the length of an inner-step window."""
     times = [r["time"] for r in read_records(ckpt, group) if r.get("committed") and r["time"] > since][-8:]
-    gaps = [b - a for a, b in zip(times, times[1:]) if 0 < b - a < 10]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False) if 0 < b - a < 10]
     return statistics.median(gaps) if gaps else default
 
 
@@ -477,6 +477,8 @@ def pause_until_peers_finish(work: Path, outer_steps: int = 30, sync_every: int 
                 raise AssertionError("the job ended early")
             time.sleep(0.05)
         pid = job.members[0].worker()
+        if pid is None:
+            raise AssertionError("group 0 has no live worker to freeze")
         os.kill(pid, signal.SIGSTOP)
         log(f"froze group 0 (pid {pid}) at outer step {last_committed_step(ckpt, groups)}")
         deadline = time.monotonic() + timeout

@@ -112,7 +112,8 @@ class Proc:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise RuntimeError(f"{shlex.join(self.argv)} did not finish in {timeout:g}s:\n{self.output()[-3000:]}")
+            tail = self.output()[-3000:]
+            raise RuntimeError(f"{shlex.join(self.argv)} did not finish in {timeout:g}s:\n{tail}") from None
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -368,11 +369,11 @@ class FaultyFileSystem(LocalFileSystem):
     root_marker = "/"
 
     @classmethod
-    def _strip_protocol(cls, path):
+    def _strip_protocol(cls, path: str) -> str:
         path = path[len("faulty://"):] if str(path).startswith("faulty://") else path
         return super()._strip_protocol(path)
 
-    def _open(self, path, mode="rb", *args, **kwargs):
+    def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
         real = super()._open(path, mode, *args, **kwargs)
         if "w" in mode or "a" in mode:
             for rule in _fault_rules():
@@ -380,7 +381,7 @@ class FaultyFileSystem(LocalFileSystem):
                     return _FaultyFile(real, rule["action"], str(path))
         return real
 
-    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         with self.open(path, "wb") as f:
             f.write(value)
 
