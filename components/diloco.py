@@ -230,6 +230,10 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
 
 
 def _check_port(port: int) -> int:
+    try:
+        port = int(port)  # TorchX hands an Optional[int] from the command line over as text
+    except ValueError:
+        raise ComponentError(f"lighthouse port {port!r} is not a number") from None
     if not 0 < port < 65536:
         raise ComponentError(f"lighthouse port {port} must be within 1..65535")
     return port

@@ -223,6 +223,8 @@ def test_script_args_override_component_flags(no_gpus):
     (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;x"), r"not a list of device numbers"),
     (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;9"), r"device\(s\) \[9\] .* GPUs 0..7"),
     (dict(h="no-such-host"), r"not a registered named resource"),
+    (dict(lighthouse_port=70000), r"lighthouse port 70000 must be within 1..65535"),
+    (dict(lighthouse_port="http"), r"lighthouse port 'http' is not a number"),
     # training flags, checked with the training module's own parser
     (dict(sync_every=-5), r"argument --sync-every: -5 must be >= 1 \(see python -m torchx_diloco.train --help\)"),
     (dict(outer_steps=0), r"argument --outer-steps: 0 must be >= 1"),

@@ -261,6 +261,27 @@ def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest
 
 
 @needs_slurm
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_an_error_no_restart_can_fix_ends_the_job_failed_within_seconds(tmp_path, jobs):
+    """A missing data file, found by the groups on their nodes: torchrun retries nothing, the job ends FAILED
+    (the lighthouse hears of it too) instead of restarting 3 times and waiting out the lighthouse's timeout."""
+    missing = tmp_path / "no-such-corpus.txt"
+    start = time.monotonic()
+    handle = submit([COMPONENT + ":diloco", "--replica_groups", "2", "--outer_steps", "3", "--max_restarts", "3",
+                     *TRAIN, *SMALL, "--data", str(missing)], tmp_path, jobs)
+    jid = job_id(handle)
+    assert wait_done(jid, 120) == "FAILED"
+    elapsed = time.monotonic() - start
+    errors = "".join(group_log(tmp_path, jid, g, "err").read_text(errors="replace") for g in (0, 1))
+    assert f"torchx_diloco.train: error: --data {str(missing)!r}: {missing} does not exist" in errors, errors[-3000:]
+    assert "will restart worker group" not in errors, errors[-3000:]
+    assert elapsed < 60, f"{elapsed:.0f}s from submission to FAILED"
+    status = torchx(["status", handle], tmp_path)
+    assert "State: FAILED" in status.stdout, status.stdout + status.stderr
+
+
+@needs_slurm
 @pytest.mark.parametrize("bad, expected", [
     (["-cfg", "partition=no_such_partition"], "Invalid partition name specified"),
     (["--gpus_per_group", "64"], "Invalid generic resource (gres) specification"),
