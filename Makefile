@@ -11,7 +11,7 @@ BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRAS)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ test: install
 ## Everything but the slow end-to-end tests.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+
+## Lint (ruff), format check (ruff format) and type check (mypy), as CI runs them before the tests; settings in
+## pyproject.toml. `ruff check --fix` and `ruff format` (same paths) fix most of what the first two report.
+LINT_PATHS ?= torchx_diloco components tests benchmarks scripts
+lint:
+	$(MAKE) install EXTRAS=test,dev
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy torchx_diloco components
 
 ## Quick versions of every benchmark; tables on stdout, JSON and PNG under benchmarks/results/.
 bench:
