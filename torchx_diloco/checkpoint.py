@@ -163,7 +163,9 @@ class CheckpointStore:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpoint(f"{folder}: the manifest of {part} is malformed ({e})") from e
         if len(data) != manifest.get("bytes"):
-            raise CorruptCheckpoint(f"{folder}: {part}.pt has {len(data)} bytes, the manifest says {manifest.get('bytes')}")
+            raise CorruptCheckpoint(
+                f"{folder}: {part}.pt has {len(data)} bytes, the manifest says {manifest.get('bytes')}"
+            )
         if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
             raise CorruptCheckpoint(f"{folder}: {part}.pt does not match its checksum")
         try:

@@ -6,6 +6,7 @@ resuming means restoring that integer, and no sampler state has to travel in a c
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import fsspec
@@ -35,7 +36,9 @@ def read_corpus(url: str) -> bytes:
             with f as fh:
                 raw = fh.read()
         except FileNotFoundError as e:
-            raise UserError(f"--data {url!r}: {f.path} does not exist; pass an existing file, glob or fsspec URL") from e
+            raise UserError(
+                f"--data {url!r}: {f.path} does not exist; pass an existing file, glob or fsspec URL"
+            ) from e
         except IsADirectoryError as e:
             raise UserError(f"--data {url!r}: {f.path} is a directory; pass files or a glob like DIR/*.txt") from e
         try:
@@ -92,7 +95,9 @@ class Shard:
         return rows[:, :-1], rows[:, 1:]
 
 
-def eval_batches(tokens: torch.Tensor, batch_size: int, seq_len: int, max_batches: int = 4):
+def eval_batches(
+    tokens: torch.Tensor, batch_size: int, seq_len: int, max_batches: int = 4
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, evenly spaced windows of the held-out text, the same in every group and every step."""
     windows = (len(tokens) - 1) // seq_len
     n = min(windows, batch_size * max_batches)

@@ -88,7 +88,7 @@ class DiLoCo:
     def state_dict(self) -> Dict[str, Any]:
         """The global weights and the outer optimizer's state (the same in every group after a commit)."""
         return {
-            "global_weights": dict(zip(self._names, self._backup)),
+            "global_weights": dict(zip(self._names, self._backup, strict=True)),
             "outer_optimizer": self.outer_optimizer.state_dict(),
         }
 
@@ -99,7 +99,7 @@ class DiLoCo:
         if missing:
             raise ValueError(f"global weights do not match the model: differing names {sorted(missing)[:5]}")
         with torch.no_grad():
-            for name, backup in zip(self._names, self._backup):
+            for name, backup in zip(self._names, self._backup, strict=True):
                 if weights[name].shape != backup.shape:
                     raise ValueError(
                         f"global weight {name} has shape {tuple(weights[name].shape)}, "
@@ -117,7 +117,7 @@ class DiLoCo:
             local = [p.detach().clone() for p in self._params]
             self.load_state_dict(state)
             with torch.no_grad():
-                for p, mine in zip(self._params, local):
+                for p, mine in zip(self._params, local, strict=True):
                     p.copy_(mine)
             return
         self.adopt_newer_global_state(state)
@@ -190,7 +190,7 @@ class DiLoCo:
         numel = sum(p.numel() for p in self._params)
         flat = torch.empty(numel + 1, dtype=torch.float32, device=device)
         offset = 0
-        for p, backup in zip(self._params, self._backup):
+        for p, backup in zip(self._params, self._backup, strict=True):
             n = p.numel()
             torch.sub(backup.to(device, non_blocking=True).view(-1), p.view(-1), out=flat[offset : offset + n])
             offset += n
@@ -214,10 +214,10 @@ class DiLoCo:
 
     @torch.no_grad()
     def _save_backup(self) -> None:
-        for p, backup in zip(self._params, self._backup):
+        for p, backup in zip(self._params, self._backup, strict=True):
             backup.copy_(p.detach())  # blocking: a checkpoint writer may read the backup next
 
     @torch.no_grad()
     def _restore_backup(self) -> None:
-        for p, backup in zip(self._params, self._backup):
+        for p, backup in zip(self._params, self._backup, strict=True):
             p.copy_(backup, non_blocking=False)

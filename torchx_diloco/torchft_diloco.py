@@ -14,7 +14,14 @@ import torch
 class TorchftDiLoCo:
     """``torchft.local_sgd.DiLoCo`` behind our interface, so benchmarks and tests can compare the two."""
 
-    def __init__(self, manager, model, inner_optimizer, outer_optimizer, sync_every: int) -> None:
+    def __init__(
+        self,
+        manager: Any,
+        model: torch.nn.Module,
+        inner_optimizer: torch.optim.Optimizer,
+        outer_optimizer: torch.optim.Optimizer,
+        sync_every: int,
+    ) -> None:
         from torchft.local_sgd import DiLoCo as _TorchftDiLoCo
 
         self.manager = manager
