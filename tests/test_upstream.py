@@ -65,32 +65,6 @@ def manager(url: str, use_async_quorum: bool = False, min_replica_size: int = 1,
 
 
 # --- torchft -----------------------------------------------------------------------------------------------
-@checks("torchft._torchft.LighthouseServer")
-def _lighthouse_server(request: pytest.FixtureRequest) -> None:
-    import torchft._torchft as private
-    import torchft.coordination as public
-
-    assert public.LighthouseServer is private.LighthouseServer, "the public path is no longer the same class"
-    # the keywords torchx_diloco/lighthouse.py passes
-    server = public.LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100,
-                                     heartbeat_timeout_ms=5000)
-    try:
-        assert server.address().startswith("http://"), server.address()
-    finally:
-        server.shutdown()
-
-
-@checks("torchft._torchft.LighthouseClient")
-def _lighthouse_client(request: pytest.FixtureRequest) -> None:
-    import torchft._torchft as private
-    import torchft.coordination as public
-
-    assert public.LighthouseClient is private.LighthouseClient, "the public path is no longer the same class"
-    with lighthouse() as url:
-        public.LighthouseClient(url, connect_timeout=timedelta(seconds=5)).heartbeat("replica_group_0:0000")
-        assert live_replicas(lighthouse_status(url)) == {"replica_group_0"}
-
-
 @checks("torchft lighthouse GET /status (HTML: '<replica_id>:<uuid>: seen <s>s ago')")
 def _status_page(request: pytest.FixtureRequest) -> None:
     """A real Manager's own heartbeats, read back through cluster.py's regex (ids may carry a run: dots, dashes)."""
@@ -152,6 +126,22 @@ def _torchft_diloco_fragments(request: pytest.FixtureRequest) -> None:
 
 
 # --- TorchX ------------------------------------------------------------------------------------------------
+@checks("torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string")
+def _help_formatter(request: pytest.FixtureRequest) -> None:
+    import argparse
+
+    from torchx.specs import file_linter
+
+    import torchx_diloco_components.diloco  # noqa: F401 - patches the formatter on import
+
+    parser = argparse.ArgumentParser(formatter_class=file_linter.TorchXArgumentHelpFormatter)
+    parser.add_argument("script_args", type=str, nargs=argparse.REMAINDER, help="flags after --")
+    parser.add_argument("--n", type=int, default=2, help="a number")
+    text = parser.format_help()
+    assert "flags after --" in text and "(required)" not in text, text
+    assert "(default: 2)" in text, "the formatter no longer adds defaults: our patch may hide a changed API"
+
+
 @checks("torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs")
 def _job_dirs(request: pytest.FixtureRequest) -> None:
     from torchx.schedulers import slurm_scheduler as upstream

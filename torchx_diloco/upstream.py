@@ -27,21 +27,10 @@ class PrivateUse:
 PRIVATE_USES: Tuple[PrivateUse, ...] = (
     # --- torchft -------------------------------------------------------------------------------------------
     PrivateUse(
-        "torchft._torchft.LighthouseServer",
-        "run the lighthouse (python -m torchx_diloco.lighthouse)",
-        ("torchx_diloco/lighthouse.py",),
-        public="torchft.coordination.LighthouseServer (the same class)",
-    ),
-    PrivateUse(
-        "torchft._torchft.LighthouseClient",
-        "heartbeat a lighthouse from a test",
-        ("tests/test_lighthouse.py",),
-        public="torchft.coordination.LighthouseClient (the same class)",
-    ),
-    PrivateUse(
         "torchft lighthouse GET /status (HTML: '<replica_id>:<uuid>: seen <s>s ago')",
         "see which groups heartbeated recently (cluster._HEARTBEAT, live_replicas: the start-up wait for all "
-        "groups, the lighthouse's idle exit) and that the lighthouse answers",
+        "groups, the lighthouse's idle exit, the run id a lighthouse shows and the fatal report of a group, both "
+        "heartbeats under reserved ids without the uuid) and that the lighthouse answers",
         ("torchx_diloco/cluster.py", "torchx_diloco/lighthouse.py", "torchx_diloco/testing.py (was tests/procs.py)"),
     ),
     PrivateUse(
@@ -63,6 +52,11 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         ("torchx_diloco/torchft_diloco.py",),
     ),
     # --- TorchX --------------------------------------------------------------------------------------------
+    PrivateUse(
+        "torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string",
+        "stop `torchx run diloco.diloco --help` from marking the optional *script_args \"(required)\"",
+        ("components/diloco.py",),
+    ),
     PrivateUse(
         "torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs",
         "note a Slurm job's directory at submission where upstream's own log reader finds it (torchx log)",
