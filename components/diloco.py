@@ -49,9 +49,9 @@ def _optional_script_args(help_string: "type[file_linter.TorchXArgumentHelpForma
     def get_help(self: argparse.HelpFormatter, action: argparse.Action) -> str:
         if action.nargs == argparse.REMAINDER:
             return action.help or ""
-        return original(self, action)  # type: ignore[arg-type]
+        return original(self, action)
 
-    help_string._get_help_string = get_help  # type: ignore[method-assign]
+    help_string._get_help_string = get_help
 
 
 _optional_script_args(file_linter.TorchXArgumentHelpFormatter)
@@ -273,7 +273,9 @@ def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.
         raise ComponentError(f"-h {h!r} is not a registered named resource: pick one TorchX knows, or pass "
                          "--cpu/--memMB and the GPU count instead") from None
     if gpus and gpus != named.gpu:
-        raise ComponentError(f"-h {h} has {named.gpu} GPUs but {gpus} GPUs per group were asked for: drop one of the two")
+        raise ComponentError(
+            f"-h {h} has {named.gpu} GPUs but {gpus} GPUs per group were asked for: drop one of the two"
+        )
     return named
 
 

@@ -161,7 +161,7 @@ def _parent_is_torchrun() -> bool:
     return b"torchrun" in cmdline or b"torch.distributed.run" in cmdline
 
 
-def process_group(device: torch.device, timeout: timedelta):
+def process_group(device: torch.device, timeout: timedelta) -> Any:  # torchft ships no type information
     """torchft's reconfigurable process group: NCCL between GPUs, Gloo on CPU."""
     from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
 

@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.error
 from datetime import timedelta
-from typing import List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from torchx_diloco.cluster import (
     FATAL_PREFIX,
@@ -47,7 +47,7 @@ def default_bind_host() -> Tuple[str, str]:
         return "127.0.0.1", "loopback: not in a Slurm job"
     name = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     try:
-        found = {ai[4][0] for ai in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
+        found = {str(ai[4][0]) for ai in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
     except OSError:
         found = set()
     routable = sorted((a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_loopback),
@@ -151,7 +151,7 @@ def serve(args: argparse.Namespace) -> int:
     run = f", run {args.run_id}" if args.run_id else ""
     print(f"lighthouse: serving on {bind} ({why}), min_replicas={args.min_replicas}{run}", flush=True)
 
-    stop = {"signal": None}
+    stop: Dict[str, Optional[int]] = {"signal": None}
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.update(signal=s))
 

@@ -80,6 +80,8 @@ def _to_cpu(obj: Any) -> Any:
 class Trainer:
     """Owns one group's model, optimizers, data position and durable state; ``run()`` trains to the end."""
 
+    diloco: DiLoCo | TorchftDiLoCo  # set by join(): ours or torchft's (--impl)
+
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.group = cfg.replica_group_id
