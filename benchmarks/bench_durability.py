@@ -137,13 +137,14 @@ def _reset_hwm() -> None:
 
 def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
     """Runs in a fresh process: model + optimizers (with state) first, then the Manager, then DiLoCo."""
+    from types import SimpleNamespace
+
     import torch
 
     from torchx_diloco.cluster import build_manager
     from torchx_diloco.diloco import DiLoCo
     from torchx_diloco.model import build_model
     from torchx_diloco.train import build_optimizers
-    from types import SimpleNamespace
 
     torch.manual_seed(0)
     model = build_model(preset, block_size=seq_len)
@@ -242,7 +243,7 @@ def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str
             time.sleep(1.0)  # let the survivor log its next commits
             survivor = [r["time"] for r in bl.committed(bl.read_metrics(run.jsonl(0)))
                         if t_kill - 2 <= r["time"] <= first["time"] + 1]
-            pause = max((b - a for a, b in zip(survivor, survivor[1:])), default=None)
+            pause = max((b - a for a, b in zip(survivor, survivor[1:], strict=False)), default=None)
             samples.append({"kill_to_first_commit_s": first["time"] - t_kill, "outer_step": first["outer_step"],
                             "resumed_from_checkpoint": "resumed from" in log,
                             "healed_from_peer": "healed from a peer" in log,

@@ -48,7 +48,7 @@ def plot(curves: Dict[str, List[tuple]], title: str, path: Path) -> None:
         if not pts:
             continue
         color, ls = styles.get(name, (None, "-"))
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts, strict=True)
         ax.plot([x / 1e6 for x in xs], ys, ls, color=color, label=name, lw=1.8,
                 marker="o" if len(pts) < 15 else None, ms=3.5)
     ax.set_xlabel("training tokens, all groups (millions)")

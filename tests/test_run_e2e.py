@@ -107,7 +107,7 @@ def test_make_run_in_a_fresh_clone(tmp_path):
     dry = subprocess.run(["make", "-n", "run"], cwd=clone, capture_output=True, text=True, check=True).stdout
     command = shlex.split(next(line for line in dry.splitlines() if "torchx run" in line))
     assert command[1:3] == ["run", "diloco.diloco"], command
-    args = dict(zip(command[3::2], command[4::2]))
+    args = dict(zip(command[3::2], command[4::2], strict=False))
     groups, outer, sync = 2, int(args["--outer_steps"]), int(args["--sync_every"])
 
     out = subprocess.run([str(BIN / "torchx"), *command[1:]], cwd=clone, env=run_env(), capture_output=True,
@@ -235,7 +235,7 @@ def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alon
         for seed, proc in procs.items():
             stop(proc, lighthouse_port(runs[seed] / "logs"))
     ports = set()
-    for seed, folder in runs.items():
+    for folder in runs.values():
         ports.add(lighthouse_port(folder / "logs"))
         for g in range(2):
             records = committed(read_metrics(metrics_url(folder / "ckpt", g)))

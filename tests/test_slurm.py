@@ -21,7 +21,6 @@ import pytest
 
 from torchx_diloco.testing import REPO, cli_env, free_port, metrics_url, read_metrics, train_workers
 
-
 COMPONENT = f"{REPO}/components/diloco.py"
 TRAIN = ["--model", "nano", "--sync_every", "40"]  # ~0.5 s per outer step here: long enough to act mid-run
 # a survivor waits this long (not 60 s) for a dead group's checkpoint part or collective

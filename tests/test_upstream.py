@@ -116,7 +116,8 @@ def _torchft_diloco_fragments(request: pytest.FixtureRequest) -> None:
     with lighthouse() as url, manager(url) as m:
         wrapped = TorchftDiLoCo(m, model, torch.optim.SGD(model.parameters(), lr=0.1),
                                 torch.optim.SGD(model.parameters(), lr=0.7), sync_every=2)
-        assert [torch.equal(g, p) for g, p in zip(wrapped.global_weights(), model.parameters())] == [True, True]
+        pairs = zip(wrapped.global_weights(), model.parameters(), strict=True)
+        assert [torch.equal(g, p) for g, p in pairs] == [True, True]
         target = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters()}
         state = wrapped.state_dict()
         assert set(state["global_weights"]) == set(target), sorted(state["global_weights"])
