@@ -186,3 +186,83 @@ def test_the_readme_documents_its_commands():
     commands = shell_commands(REPO / "README.md")
     assert any(c.startswith("make run") for c in commands), commands
     assert any(c.startswith("python -m torchx_diloco.lighthouse") for c in commands), commands
+
+
+# --- every documented command runs -------------------------------------------------------------------------------
+
+_ENV_PREFIX = re.compile(r"^([A-Z_][A-Z0-9_]*)=(\S*)$")
+
+
+def documented_commands() -> List[Tuple[str, str]]:
+    """(file, command) for each documented `torchx run` and `python -m torchx_diloco...` command."""
+    found = []
+    for path in doc_files():
+        for command in shell_commands(path):
+            if re.search(r"(^|\s)(torchx run|python -m torchx_diloco\.)", command):
+                found.append((_shown(path), command))
+    return found
+
+
+def split_command(command: str) -> Tuple[Dict[str, str], List[str]]:
+    """Environment prefix and argv of one documented command (comment and `&` dropped, `$g` is group 0)."""
+    import shlex
+
+    words = shlex.split(command.replace("$g", "0"), comments=True)
+    words = [w for w in words if w != "&"]
+    env: Dict[str, str] = {}
+    while words and _ENV_PREFIX.match(words[0]):
+        key, value = _ENV_PREFIX.match(words[0]).groups()  # type: ignore[union-attr]
+        env[key] = value
+        words = words[1:]
+    return env, words
+
+
+@pytest.fixture(scope="module")
+def eight_gpu_machine(tmp_path_factory) -> Dict[str, str]:
+    """The GPU commands describe an 8-GPU machine (one Slurm node of 8): a fake nvidia-smi (what TorchX's local
+    scheduler asks) and TORCHX_DILOCO_GPUS=8 (the documented override) stand for it here."""
+    import os
+
+    from torchx_diloco.testing import cli_env
+
+    fake = tmp_path_factory.mktemp("fakebin") / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake GPU (UUID: GPU-fake-$i)\"; done\n")
+    fake.chmod(0o755)
+    env = cli_env(TORCHX_DILOCO_GPUS="8")
+    env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_the_docs_document_commands():
+    assert len(documented_commands()) >= 10
+
+
+@pytest.mark.parametrize("where, command", documented_commands(), ids=[f"{w}:{c[:60]}" for w, c in
+                                                                       documented_commands()])
+def test_every_documented_command_runs(where, command, eight_gpu_machine, tmp_path):
+    """`torchx run` commands run for real as dry runs (TorchX builds the app, our components check every flag,
+    the scheduler prints what it would start or submit); the by-hand runtime's commands are parsed by its own
+    parsers with their environment. A command that drifts from the code fails here."""
+    import subprocess
+
+    env, argv = split_command(command)
+    if argv[:2] == ["torchx", "run"]:
+        if "--dryrun" not in argv and "--help" not in argv:
+            argv.insert(2, "--dryrun")
+        out = subprocess.run(argv, cwd=REPO, env={**eight_gpu_machine, **env}, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, f"{where}: {command}\n{out.stderr[-3000:]}"
+        assert "Traceback" not in out.stderr, out.stderr[-3000:]
+        return
+    module = argv[argv.index("-m") + 1]
+    args = argv[argv.index("-m") + 2:]
+    if module == "torchx_diloco.train":
+        from torchx_diloco.config import parse_config
+
+        parse_config(args, env)
+    elif module == "torchx_diloco.lighthouse":
+        from torchx_diloco.lighthouse import parse_args
+
+        parse_args(args)
+    else:
+        raise AssertionError(f"{where}: no dry run known for {module}: teach this test one")
