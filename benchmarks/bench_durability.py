@@ -137,8 +137,6 @@ def _reset_hwm() -> None:
 
 def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
     """Runs in a fresh process: model + optimizers (with state) first, then the Manager, then DiLoCo."""
-    from types import SimpleNamespace
-
     import torch
 
     from torchx_diloco.cluster import build_manager
@@ -148,8 +146,7 @@ def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
 
     torch.manual_seed(0)
     model = build_model(preset, block_size=seq_len)
-    inner, outer = build_optimizers(model, SimpleNamespace(inner_lr=4e-4, weight_decay=0.1, outer_lr=0.7,
-                                                           outer_momentum=0.9))
+    inner, outer = build_optimizers(model, inner_lr=4e-4, outer_lr=0.7, outer_momentum=0.9, weight_decay=0.1)
     x = torch.randint(0, 256, (2, seq_len))
 
     def inner_step() -> None:

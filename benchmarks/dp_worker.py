@@ -14,7 +14,6 @@ import json
 import os
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 
 import torch
 
@@ -54,9 +53,8 @@ def main() -> int:
     data_seed = a.seed * 7919 + group  # as torchx_diloco.train draws batches
     torch.manual_seed(a.seed)
     model = build_model(a.model, block_size=a.seq_len)
-    cfg = SimpleNamespace(inner_lr=a.inner_lr, weight_decay=a.weight_decay, outer_lr=1.0, outer_momentum=0.0,
-                          warmup_steps=a.warmup_steps, total_inner_steps=a.steps)
-    opt, _ = build_optimizers(model, cfg)
+    opt, _ = build_optimizers(model, inner_lr=a.inner_lr, outer_lr=1.0, outer_momentum=0.0,
+                              weight_decay=a.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
 
     store_kwargs = {}
@@ -90,7 +88,7 @@ def main() -> int:
         t0 = time.perf_counter()
         manager.start_quorum()  # async: overlaps the forward pass
         for g in opt.param_groups:
-            g["lr"] = inner_lr(manager.current_step(), cfg)
+            g["lr"] = inner_lr(manager.current_step(), a.inner_lr, a.steps, a.warmup_steps)
         x, y = shard.batch(step, a.batch_size, a.seq_len, data_seed)
         _, loss = model(x, y)
         loss.backward()
