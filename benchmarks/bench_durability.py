@@ -37,9 +37,26 @@ def slowdown(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
     """Interleaved round by round inside one run: with ``--checkpoint-every 2`` a checkpoint is written after
     every even outer step, so odd rounds (>= 3) train while one is being written and even rounds train
     while none is. Separate runs would compare different minutes of a shared, noisy machine."""
-    args = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"]),
-            "--sync-every", str(cfg["H"]), "--outer-steps", str(cfg["outer_steps"]), "--eval-batches", "0",
-            "--group-wait", "0", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    args = [
+        "--model",
+        cfg["model"],
+        "--seq-len",
+        str(cfg["seq_len"]),
+        "--batch-size",
+        str(cfg["batch_size"]),
+        "--sync-every",
+        str(cfg["H"]),
+        "--outer-steps",
+        str(cfg["outer_steps"]),
+        "--eval-batches",
+        "0",
+        "--group-wait",
+        "0",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "2",
+    ]
     during: List[float] = []
     without: List[float] = []
     paired: List[float] = []  # a round during a write over the mean of its two neighbours without one
@@ -56,9 +73,14 @@ def slowdown(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
             elif k >= 2 and k % 2 == 0:
                 without.append(v)
     on, off = bl.median(during), bl.median(without)
-    return {"tokens_per_s": {"rounds while a checkpoint is written": during, "rounds without": without},
-            "paired_ratios": paired, "median_on": on, "median_off": off,
-            "slowdown_pct": 100 * (1 - bl.median(paired)), "args": args}
+    return {
+        "tokens_per_s": {"rounds while a checkpoint is written": during, "rounds without": without},
+        "paired_ratios": paired,
+        "median_on": on,
+        "median_off": off,
+        "slowdown_pct": 100 * (1 - bl.median(paired)),
+        "args": args,
+    }
 
 
 # --- 2. write throughput -----------------------------------------------------------------------------------
@@ -72,8 +94,12 @@ def throughput(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
 
     torch.manual_seed(0)
     model = build_model(cfg["model"], block_size=cfg["seq_len"])
-    payload = {"diloco": {"global_weights": {k: v.detach().clone() for k, v in model.named_parameters()},
-                          "momentum": {k: torch.randn_like(v) for k, v in model.named_parameters()}}}
+    payload = {
+        "diloco": {
+            "global_weights": {k: v.detach().clone() for k, v in model.named_parameters()},
+            "momentum": {k: torch.randn_like(v) for k, v in model.named_parameters()},
+        }
+    }
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getvalue()
@@ -81,7 +107,7 @@ def throughput(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
     store.fs.makedirs(store.root, exist_ok=True)
     ours, raw = [], []
     for rep in range(cfg["write_reps"]):
-        for side in (("ours", "raw") if rep % 2 == 0 else ("raw", "ours")):
+        for side in ("ours", "raw") if rep % 2 == 0 else ("raw", "ours"):
             t = time.perf_counter()
             if side == "ours":
                 store.write_part(rep, "global", payload)
@@ -102,9 +128,16 @@ def throughput(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
         hashlib.sha256(data).hexdigest()
         sha.append(time.perf_counter() - t)
     mo, mr = bl.median(ours), bl.median(raw)
-    return {"bytes": len(data), "ours_s": ours, "raw_s": raw, "ours_mb_s": len(data) / mo / 1e6,
-            "raw_mb_s": len(data) / mr / 1e6, "ratio_pct": 100 * mr / mo,
-            "serialise_s": bl.median(ser), "sha256_s": bl.median(sha)}
+    return {
+        "bytes": len(data),
+        "ours_s": ours,
+        "raw_s": raw,
+        "ours_mb_s": len(data) / mo / 1e6,
+        "raw_mb_s": len(data) / mr / 1e6,
+        "ratio_pct": 100 * mr / mo,
+        "serialise_s": bl.median(ser),
+        "sha256_s": bl.median(sha),
+    }
 
 
 # --- 3. memory ---------------------------------------------------------------------------------------------
@@ -176,15 +209,20 @@ def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
     manager.shutdown(wait=False)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     held = sum(t.numel() * t.element_size() for t in diloco.global_weights()) + sum(
-        t.numel() * t.element_size() for st in outer.state.values() for t in st.values() if torch.is_tensor(t))
-    return {"preset": preset, "param_bytes": param_bytes, "outer_steps_committed": commits,
-            "manager_bytes": rss_manager - rss_model,
-            "backup_over_params": (rss_built - rss_manager) / param_bytes,
-            "diloco_bytes": rss_after - rss_manager,
-            "diloco_over_params": (rss_after - rss_manager) / param_bytes,
-            "tensors_held_over_params": held / param_bytes,
-            "peak_during_sync_bytes": peak_sync,
-            "peak_over_params": peak_sync / param_bytes}
+        t.numel() * t.element_size() for st in outer.state.values() for t in st.values() if torch.is_tensor(t)
+    )
+    return {
+        "preset": preset,
+        "param_bytes": param_bytes,
+        "outer_steps_committed": commits,
+        "manager_bytes": rss_manager - rss_model,
+        "backup_over_params": (rss_built - rss_manager) / param_bytes,
+        "diloco_bytes": rss_after - rss_manager,
+        "diloco_over_params": (rss_after - rss_manager) / param_bytes,
+        "tensors_held_over_params": held / param_bytes,
+        "peak_during_sync_bytes": peak_sync,
+        "peak_over_params": peak_sync / param_bytes,
+    }
 
 
 def memory(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
@@ -193,8 +231,14 @@ def memory(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
         lighthouse, url = bl.start_lighthouse(work, 1)
         try:
             env = bl.group_env(0, 1, url)
-            r = subprocess.run([bl.PYTHON, __file__, "--memory-probe", preset, str(cfg["seq_len"])], env=env,
-                               capture_output=True, text=True, timeout=600, cwd=bl.REPO)
+            r = subprocess.run(
+                [bl.PYTHON, __file__, "--memory-probe", preset, str(cfg["seq_len"])],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                cwd=bl.REPO,
+            )
             if r.returncode != 0:
                 raise RuntimeError(f"memory probe failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
             out.append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -214,9 +258,24 @@ def _first_commit_after(jsonl: Path, t: float) -> Any:
 def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str, Any]:
     """``from_checkpoint``: the restarted group finds its own checkpoint of the last step; else it has none
     (checkpoints off) and must heal from its peer."""
-    args = ["--model", "tiny", "--seq-len", "64", "--batch-size", "8", "--sync-every", "5", "--outer-steps",
-            "100000", "--eval-batches", "0", "--checkpoint-every", "1" if from_checkpoint else "100000000",
-            "--min-replicas", "1"]
+    args = [
+        "--model",
+        "tiny",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        "--sync-every",
+        "5",
+        "--outer-steps",
+        "100000",
+        "--eval-batches",
+        "0",
+        "--checkpoint-every",
+        "1" if from_checkpoint else "100000000",
+        "--min-replicas",
+        "1",
+    ]
     run = bl.Run(work / f"recovery-{from_checkpoint}", 2, args, min_replicas=1)
     samples = []
     try:
@@ -238,19 +297,33 @@ def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str
                 time.sleep(0.05)
             log = run.procs[1].output()
             time.sleep(1.0)  # let the survivor log its next commits
-            survivor = [r["time"] for r in bl.committed(bl.read_metrics(run.jsonl(0)))
-                        if t_kill - 2 <= r["time"] <= first["time"] + 1]
+            survivor = [
+                r["time"]
+                for r in bl.committed(bl.read_metrics(run.jsonl(0)))
+                if t_kill - 2 <= r["time"] <= first["time"] + 1
+            ]
             pause = max((b - a for a, b in zip(survivor, survivor[1:], strict=False)), default=None)
-            samples.append({"kill_to_first_commit_s": first["time"] - t_kill, "outer_step": first["outer_step"],
-                            "resumed_from_checkpoint": "resumed from" in log,
-                            "healed_from_peer": "healed from a peer" in log,
-                            "survivor_longest_pause_s": pause})
-            print(f"  kill {k}: first committed outer step {first['outer_step']} "
-                  f"{first['time'] - t_kill:.1f}s after SIGKILL")
+            samples.append(
+                {
+                    "kill_to_first_commit_s": first["time"] - t_kill,
+                    "outer_step": first["outer_step"],
+                    "resumed_from_checkpoint": "resumed from" in log,
+                    "healed_from_peer": "healed from a peer" in log,
+                    "survivor_longest_pause_s": pause,
+                }
+            )
+            print(
+                f"  kill {k}: first committed outer step {first['outer_step']} "
+                f"{first['time'] - t_kill:.1f}s after SIGKILL"
+            )
     finally:
         run.close()
-    return {"samples": samples, "median_s": bl.median(s["kill_to_first_commit_s"] for s in samples),
-            "survivor_pause_median_s": bl.median(s["survivor_longest_pause_s"] for s in samples), "args": args}
+    return {
+        "samples": samples,
+        "median_s": bl.median(s["kill_to_first_commit_s"] for s in samples),
+        "survivor_pause_median_s": bl.median(s["survivor_longest_pause_s"] for s in samples),
+        "args": args,
+    }
 
 
 def main() -> int:
@@ -262,8 +335,17 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="more repetitions, a larger model for memory")
     a = p.parse_args()
     started = time.time()
-    cfg = dict(model="small", seq_len=64, batch_size=4, H=10, outer_steps=20, reps=1, write_reps=6,
-               memory_models=["small"], kills=2)
+    cfg = dict(
+        model="small",
+        seq_len=64,
+        batch_size=4,
+        H=10,
+        outer_steps=20,
+        reps=1,
+        write_reps=6,
+        memory_models=["small"],
+        kills=2,
+    )
     if a.full:
         cfg.update(outer_steps=30, reps=2, write_reps=10, memory_models=["small", "medium"], kills=5)
     print(f"benchmark 4: durability and recovery costs (model {cfg['model']})")
@@ -278,31 +360,62 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rows = [["inner-loop slowdown while a checkpoint is written", f"{slow['slowdown_pct']:.1f}%",
-             f"median of {len(slow['paired_ratios'])} rounds against their neighbours; medians "
-             f"{slow['median_on']:.0f} vs {slow['median_off']:.0f} tokens/s", "<= 5%"],
-            ["checkpoint write throughput vs raw fsspec write", f"{thr['ratio_pct']:.0f}%",
-             f"{thr['ours_mb_s']:.0f} vs {thr['raw_mb_s']:.0f} MB/s for {thr['bytes'] / 1e6:.0f} MB; of "
-             f"{1e3 * thr['bytes'] / 1e6 / thr['ours_mb_s']:.0f} ms: torch.save {1e3 * thr['serialise_s']:.0f} ms, "
-             f"sha256 {1e3 * thr['sha256_s']:.0f} ms", ">= 80%"]]
+    rows = [
+        [
+            "inner-loop slowdown while a checkpoint is written",
+            f"{slow['slowdown_pct']:.1f}%",
+            f"median of {len(slow['paired_ratios'])} rounds against their neighbours; medians "
+            f"{slow['median_on']:.0f} vs {slow['median_off']:.0f} tokens/s",
+            "<= 5%",
+        ],
+        [
+            "checkpoint write throughput vs raw fsspec write",
+            f"{thr['ratio_pct']:.0f}%",
+            f"{thr['ours_mb_s']:.0f} vs {thr['raw_mb_s']:.0f} MB/s for {thr['bytes'] / 1e6:.0f} MB; of "
+            f"{1e3 * thr['bytes'] / 1e6 / thr['ours_mb_s']:.0f} ms: torch.save {1e3 * thr['serialise_s']:.0f} ms, "
+            f"sha256 {1e3 * thr['sha256_s']:.0f} ms",
+            ">= 80%",
+        ],
+    ]
     for m in mem["models"]:
-        rows.append([f"host memory DiLoCo adds ({m['preset']}, {m['param_bytes'] / 1e6:.0f} MB params)",
-                     f"{m['diloco_over_params']:.2f}x params",
-                     f"backup alone {m['backup_over_params']:.2f}x; tensors held {m['tensors_held_over_params']:.2f}x; "
-                     f"a sync transiently adds {m['peak_over_params']:.2f}x; Manager {m['manager_bytes'] / 1e6:.0f} MB",
-                     "~2x"])
+        rows.append(
+            [
+                f"host memory DiLoCo adds ({m['preset']}, {m['param_bytes'] / 1e6:.0f} MB params)",
+                f"{m['diloco_over_params']:.2f}x params",
+                f"backup alone {m['backup_over_params']:.2f}x; tensors held {m['tensors_held_over_params']:.2f}x; "
+                f"a sync transiently adds {m['peak_over_params']:.2f}x; Manager {m['manager_bytes'] / 1e6:.0f} MB",
+                "~2x",
+            ]
+        )
     for how, r in rec.items():
-        rows.append([f"SIGKILL to first committed outer step after restart ({how})", f"{r['median_s']:.1f} s",
-                     f"median of {len(r['samples'])}; resumed from checkpoint: "
-                     f"{all(s['resumed_from_checkpoint'] for s in r['samples'])}, healed from peer: "
-                     f"{all(s['healed_from_peer'] for s in r['samples'])}; survivor paused "
-                     f"{bl.fmt(r['survivor_pause_median_s'], 1)} s", "-"])
+        rows.append(
+            [
+                f"SIGKILL to first committed outer step after restart ({how})",
+                f"{r['median_s']:.1f} s",
+                f"median of {len(r['samples'])}; resumed from checkpoint: "
+                f"{all(s['resumed_from_checkpoint'] for s in r['samples'])}, healed from peer: "
+                f"{all(s['healed_from_peer'] for s in r['samples'])}; survivor paused "
+                f"{bl.fmt(r['survivor_pause_median_s'], 1)} s",
+                "-",
+            ]
+        )
     print(bl.table(["cost", "measured", "detail", "goal"], rows))
-    bl.write_result("durability", {
-        "config": cfg, "slowdown": slow, "throughput": thr, "memory": mem, "recovery": rec,
-        "goals": {"slowdown<=5%": slow["slowdown_pct"] <= 5, "throughput>=80%": thr["ratio_pct"] >= 80,
-                  "memory~2x": all(1.5 <= m["diloco_over_params"] <= 2.5 for m in mem["models"])},
-    }, started)
+    bl.write_result(
+        "durability",
+        {
+            "config": cfg,
+            "slowdown": slow,
+            "throughput": thr,
+            "memory": mem,
+            "recovery": rec,
+            "goals": {
+                "slowdown<=5%": slow["slowdown_pct"] <= 5,
+                "throughput>=80%": thr["ratio_pct"] >= 80,
+                "memory~2x": all(1.5 <= m["diloco_over_params"] <= 2.5 for m in mem["models"]),
+            },
+        },
+        started,
+    )
     return 0
 
 

@@ -36,13 +36,15 @@ def dp_stats(run: bl.Run, cfg: Dict[str, Any], skip: int) -> Dict[str, Any]:
         window = done[skip:]
         t0, t1 = done[skip - 1]["time"], window[-1]["time"]
         tx = netlab.bytes_between(run.tx_samples(g), t0, t1)
-        per_group.append({
-            "tokens_per_s": len(window) * cfg["batch_size"] * cfg["seq_len"] / (t1 - t0),
-            "utilisation": sum(r["compute_s"] for r in window) / sum(r["step_s"] for r in window),
-            "wait_s_per_inner_step": sum(r["step_s"] - r["compute_s"] for r in window) / len(window),
-            "bytes_per_inner_step": tx / len(window) if tx is not None else None,
-            "steps_measured": len(window),
-        })
+        per_group.append(
+            {
+                "tokens_per_s": len(window) * cfg["batch_size"] * cfg["seq_len"] / (t1 - t0),
+                "utilisation": sum(r["compute_s"] for r in window) / sum(r["step_s"] for r in window),
+                "wait_s_per_inner_step": sum(r["step_s"] - r["compute_s"] for r in window) / len(window),
+                "bytes_per_inner_step": tx / len(window) if tx is not None else None,
+                "steps_measured": len(window),
+            }
+        )
     return _mean(per_group)
 
 
@@ -57,14 +59,16 @@ def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int) -> Dict[str, Any]:
         # from just after the first commit to just after the last: the first round's traffic (and heal)
         # is over, the last round's is in, and both ends fall in compute time (no traffic but heartbeats)
         tx = netlab.bytes_between(run.tx_samples(g), done[0]["time"] + SETTLE_S, window[-1]["time"] + SETTLE_S)
-        per_group.append({
-            "tokens_per_s": sum(tokens for _ in window) / sum(windows_s),
-            "utilisation": 1 - sum(r["sync_s"] for r in window) / sum(windows_s),
-            "wait_s_per_inner_step": sum(r["sync_s"] for r in window) / (H * len(window)),
-            "bytes_per_inner_step": tx / (H * len(window)) if tx is not None else None,
-            "steps_measured": H * len(window),
-            "first_sync_s": done[0]["sync_s"],
-        })
+        per_group.append(
+            {
+                "tokens_per_s": sum(tokens for _ in window) / sum(windows_s),
+                "utilisation": 1 - sum(r["sync_s"] for r in window) / sum(windows_s),
+                "wait_s_per_inner_step": sum(r["sync_s"] for r in window) / (H * len(window)),
+                "bytes_per_inner_step": tx / (H * len(window)) if tx is not None else None,
+                "steps_measured": H * len(window),
+                "first_sync_s": done[0]["sync_s"],
+            }
+        )
     return _mean(per_group)
 
 
@@ -81,8 +85,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the short version (default)")
     p.add_argument("--full", action="store_true", help="more inner steps, H up to 250")
-    p.add_argument("--rate", action="append", default=None,
-                   help="tbf rate of the shaped link (repeatable; default 100mbit); 'none' = unshaped")
+    p.add_argument(
+        "--rate",
+        action="append",
+        default=None,
+        help="tbf rate of the shaped link (repeatable; default 100mbit); 'none' = unshaped",
+    )
     a = p.parse_args()
     started = time.time()
     why = netlab.available()
@@ -98,8 +106,10 @@ def main() -> int:
     params = bl.model_params(cfg["model"], cfg["seq_len"])
     model_bytes = 4 * params
     common = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"])]
-    print(f"benchmark 2: DP vs DiLoCo over a shaped link, model {cfg['model']} ({params / 1e6:.2f}M params, "
-          f"{model_bytes / 1e6:.1f} MB), 2 groups, {cfg['steps']} inner steps each, links {', '.join(rates)}")
+    print(
+        f"benchmark 2: DP vs DiLoCo over a shaped link, model {cfg['model']} ({params / 1e6:.2f}M params, "
+        f"{model_bytes / 1e6:.1f} MB), 2 groups, {cfg['steps']} inner steps each, links {', '.join(rates)}"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench_link-"))
     results: List[Dict[str, Any]] = []
@@ -111,47 +121,104 @@ def main() -> int:
                     lab.shape(None if rate == "none" else rate)
                     tag = f"{rate}-{name.replace(' ', '').replace('=', '')}"
                     if H is None:
-                        run = bl.Run(work / tag, 2, [*common, "--steps", str(cfg["steps"])], lab=lab,
-                                     script=DP_WORKER).wait(timeout=900)
+                        run = bl.Run(
+                            work / tag, 2, [*common, "--steps", str(cfg["steps"])], lab=lab, script=DP_WORKER
+                        ).wait(timeout=900)
                         stats = dp_stats(run, cfg, cfg["dp_skip"])
                         expected = model_bytes  # a 2-member ring all-reduce sends the buffer once per step
                     else:
                         outer = cfg["steps"] // H
-                        run = bl.Run(work / tag, 2, [*common, "--sync-every", str(H), "--outer-steps", str(outer),
-                                                     "--eval-batches", "0", "--checkpoint-every", "1000000",
-                                                     "--min-replicas", "2"], lab=lab).wait(timeout=900)
+                        run = bl.Run(
+                            work / tag,
+                            2,
+                            [
+                                *common,
+                                "--sync-every",
+                                str(H),
+                                "--outer-steps",
+                                str(outer),
+                                "--eval-batches",
+                                "0",
+                                "--checkpoint-every",
+                                "1000000",
+                                "--min-replicas",
+                                "2",
+                            ],
+                            lab=lab,
+                        ).wait(timeout=900)
                         stats = diloco_stats(run, cfg, H)
                         expected = model_bytes / H
-                    row = {"link": rate, "method": name, "H": H, "wall_s": run.wall_s,
-                           "expected_bytes_per_inner_step": expected, **stats}
+                    row = {
+                        "link": rate,
+                        "method": name,
+                        "H": H,
+                        "wall_s": run.wall_s,
+                        "expected_bytes_per_inner_step": expected,
+                        **stats,
+                    }
                     results.append(row)
-                    print(f"  {rate:8s} {name:14s} {stats['tokens_per_s']:8.0f} tok/s  util "
-                          f"{100 * stats['utilisation']:5.1f}%  {bl.fmt(stats['bytes_per_inner_step'])} B/step  "
-                          f"(wall {run.wall_s:.0f}s)")
+                    print(
+                        f"  {rate:8s} {name:14s} {stats['tokens_per_s']:8.0f} tok/s  util "
+                        f"{100 * stats['utilisation']:5.1f}%  {bl.fmt(stats['bytes_per_inner_step'])} B/step  "
+                        f"(wall {run.wall_s:.0f}s)"
+                    )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     results.sort(key=lambda r: (rates.index(r["link"]), 0 if r["H"] is None else r["H"]))
-    rows = [[r["link"], r["method"], r["tokens_per_s"], 100 * r["utilisation"], 1e3 * r["wait_s_per_inner_step"],
-             r["bytes_per_inner_step"] / 1e3 if r["bytes_per_inner_step"] is not None else None,
-             r["expected_bytes_per_inner_step"] / 1e3,
-             r["bytes_per_inner_step"] / r["expected_bytes_per_inner_step"] if r["bytes_per_inner_step"] else None]
-            for r in results]
-    print(bl.table(["link", "method", "tokens/s per group", "compute util %", "ms waiting per inner step",
-                    "kB sent per inner step",
-                    "model kB / H", "measured / expected"], rows, digits=2))
+    rows = [
+        [
+            r["link"],
+            r["method"],
+            r["tokens_per_s"],
+            100 * r["utilisation"],
+            1e3 * r["wait_s_per_inner_step"],
+            r["bytes_per_inner_step"] / 1e3 if r["bytes_per_inner_step"] is not None else None,
+            r["expected_bytes_per_inner_step"] / 1e3,
+            r["bytes_per_inner_step"] / r["expected_bytes_per_inner_step"] if r["bytes_per_inner_step"] else None,
+        ]
+        for r in results
+    ]
+    print(
+        bl.table(
+            [
+                "link",
+                "method",
+                "tokens/s per group",
+                "compute util %",
+                "ms waiting per inner step",
+                "kB sent per inner step",
+                "model kB / H",
+                "measured / expected",
+            ],
+            rows,
+            digits=2,
+        )
+    )
     shaped = [r for r in results if r["link"] != "none"]
     goals = {}
     for rate in {r["link"] for r in shaped}:
         dp = next(r for r in shaped if r["link"] == rate and r["H"] is None)
         best = max((r for r in shaped if r["link"] == rate and r["H"]), key=lambda r: r["utilisation"])
-        goals[f"{rate}: DiLoCo H={best['H']} util >= 90% (DP {100 * dp['utilisation']:.0f}%)"] = \
+        goals[f"{rate}: DiLoCo H={best['H']} util >= 90% (DP {100 * dp['utilisation']:.0f}%)"] = (
             best["utilisation"] >= 0.9
-    bl.write_result("link", {
-        "config": {**cfg, "params": params, "model_bytes": model_bytes, "groups": 2, "rates": rates,
-                   "shaping": "tc tbf on both ends of each group's veth (burst 256kb, latency 50ms); no netem"},
-        "results": results, "goals": goals,
-    }, started)
+        )
+    bl.write_result(
+        "link",
+        {
+            "config": {
+                **cfg,
+                "params": params,
+                "model_bytes": model_bytes,
+                "groups": 2,
+                "rates": rates,
+                "shaping": "tc tbf on both ends of each group's veth (burst 256kb, latency 50ms); no netem",
+            },
+            "results": results,
+            "goals": goals,
+        },
+        started,
+    )
     return 0
 
 

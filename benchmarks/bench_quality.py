@@ -31,8 +31,11 @@ def curve_dp(records: List[Dict[str, Any]], tokens_per_step: int) -> List[tuple]
 
 
 def curve_diloco(records: List[Dict[str, Any]], tokens_per_outer: int) -> List[tuple]:
-    return [(r["outer_step"] * tokens_per_outer, r["eval_loss"]) for r in bl.committed(records)
-            if r.get("eval_loss") is not None]
+    return [
+        (r["outer_step"] * tokens_per_outer, r["eval_loss"])
+        for r in bl.committed(records)
+        if r.get("eval_loss") is not None
+    ]
 
 
 def plot(curves: Dict[str, List[tuple]], title: str, path: Path) -> None:
@@ -42,15 +45,27 @@ def plot(curves: Dict[str, List[tuple]], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=130)
-    styles = {"single group (4x batch)": ("k", "--"), "data-parallel, 4 groups": ("tab:blue", "-"),
-              "DiLoCo H=10, 4 groups": ("tab:orange", "-"), "DiLoCo H=50, 4 groups": ("tab:red", "-")}
+    styles = {
+        "single group (4x batch)": ("k", "--"),
+        "data-parallel, 4 groups": ("tab:blue", "-"),
+        "DiLoCo H=10, 4 groups": ("tab:orange", "-"),
+        "DiLoCo H=50, 4 groups": ("tab:red", "-"),
+    }
     for name, pts in curves.items():
         if not pts:
             continue
         color, ls = styles.get(name, (None, "-"))
         xs, ys = zip(*pts, strict=True)
-        ax.plot([x / 1e6 for x in xs], ys, ls, color=color, label=name, lw=1.8,
-                marker="o" if len(pts) < 15 else None, ms=3.5)
+        ax.plot(
+            [x / 1e6 for x in xs],
+            ys,
+            ls,
+            color=color,
+            label=name,
+            lw=1.8,
+            marker="o" if len(pts) < 15 else None,
+            ms=3.5,
+        )
     ax.set_xlabel("training tokens, all groups (millions)")
     ax.set_ylabel("eval loss (held-out pydoc bytes)")
     ax.set_title(title, fontsize=10)
@@ -69,23 +84,34 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="a longer run at the default sequence length")
     a = p.parse_args()
     started = time.time()
-    cfg = dict(model="tiny", seq_len=128, batch_size=8, steps=2000, H=[10, 50], eval_batches=8) if a.full else \
-        dict(model="tiny", seq_len=64, batch_size=8, steps=400, H=[10, 50], eval_batches=8)
+    cfg = (
+        dict(model="tiny", seq_len=128, batch_size=8, steps=2000, H=[10, 50], eval_batches=8)
+        if a.full
+        else dict(model="tiny", seq_len=64, batch_size=8, steps=400, H=[10, 50], eval_batches=8)
+    )
     params = bl.model_params(cfg["model"], cfg["seq_len"])
     buffer_bytes = 4 * params
     ring = 2 * (GROUPS - 1) / GROUPS
     common = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--seed", "0"]
     eval_every = max(1, cfg["steps"] // 40)
     step_tokens = cfg["batch_size"] * cfg["seq_len"] * GROUPS
-    print(f"benchmark 3: eval loss at equal tokens, model {cfg['model']} ({params / 1e6:.2f}M params), "
-          f"{cfg['steps']} steps x {GROUPS} x {cfg['batch_size']} x {cfg['seq_len']} = "
-          f"{cfg['steps'] * step_tokens / 1e6:.2f}M tokens")
+    print(
+        f"benchmark 3: eval loss at equal tokens, model {cfg['model']} ({params / 1e6:.2f}M params), "
+        f"{cfg['steps']} steps x {GROUPS} x {cfg['batch_size']} x {cfg['seq_len']} = "
+        f"{cfg['steps'] * step_tokens / 1e6:.2f}M tokens"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench_quality-"))
     rows, curves, runs = [], {}, {}
     try:
-        eval_args = ["--eval-every", str(eval_every), "--eval-batches", str(cfg["eval_batches"]),
-                     "--eval-batch-size", str(cfg["batch_size"])]
+        eval_args = [
+            "--eval-every",
+            str(eval_every),
+            "--eval-batches",
+            str(cfg["eval_batches"]),
+            "--eval-batch-size",
+            str(cfg["batch_size"]),
+        ]
         plan = [
             ("single group (4x batch)", 1, None),
             ("data-parallel, 4 groups", GROUPS, None),
@@ -95,16 +121,35 @@ def main() -> int:
             t = time.time()
             if H is None:
                 batch = cfg["batch_size"] * GROUPS // groups
-                run = bl.Run(work / f"dp{groups}", groups, [*common, "--steps", str(cfg["steps"]), "--batch-size",
-                                                           str(batch), *eval_args], script=DP_WORKER).wait(1800)
+                run = bl.Run(
+                    work / f"dp{groups}",
+                    groups,
+                    [*common, "--steps", str(cfg["steps"]), "--batch-size", str(batch), *eval_args],
+                    script=DP_WORKER,
+                ).wait(1800)
                 records = run.metrics[0]
                 curve = curve_dp(records, step_tokens)
                 sent = 0 if groups == 1 else cfg["steps"] * ring * buffer_bytes
             else:
-                run = bl.Run(work / f"diloco{H}", groups, [
-                    *common, "--batch-size", str(cfg["batch_size"]), "--sync-every", str(H), "--outer-steps",
-                    str(cfg["steps"] // H), "--eval-batches", str(cfg["eval_batches"]), "--checkpoint-every",
-                    "1000000", "--min-replicas", str(groups)]).wait(1800)
+                run = bl.Run(
+                    work / f"diloco{H}",
+                    groups,
+                    [
+                        *common,
+                        "--batch-size",
+                        str(cfg["batch_size"]),
+                        "--sync-every",
+                        str(H),
+                        "--outer-steps",
+                        str(cfg["steps"] // H),
+                        "--eval-batches",
+                        str(cfg["eval_batches"]),
+                        "--checkpoint-every",
+                        "1000000",
+                        "--min-replicas",
+                        str(groups),
+                    ],
+                ).wait(1800)
                 records = run.metrics[0]
                 curve = curve_diloco(records, H * step_tokens)
                 sent = cfg["steps"] // H * ring * (buffer_bytes + 4)
@@ -112,34 +157,65 @@ def main() -> int:
             runs[name] = {"wall_s": round(time.time() - t, 1), "curve": curve, "bytes_sent_per_group": sent}
             final = curve[-1][1] if curve else None
             rows.append([name, final, sent / 1e6])
-            print(f"  {name:26s} eval loss {bl.fmt(final)}  sent/group {sent / 1e6:9.1f} MB  "
-                  f"(wall {time.time() - t:.0f}s)")
+            print(
+                f"  {name:26s} eval loss {bl.fmt(final)}  sent/group {sent / 1e6:9.1f} MB  "
+                f"(wall {time.time() - t:.0f}s)"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     dp_loss = rows[1][1]
     dp_bytes = rows[1][2]
-    table_rows = [[name, loss, bl.ratio(loss, dp_loss) and 100 * (loss / dp_loss - 1), mb,
-                   bl.ratio(dp_bytes, mb) if mb else None] for name, loss, mb in rows]
-    print(bl.table(["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"],
-                   table_rows, digits=3))
+    table_rows = [
+        [name, loss, bl.ratio(loss, dp_loss) and 100 * (loss / dp_loss - 1), mb, bl.ratio(dp_bytes, mb) if mb else None]
+        for name, loss, mb in rows
+    ]
+    print(
+        bl.table(
+            ["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"], table_rows, digits=3
+        )
+    )
     png = bl.RESULTS / ("loss_vs_tokens-full.png" if a.full else "loss_vs_tokens.png")
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(curves, f"GPT {cfg['model']} ({params / 1e6:.2f}M params) on pydoc, seq {cfg['seq_len']}, "
-                 f"{GROUPS} groups x batch {cfg['batch_size']}", png)
+    plot(
+        curves,
+        f"GPT {cfg['model']} ({params / 1e6:.2f}M params) on pydoc, seq {cfg['seq_len']}, "
+        f"{GROUPS} groups x batch {cfg['batch_size']}",
+        png,
+    )
     print(f"wrote {bl.rel(str(png))}")
     goals = {}
     for name, loss, mb in rows[2:]:
-        goals[f"{name}: within 2% of DP eval loss"] = (loss is not None and dp_loss is not None
-                                                      and loss <= 1.02 * dp_loss)
+        goals[f"{name}: within 2% of DP eval loss"] = (
+            loss is not None and dp_loss is not None and loss <= 1.02 * dp_loss
+        )
         goals[f"{name}: >= 50x fewer bytes than DP"] = bool(mb) and dp_bytes / mb >= 50
-    bl.write_result("quality", {
-        "config": {**cfg, "params": params, "groups": GROUPS, "eval_every_dp": eval_every,
-                   "bytes_model": "ring all-reduce: 2(n-1)/n x 4 bytes x params per all-reduce"},
-        "results": [{"method": r[0], "final_eval_loss": r[1], "vs_dp_pct": r[2], "mb_sent_per_group": r[3],
-                     "dp_bytes_over_bytes": r[4]} for r in table_rows],
-        "runs": runs, "goals": goals, "png": bl.rel(str(png)),
-    }, started)
+    bl.write_result(
+        "quality",
+        {
+            "config": {
+                **cfg,
+                "params": params,
+                "groups": GROUPS,
+                "eval_every_dp": eval_every,
+                "bytes_model": "ring all-reduce: 2(n-1)/n x 4 bytes x params per all-reduce",
+            },
+            "results": [
+                {
+                    "method": r[0],
+                    "final_eval_loss": r[1],
+                    "vs_dp_pct": r[2],
+                    "mb_sent_per_group": r[3],
+                    "dp_bytes_over_bytes": r[4],
+                }
+                for r in table_rows
+            ],
+            "runs": runs,
+            "goals": goals,
+            "png": bl.rel(str(png)),
+        },
+        started,
+    )
     return 0
 
 

@@ -41,16 +41,38 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=None, help="runs per implementation")
     a = p.parse_args()
     started = time.time()
-    cfg = dict(model="small", seq_len=128, batch_size=8, H=10, outer_steps=5, reps=3) if a.full else \
-        dict(model="small", seq_len=64, batch_size=4, H=10, outer_steps=4, reps=2)
+    cfg = (
+        dict(model="small", seq_len=128, batch_size=8, H=10, outer_steps=5, reps=3)
+        if a.full
+        else dict(model="small", seq_len=64, batch_size=4, H=10, outer_steps=4, reps=2)
+    )
     if a.reps:
         cfg["reps"] = a.reps
-    args = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"]),
-            "--sync-every", str(cfg["H"]), "--outer-steps", str(cfg["outer_steps"]), "--eval-batches", "0",
-            "--checkpoint-every", "1000000", "--min-replicas", "2", "--seed", "1"]
+    args = [
+        "--model",
+        cfg["model"],
+        "--seq-len",
+        str(cfg["seq_len"]),
+        "--batch-size",
+        str(cfg["batch_size"]),
+        "--sync-every",
+        str(cfg["H"]),
+        "--outer-steps",
+        str(cfg["outer_steps"]),
+        "--eval-batches",
+        "0",
+        "--checkpoint-every",
+        "1000000",
+        "--min-replicas",
+        "2",
+        "--seed",
+        "1",
+    ]
     params = bl.model_params(cfg["model"], cfg["seq_len"])
-    print(f"benchmark 1: torchx_diloco vs torchft DiLoCo, model {cfg['model']} ({params / 1e6:.1f}M params), "
-          f"2 groups, H={cfg['H']}, {cfg['outer_steps']} outer steps, {cfg['reps']} runs each, interleaved")
+    print(
+        f"benchmark 1: torchx_diloco vs torchft DiLoCo, model {cfg['model']} ({params / 1e6:.1f}M params), "
+        f"2 groups, H={cfg['H']}, {cfg['outer_steps']} outer steps, {cfg['reps']} runs each, interleaved"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="bench_vs_torchft-"))
     rounds = {impl: [] for impl in IMPLS}
@@ -59,7 +81,7 @@ def main() -> int:
     try:
         for rep in range(cfg["reps"]):
             finals = {}
-            for impl in (IMPLS if rep % 2 == 0 else IMPLS[::-1]):  # A B, B A, ...: no side always goes first
+            for impl in IMPLS if rep % 2 == 0 else IMPLS[::-1]:  # A B, B A, ...: no side always goes first
                 run = bl.Run(work / f"{impl}-{rep}", 2, [*args, "--impl", impl]).wait(timeout=900)
                 tokens = cfg["H"] * cfg["batch_size"] * cfg["seq_len"]
                 shas = set()
@@ -71,8 +93,7 @@ def main() -> int:
                         syncs[impl].append(r["sync_s"])
                     shas.add(done[-1]["weights_sha"])
                 finals[impl] = final_global_weights(run.workdir / "ckpt", cfg["outer_steps"])
-                runs.append({"impl": impl, "rep": rep, "wall_s": round(run.wall_s, 2),
-                             "groups_agree": len(shas) == 1})
+                runs.append({"impl": impl, "rep": rep, "wall_s": round(run.wall_s, 2), "groups_agree": len(shas) == 1})
                 print(f"  run {rep} {impl:14s} wall {run.wall_s:6.1f}s  groups agree: {len(shas) == 1}")
             diffs.append(max_abs_diff(finals["torchx_diloco"], finals["torchft"]))
     finally:
@@ -80,26 +101,44 @@ def main() -> int:
 
     med = {impl: (bl.median(rounds[impl]), bl.median(syncs[impl])) for impl in IMPLS}
     rows = [
-        ["seconds per outer round (median)", med["torchx_diloco"][0], med["torchft"][0],
-         bl.ratio(med["torchx_diloco"][0], med["torchft"][0])],
-        ["seconds per sync (median)", med["torchx_diloco"][1], med["torchft"][1],
-         bl.ratio(med["torchx_diloco"][1], med["torchft"][1])],
+        [
+            "seconds per outer round (median)",
+            med["torchx_diloco"][0],
+            med["torchft"][0],
+            bl.ratio(med["torchx_diloco"][0], med["torchft"][0]),
+        ],
+        [
+            "seconds per sync (median)",
+            med["torchx_diloco"][1],
+            med["torchft"][1],
+            bl.ratio(med["torchx_diloco"][1], med["torchft"][1]),
+        ],
     ]
     print(bl.table(["", "torchx_diloco", "torchft", "ours / torchft"], rows))
-    print(f"max |global weights ours - torchft's| after {cfg['outer_steps']} outer steps: "
-          f"{', '.join(f'{d:.2e}' for d in diffs)}")
-    bl.write_result("vs_torchft", {
-        "config": {**cfg, "params": params, "groups": 2, "args": args},
-        "seconds_per_round": {impl: rounds[impl] for impl in IMPLS},
-        "seconds_per_sync": {impl: syncs[impl] for impl in IMPLS},
-        "median_round_s": {impl: med[impl][0] for impl in IMPLS},
-        "median_sync_s": {impl: med[impl][1] for impl in IMPLS},
-        "round_ratio": rows[0][3], "sync_ratio": rows[1][3],
-        "max_abs_weight_diff": diffs, "runs": runs,
-        "goals": {"round_ratio<=1": rows[0][3] is not None and rows[0][3] <= 1.0,
-                  "sync_ratio<=1": rows[1][3] is not None and rows[1][3] <= 1.0,
-                  "weights_within_1e-5": max(diffs) <= 1e-5},
-    }, started)
+    print(
+        f"max |global weights ours - torchft's| after {cfg['outer_steps']} outer steps: "
+        f"{', '.join(f'{d:.2e}' for d in diffs)}"
+    )
+    bl.write_result(
+        "vs_torchft",
+        {
+            "config": {**cfg, "params": params, "groups": 2, "args": args},
+            "seconds_per_round": {impl: rounds[impl] for impl in IMPLS},
+            "seconds_per_sync": {impl: syncs[impl] for impl in IMPLS},
+            "median_round_s": {impl: med[impl][0] for impl in IMPLS},
+            "median_sync_s": {impl: med[impl][1] for impl in IMPLS},
+            "round_ratio": rows[0][3],
+            "sync_ratio": rows[1][3],
+            "max_abs_weight_diff": diffs,
+            "runs": runs,
+            "goals": {
+                "round_ratio<=1": rows[0][3] is not None and rows[0][3] <= 1.0,
+                "sync_ratio<=1": rows[1][3] is not None and rows[1][3] <= 1.0,
+                "weights_within_1e-5": max(diffs) <= 1e-5,
+            },
+        },
+        started,
+    )
     return 0
 
 

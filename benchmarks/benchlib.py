@@ -37,11 +37,19 @@ def group_env(group: int, groups: int, lighthouse: str) -> Dict[str, str]:
     return env
 
 
-def start_lighthouse(log_dir: Path, min_replicas: int, netns: Optional[str] = None, host: str = "127.0.0.1",
-                     idle_exit: float = 5.0) -> Tuple[Lighthouse, str]:
+def start_lighthouse(
+    log_dir: Path, min_replicas: int, netns: Optional[str] = None, host: str = "127.0.0.1", idle_exit: float = 5.0
+) -> Tuple[Lighthouse, str]:
     """``python -m torchx_diloco.lighthouse`` (in ``netns`` if given); returns (the lighthouse, its URL)."""
-    lighthouse = Lighthouse(log_dir, min_replicas, idle_exit=idle_exit, netns=netns, host=host, timeout=60,
-                            env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    lighthouse = Lighthouse(
+        log_dir,
+        min_replicas,
+        idle_exit=idle_exit,
+        netns=netns,
+        host=host,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
     return lighthouse, lighthouse.url
 
 
@@ -67,6 +75,7 @@ def machine() -> Dict[str, Any]:
 
     try:
         from importlib.metadata import version
+
         torchft_version = version("torchft")
     except Exception:  # noqa: BLE001 - a version is nice to have, not needed
         torchft_version = "unknown"
@@ -122,7 +131,7 @@ def fmt(x: Any, digits: int = 3) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
-        if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** -digits):
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 10**-digits):
             return f"{x:.{digits}g}" if abs(x) >= 1e5 else f"{x:.2e}"
         return f"{x:.{digits}f}"
     return str(x)
@@ -145,8 +154,15 @@ def model_params(preset: str, seq_len: int) -> int:
 class Run:
     """One run of ``groups`` replica groups against a fresh lighthouse; ``metrics[g]`` after :meth:`wait`."""
 
-    def __init__(self, workdir: Path, groups: int, args: Sequence[str], min_replicas: Optional[int] = None,
-                 lab: Any = None, script: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        groups: int,
+        args: Sequence[str],
+        min_replicas: Optional[int] = None,
+        lab: Any = None,
+        script: Optional[str] = None,
+    ) -> None:
         """``script``: a worker script instead of the training module (it gets ``--out <jsonl>``)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -156,8 +172,7 @@ class Run:
         if lab is not None:
             from netlab import HUB, HUB_ADDR
 
-            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups, netns=HUB,
-                                                         host=HUB_ADDR)
+            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups, netns=HUB, host=HUB_ADDR)
         else:
             self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups)
         self.samplers = [Proc(lab.sampler_argv(g), self.workdir / f"tx{g}.log") for g in range(groups)] if lab else []
@@ -181,8 +196,12 @@ class Run:
         return [PYTHON, *body]
 
     def start_group(self, g: int, args: Sequence[str], tag: str = "") -> Proc:
-        return Proc(self.group_argv(g, args), self.workdir / f"group{g}{tag}.log",
-                    env=group_env(g, self.groups, self.url), cwd=self.workdir)
+        return Proc(
+            self.group_argv(g, args),
+            self.workdir / f"group{g}{tag}.log",
+            env=group_env(g, self.groups, self.url),
+            cwd=self.workdir,
+        )
 
     def wait(self, timeout: float = 600) -> "Run":
         try:

@@ -53,8 +53,7 @@ def main() -> int:
     data_seed = a.seed * 7919 + group  # as torchx_diloco.train draws batches
     torch.manual_seed(a.seed)
     model = build_model(a.model, block_size=a.seq_len)
-    opt, _ = build_optimizers(model, inner_lr=a.inner_lr, outer_lr=1.0, outer_momentum=0.0,
-                              weight_decay=a.weight_decay)
+    opt, _ = build_optimizers(model, inner_lr=a.inner_lr, outer_lr=1.0, outer_momentum=0.0, weight_decay=a.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
 
     store_kwargs = {}
@@ -65,19 +64,30 @@ def main() -> int:
         store_kwargs = dict(store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
     timeout = timedelta(seconds=120)
     manager = Manager(
-        pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None, min_replica_size=groups,
-        use_async_quorum=True, replica_id=f"dp_group_{group}", timeout=timeout, quorum_timeout=timeout,
-        connect_timeout=timeout, **store_kwargs,
+        pg=ProcessGroupGloo(timeout=timeout),
+        load_state_dict=None,
+        state_dict=None,
+        min_replica_size=groups,
+        use_async_quorum=True,
+        replica_id=f"dp_group_{group}",
+        timeout=timeout,
+        quorum_timeout=timeout,
+        connect_timeout=timeout,
+        **store_kwargs,
     )
     manager.register_state_dict_fn(
-        "dp", lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["opt"])),
-        lambda: {"model": model.state_dict(), "opt": opt.state_dict()})
+        "dp",
+        lambda sd: (model.load_state_dict(sd["model"]), opt.load_state_dict(sd["opt"])),
+        lambda: {"model": model.state_dict(), "opt": opt.state_dict()},
+    )
 
     def evaluate() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [model(x, y)[1].item() for x, y in
-                      eval_batches(corpus.eval, a.eval_batch_size or a.batch_size, a.seq_len, a.eval_batches)]
+            losses = [
+                model(x, y)[1].item()
+                for x, y in eval_batches(corpus.eval, a.eval_batch_size or a.batch_size, a.seq_len, a.eval_batches)
+            ]
         model.train()
         return sum(losses) / len(losses)
 
@@ -97,7 +107,7 @@ def main() -> int:
         manager.allreduce(flat).wait()  # the average over the participating groups
         offset = 0
         for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
         ok = manager.should_commit()
         t2 = time.perf_counter()
@@ -108,9 +118,17 @@ def main() -> int:
             step += 1
         opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        record = {"step": manager.current_step(), "committed": ok, "time": time.time(), "loss": loss.item(),
-                  "compute_s": (t1 - t0) + (t3 - t2), "comm_s": t2 - t1, "step_s": t3 - t0,
-                  "tokens": a.batch_size * a.seq_len, "grad_bytes": 4 * numel}
+        record = {
+            "step": manager.current_step(),
+            "committed": ok,
+            "time": time.time(),
+            "loss": loss.item(),
+            "compute_s": (t1 - t0) + (t3 - t2),
+            "comm_s": t2 - t1,
+            "step_s": t3 - t0,
+            "tokens": a.batch_size * a.seq_len,
+            "grad_bytes": 4 * numel,
+        }
         done = manager.current_step() >= a.steps
         if ok and (done or (a.eval_every and manager.current_step() % a.eval_every == 0)):
             record["eval_loss"] = evaluate()

@@ -88,8 +88,11 @@ class Lab:
         return f"dlb-g{g}h"
 
     def _build(self) -> None:
-        hosts = "127.0.0.1 localhost\n" + f"{HUB_ADDR} dlb-hub\n" + "".join(
-            f"{self.addr(g)} {self.hostname(g)}\n" for g in range(self.groups))
+        hosts = (
+            "127.0.0.1 localhost\n"
+            + f"{HUB_ADDR} dlb-hub\n"
+            + "".join(f"{self.addr(g)} {self.hostname(g)}\n" for g in range(self.groups))
+        )
         for name in [HUB, *(self.ns(g) for g in range(self.groups))]:
             (ETC_NETNS / name).mkdir(parents=True, exist_ok=True)
             (ETC_NETNS / name / "hosts").write_text(hosts)
@@ -101,8 +104,7 @@ class Lab:
         _sh("ip", "link", "set", "br0", "up", ns=HUB)
         for g in range(self.groups):
             inner, outer = self.iface(g), self.hub_iface(g)
-            _sh("ip", "link", "add", inner, "netns", self.ns(g), "type", "veth", "peer", "name", outer,
-                "netns", HUB)
+            _sh("ip", "link", "add", inner, "netns", self.ns(g), "type", "veth", "peer", "name", outer, "netns", HUB)
             _sh("ip", "link", "set", outer, "master", "br0", ns=HUB)
             _sh("ip", "link", "set", outer, "up", ns=HUB)
             _sh("ip", "addr", "add", f"{self.addr(g)}/24", "dev", inner, ns=self.ns(g))
@@ -114,16 +116,32 @@ class Lab:
             for ns, dev in ((self.ns(g), self.iface(g)), (HUB, self.hub_iface(g))):
                 _sh("tc", "qdisc", "del", "dev", dev, "root", ns=ns, check=False)
                 if rate:  # a burst of 256 KiB holds a whole GSO segment; 50 ms of queue
-                    _sh("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "256kb",
-                        "latency", "50ms", ns=ns)
+                    _sh(
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        "256kb",
+                        "latency",
+                        "50ms",
+                        ns=ns,
+                    )
 
     def tx_bytes(self, g: int) -> int:
         return int(_sh("cat", f"/sys/class/net/{self.iface(g)}/statistics/tx_bytes", ns=self.ns(g)))
 
     def sampler_argv(self, g: int, period: float = 0.05) -> List[str]:
         """A process inside group g's namespace printing 'unix_time tx_bytes' every ``period`` seconds."""
-        script = (f"while :; do read b < /sys/class/net/{self.iface(g)}/statistics/tx_bytes; "
-                  f"echo \"$EPOCHREALTIME $b\"; sleep {period}; done")
+        script = (
+            f"while :; do read b < /sys/class/net/{self.iface(g)}/statistics/tx_bytes; "
+            f'echo "$EPOCHREALTIME $b"; sleep {period}; done'
+        )
         return ["ip", "netns", "exec", self.ns(g), "bash", "-c", script]
 
     def close(self) -> None:
@@ -164,4 +182,3 @@ def bytes_between(samples: List[tuple], t0: float, t1: float) -> Optional[int]:
     if not before or not after:
         return None
     return after[0] - before[-1]
-

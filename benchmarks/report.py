@@ -18,30 +18,63 @@ def load(name: str):
 
 def vs_torchft(d) -> str:
     c = d["config"]
-    rows = [["seconds per outer round (median)", d["median_round_s"]["torchx_diloco"], d["median_round_s"]["torchft"],
-             d["round_ratio"]],
-            ["seconds per sync (median)", d["median_sync_s"]["torchx_diloco"], d["median_sync_s"]["torchft"],
-             d["sync_ratio"]]]
-    return (f"GPT `{c['model']}` ({c['params'] / 1e6:.1f}M parameters), 2 groups, H={c['H']}, {c['outer_steps']} outer "
-            f"steps, batch {c['batch_size']} x {c['seq_len']}, {c['reps']} runs per side, interleaved "
-            f"({d['date'][:10]}):\n\n"
-            + bl.table(["", "torchx_diloco", "torchft.local_sgd.DiLoCo", "ours / torchft"], rows)
-            + "\n\nLargest difference between the two runs' final global weights (from the checkpoints): "
-            + ", ".join(f"{x:.1e}" for x in d["max_abs_weight_diff"]) + ".")
+    rows = [
+        [
+            "seconds per outer round (median)",
+            d["median_round_s"]["torchx_diloco"],
+            d["median_round_s"]["torchft"],
+            d["round_ratio"],
+        ],
+        [
+            "seconds per sync (median)",
+            d["median_sync_s"]["torchx_diloco"],
+            d["median_sync_s"]["torchft"],
+            d["sync_ratio"],
+        ],
+    ]
+    return (
+        f"GPT `{c['model']}` ({c['params'] / 1e6:.1f}M parameters), 2 groups, H={c['H']}, {c['outer_steps']} outer "
+        f"steps, batch {c['batch_size']} x {c['seq_len']}, {c['reps']} runs per side, interleaved "
+        f"({d['date'][:10]}):\n\n"
+        + bl.table(["", "torchx_diloco", "torchft.local_sgd.DiLoCo", "ours / torchft"], rows)
+        + "\n\nLargest difference between the two runs' final global weights (from the checkpoints): "
+        + ", ".join(f"{x:.1e}" for x in d["max_abs_weight_diff"])
+        + "."
+    )
 
 
 def link(d) -> str:
     if "skipped" in d:
         return f"Skipped: {d['skipped']}"
     c = d["config"]
-    rows = [[r["link"] if r["link"] != "none" else "unshaped", r["method"], round(r["tokens_per_s"]),
-             f"{100 * r['utilisation']:.0f}%", f"{1e3 * _wait(r, c):.1f}",
-             f"{r['bytes_per_inner_step'] / 1e3:.0f}" if r["bytes_per_inner_step"] else "-",
-             f"{r['expected_bytes_per_inner_step'] / 1e3:.0f}"] for r in d["results"]]
-    return (f"GPT `{c['model']}` ({c['params'] / 1e6:.2f}M parameters, {c['model_bytes'] / 1e6:.1f} MB), 2 groups, "
-            f"{c['steps']} inner steps of batch {c['batch_size']} x {c['seq_len']} each ({d['date'][:10]}):\n\n"
-            + bl.table(["link", "method", "tokens/s per group", "compute utilisation",
-                        "ms waiting per inner step", "kB sent per inner step", "model kB / H"], rows))
+    rows = [
+        [
+            r["link"] if r["link"] != "none" else "unshaped",
+            r["method"],
+            round(r["tokens_per_s"]),
+            f"{100 * r['utilisation']:.0f}%",
+            f"{1e3 * _wait(r, c):.1f}",
+            f"{r['bytes_per_inner_step'] / 1e3:.0f}" if r["bytes_per_inner_step"] else "-",
+            f"{r['expected_bytes_per_inner_step'] / 1e3:.0f}",
+        ]
+        for r in d["results"]
+    ]
+    return (
+        f"GPT `{c['model']}` ({c['params'] / 1e6:.2f}M parameters, {c['model_bytes'] / 1e6:.1f} MB), 2 groups, "
+        f"{c['steps']} inner steps of batch {c['batch_size']} x {c['seq_len']} each ({d['date'][:10]}):\n\n"
+        + bl.table(
+            [
+                "link",
+                "method",
+                "tokens/s per group",
+                "compute utilisation",
+                "ms waiting per inner step",
+                "kB sent per inner step",
+                "model kB / H",
+            ],
+            rows,
+        )
+    )
 
 
 def _wait(r, c) -> float:
@@ -53,37 +86,66 @@ def _wait(r, c) -> float:
 
 def quality(d) -> str:
     c = d["config"]
-    rows = [[r["method"], r["final_eval_loss"], f"{r['vs_dp_pct']:+.1f}%" if r["vs_dp_pct"] is not None else "-",
-             f"{r['mb_sent_per_group']:.0f}", f"{r['dp_bytes_over_bytes']:.0f}x" if r["dp_bytes_over_bytes"] else "-"]
-            for r in d["results"]]
+    rows = [
+        [
+            r["method"],
+            r["final_eval_loss"],
+            f"{r['vs_dp_pct']:+.1f}%" if r["vs_dp_pct"] is not None else "-",
+            f"{r['mb_sent_per_group']:.0f}",
+            f"{r['dp_bytes_over_bytes']:.0f}x" if r["dp_bytes_over_bytes"] else "-",
+        ]
+        for r in d["results"]
+    ]
     tokens = c["steps"] * c["groups"] * c["batch_size"] * c["seq_len"]
-    return (f"GPT `{c['model']}` ({c['params'] / 1e6:.2f}M parameters), {tokens / 1e6:.2f}M tokens for every method "
-            f"({c['steps']} steps x {c['groups']} groups x batch {c['batch_size']} x {c['seq_len']}; the single "
-            f"group takes a 4x batch), eval on {c['eval_batches'] * c['batch_size']} held-out windows "
-            f"({d['date'][:10]}):\n\n"
-            + bl.table(["method", "final eval loss", "vs data-parallel", "MB sent per group", "fewer bytes than DP"],
-                       rows))
+    return (
+        f"GPT `{c['model']}` ({c['params'] / 1e6:.2f}M parameters), {tokens / 1e6:.2f}M tokens for every method "
+        f"({c['steps']} steps x {c['groups']} groups x batch {c['batch_size']} x {c['seq_len']}; the single "
+        f"group takes a 4x batch), eval on {c['eval_batches'] * c['batch_size']} held-out windows "
+        f"({d['date'][:10]}):\n\n"
+        + bl.table(["method", "final eval loss", "vs data-parallel", "MB sent per group", "fewer bytes than DP"], rows)
+    )
 
 
 def durability(d) -> str:
     s, t = d["slowdown"], d["throughput"]
-    rows = [["inner loop while a checkpoint is being written vs not", f"{s['slowdown_pct']:.1f}% slower",
-             f"median over {len(s['paired_ratios'])} rounds, each against its two neighbours; median tokens/s "
-             f"{s['median_on']:.0f} vs {s['median_off']:.0f}", "<= 5%"],
-            ["`CheckpointStore.write_part` vs raw `fs.pipe_file` of the same bytes", f"{t['ratio_pct']:.0f}%",
-             f"{t['ours_mb_s']:.0f} vs {t['raw_mb_s']:.0f} MB/s ({t['bytes'] / 1e6:.0f} MB; torch.save "
-             f"{1e3 * t['serialise_s']:.0f} ms, sha256 {1e3 * t['sha256_s']:.0f} ms)", ">= 80%"]]
+    rows = [
+        [
+            "inner loop while a checkpoint is being written vs not",
+            f"{s['slowdown_pct']:.1f}% slower",
+            f"median over {len(s['paired_ratios'])} rounds, each against its two neighbours; median tokens/s "
+            f"{s['median_on']:.0f} vs {s['median_off']:.0f}",
+            "<= 5%",
+        ],
+        [
+            "`CheckpointStore.write_part` vs raw `fs.pipe_file` of the same bytes",
+            f"{t['ratio_pct']:.0f}%",
+            f"{t['ours_mb_s']:.0f} vs {t['raw_mb_s']:.0f} MB/s ({t['bytes'] / 1e6:.0f} MB; torch.save "
+            f"{1e3 * t['serialise_s']:.0f} ms, sha256 {1e3 * t['sha256_s']:.0f} ms)",
+            ">= 80%",
+        ],
+    ]
     for m in d["memory"]["models"]:
-        rows.append([f"host memory DiLoCo adds (`{m['preset']}`, {m['param_bytes'] / 1e6:.0f} MB of parameters)",
-                     f"{m['diloco_over_params']:.2f}x parameters",
-                     f"a sync adds {m['peak_over_params']:.2f}x more while it runs", "~2x"])
+        rows.append(
+            [
+                f"host memory DiLoCo adds (`{m['preset']}`, {m['param_bytes'] / 1e6:.0f} MB of parameters)",
+                f"{m['diloco_over_params']:.2f}x parameters",
+                f"a sync adds {m['peak_over_params']:.2f}x more while it runs",
+                "~2x",
+            ]
+        )
     for how, r in d["recovery"].items():
-        rows.append([f"SIGKILL a group, restart it: to its first committed outer step ({how})",
-                     f"{r['median_s']:.1f} s", f"median of {len(r['samples'])}; the survivor paused "
-                     f"{r['survivor_pause_median_s']:.1f} s", "-"])
+        rows.append(
+            [
+                f"SIGKILL a group, restart it: to its first committed outer step ({how})",
+                f"{r['median_s']:.1f} s",
+                f"median of {len(r['samples'])}; the survivor paused {r['survivor_pause_median_s']:.1f} s",
+                "-",
+            ]
+        )
     c = d["config"]
-    return (f"GPT `{c['model']}`, H={c['H']} for the slowdown ({d['date'][:10]}):\n\n"
-            + bl.table(["cost", "measured", "detail", "goal"], rows))
+    return f"GPT `{c['model']}`, H={c['H']} for the slowdown ({d['date'][:10]}):\n\n" + bl.table(
+        ["cost", "measured", "detail", "goal"], rows
+    )
 
 
 def main() -> int:
@@ -92,8 +154,10 @@ def main() -> int:
         print(f"### {name}\n")
         print(fn(d) if d else "(no results yet)")
         if d:
-            print(f"\n`{d['command']}` on {d['machine']['cpu_count']} x {d['machine']['cpu']}, "
-                  f"torch {d['machine']['torch']}, torchft {d['machine']['torchft']}.\n")
+            print(
+                f"\n`{d['command']}` on {d['machine']['cpu_count']} x {d['machine']['cpu']}, "
+                f"torch {d['machine']['torch']}, torchft {d['machine']['torchft']}.\n"
+            )
     return 0
 
 

@@ -111,14 +111,24 @@ def diloco(
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
     port = _pick_port() if lighthouse_port is None else _check_port(lighthouse_port)
     resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
-    train_args = _train_args(replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model,
-                             list(script_args))
+    train_args = _train_args(
+        replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
+    )
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
     roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, run_id=macros.app_id)]
     roles += [
-        _group_role(g, replica_groups, url, resource, devices[g] if devices else None, max_restarts, env, train_args,
-                    run_id=macros.app_id)
+        _group_role(
+            g,
+            replica_groups,
+            url,
+            resource,
+            devices[g] if devices else None,
+            max_restarts,
+            env,
+            train_args,
+            run_id=macros.app_id,
+        )
         for g in range(replica_groups)
     ]
     return specs.AppDef(name=name, roles=roles)
@@ -205,11 +215,13 @@ def replica_group(
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
         raise ComponentError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
     resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
-    train_args = _train_args(replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model,
-                             list(script_args))
+    train_args = _train_args(
+        replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
+    )
     url = shlex.quote(lighthouse_url.rstrip("/"))
-    role = _group_role(group, replica_groups, url, resource, devices[0] if devices else None, max_restarts, env,
-                       train_args, run_id)
+    role = _group_role(
+        group, replica_groups, url, resource, devices[0] if devices else None, max_restarts, env, train_args, run_id
+    )
     return specs.AppDef(name=name, roles=[role])
 
 
@@ -246,8 +258,9 @@ def _pick_port() -> int:
         return s.getsockname()[1]
 
 
-def _group_resources(groups: int, cpu: int, gpus: int, memMB: int, h: Optional[str],
-                     assignment: Optional[str]) -> Tuple[specs.Resource, Optional[List[List[int]]]]:
+def _group_resources(
+    groups: int, cpu: int, gpus: int, memMB: int, h: Optional[str], assignment: Optional[str]
+) -> Tuple[specs.Resource, Optional[List[List[int]]]]:
     """Each group's resource and, if assigned, its devices (which must exist on this machine). How many GPUs
     fit is the scheduler's to check: all groups on this machine (local_cwd), one group per node (Slurm)."""
     resource = _group_resource(cpu, gpus, memMB, h)
@@ -270,8 +283,10 @@ def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.
     try:
         named = specs.resource(h=h)
     except (KeyError, ValueError):
-        raise ComponentError(f"-h {h!r} is not a registered named resource: pick one TorchX knows, or pass "
-                         "--cpu/--memMB and the GPU count instead") from None
+        raise ComponentError(
+            f"-h {h!r} is not a registered named resource: pick one TorchX knows, or pass "
+            "--cpu/--memMB and the GPU count instead"
+        ) from None
     if gpus and gpus != named.gpu:
         raise ComponentError(
             f"-h {h} has {named.gpu} GPUs but {gpus} GPUs per group were asked for: drop one of the two"
@@ -285,8 +300,10 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
         return None
     entries = [e.strip() for e in spec.split(";")]
     if len(entries) != groups:
-        raise ComponentError(f"gpu_assignment {spec!r} has {len(entries)} entries for {groups} groups: "
-                         "give one comma-separated device list per group, groups separated by ';'")
+        raise ComponentError(
+            f"gpu_assignment {spec!r} has {len(entries)} entries for {groups} groups: "
+            "give one comma-separated device list per group, groups separated by ';'"
+        )
     devices: List[List[int]] = []
     for entry in entries:
         if not re.fullmatch(r"\d+(\s*,\s*\d+)*", entry):
@@ -295,20 +312,33 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
     sizes = {len(d) for d in devices}
     want = gpus or len(devices[0])
     if sizes != {want}:
-        raise ComponentError(f"gpu_assignment {spec!r} must give every group exactly {want} GPUs "
-                         f"(the GPUs per group): fix the lists or the GPU count")
+        raise ComponentError(
+            f"gpu_assignment {spec!r} must give every group exactly {want} GPUs "
+            f"(the GPUs per group): fix the lists or the GPU count"
+        )
     flat = [d for group in devices for d in group]
     if len(set(flat)) != len(flat):
         raise ComponentError(f"gpu_assignment {spec!r} names a device twice: give each group its own GPUs")
     return devices
 
 
-def _train_args(groups: int, checkpoint_dir: Optional[str], min_replicas: int, outer_steps: Optional[int],
-                sync_every: Optional[int], model: Optional[str], script_args: List[str]) -> List[str]:
+def _train_args(
+    groups: int,
+    checkpoint_dir: Optional[str],
+    min_replicas: int,
+    outer_steps: Optional[int],
+    sync_every: Optional[int],
+    model: Optional[str],
+    script_args: List[str],
+) -> List[str]:
     """The training module's flags, checked now with its own parser: a typo fails before anything starts."""
     args = ["--min-replicas", str(min_replicas)]
-    for flag, value in (("--checkpoint-dir", checkpoint_dir), ("--outer-steps", outer_steps),
-                        ("--sync-every", sync_every), ("--model", model)):
+    for flag, value in (
+        ("--checkpoint-dir", checkpoint_dir),
+        ("--outer-steps", outer_steps),
+        ("--sync-every", sync_every),
+        ("--model", model),
+    ):
         if value is not None:
             args += [flag, str(value)]
     args += script_args  # argparse: the last occurrence wins, so the user's flags override ours
@@ -319,8 +349,9 @@ def _train_args(groups: int, checkpoint_dir: Optional[str], min_replicas: int, o
     return args
 
 
-def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Optional[Dict[str, str]],
-                     run_id: Optional[str] = None) -> specs.Role:
+def _lighthouse_role(
+    port: int, min_replicas: int, idle_exit: float, env: Optional[Dict[str, str]], run_id: Optional[str] = None
+) -> specs.Role:
     if idle_exit < 0:
         raise ComponentError(f"lighthouse idle exit {idle_exit} must be >= 0 seconds (0 = never)")
     role_env = dict(env or {})
@@ -329,17 +360,34 @@ def _lighthouse_role(port: int, min_replicas: int, idle_exit: float, env: Option
         name=LIGHTHOUSE_ROLE,
         image=os.getcwd(),
         entrypoint="python",
-        args=["-m", LIGHTHOUSE_MODULE, "--port", str(port), "--min-replicas", str(min_replicas),
-              "--idle-exit", f"{idle_exit:g}", *(["--run-id", run_id] if run_id else [])],
+        args=[
+            "-m",
+            LIGHTHOUSE_MODULE,
+            "--port",
+            str(port),
+            "--min-replicas",
+            str(min_replicas),
+            "--idle-exit",
+            f"{idle_exit:g}",
+            *(["--run-id", run_id] if run_id else []),
+        ],
         env=role_env,
         resource=specs.Resource(cpu=1, gpu=0, memMB=1024),
         port_map={"lighthouse": port},
     )
 
 
-def _group_role(group: int, groups: int, lighthouse_url: str, resource: specs.Resource,
-                devices: Optional[List[int]], max_restarts: int, env: Optional[Dict[str, str]],
-                train_args: List[str], run_id: Optional[str] = None) -> specs.Role:
+def _group_role(
+    group: int,
+    groups: int,
+    lighthouse_url: str,
+    resource: specs.Resource,
+    devices: Optional[List[int]],
+    max_restarts: int,
+    env: Optional[Dict[str, str]],
+    train_args: List[str],
+    run_id: Optional[str] = None,
+) -> specs.Role:
     """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``.
 
     ``lighthouse_url`` is shell text (bash expands the rank0 host variable in it). torchrun's standalone
@@ -353,14 +401,24 @@ def _group_role(group: int, groups: int, lighthouse_url: str, resource: specs.Re
         role_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     elif resource.gpu == 0:
         role_env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU group stays on CPU even on a GPU machine
-    torchrun = ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", str(nproc),
-                "--max_restarts", str(max_restarts), "-m", TRAIN_MODULE, *train_args]
+    torchrun = [
+        "torchrun",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--max_restarts",
+        str(max_restarts),
+        "-m",
+        TRAIN_MODULE,
+        *train_args,
+    ]
     # a TORCHFT_MANAGER_PORT inherited from the shell would make groups on one machine collide
     unset = "" if "TORCHFT_MANAGER_PORT" in role_env else "unset TORCHFT_MANAGER_PORT; "
     # the run id is a macro TorchX expands in args (on Slurm into "$SLURM_JOB_ID"), so it is set in the command
     run = f"export {RUN_ID_ENV}={run_id if run_id == macros.app_id else shlex.quote(run_id)}; " if run_id else ""
-    cmd = (f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; "
-           f"exec {' '.join(shlex.quote(a) for a in torchrun)}")
+    cmd = f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; exec {' '.join(shlex.quote(a) for a in torchrun)}"
     return specs.Role(
         name=f"replica_group_{group}",
         image=os.getcwd(),

@@ -43,12 +43,22 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--restart-steps", type=int, default=None, help="part 2 length (default: 5 per restart + 12)")
     p.add_argument("--work", default=None, help="folder for checkpoints and logs (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (always kept on failure)")
-    p.add_argument("--json", default=str(REPO / "docs" / "fault-tolerance.json"),
-                   help="where to write the results (default docs/fault-tolerance.json)")
-    p.add_argument("--pause-repro", nargs="?", type=int, const=1, default=None, metavar="MIN_REPLICAS",
-                   help="only check a group frozen (SIGSTOP) until its peers finish: it must adopt their final "
-                   "checkpoint, not train the rest alone and rewrite it (exits 1 if it forks the history); "
-                   "MIN_REPLICAS for groups and lighthouse (default 1)")
+    p.add_argument(
+        "--json",
+        default=str(REPO / "docs" / "fault-tolerance.json"),
+        help="where to write the results (default docs/fault-tolerance.json)",
+    )
+    p.add_argument(
+        "--pause-repro",
+        nargs="?",
+        type=int,
+        const=1,
+        default=None,
+        metavar="MIN_REPLICAS",
+        help="only check a group frozen (SIGSTOP) until its peers finish: it must adopt their final "
+        "checkpoint, not train the rest alone and rewrite it (exits 1 if it forks the history); "
+        "MIN_REPLICAS for groups and lighthouse (default 1)",
+    )
     args = p.parse_args(argv)
     for name in ("kills", "restarts"):
         if getattr(args, name) < 0:
@@ -74,8 +84,11 @@ def pause_repro(work: Path, groups: int, min_replicas: int) -> int:
     for line in result.problems[:5]:
         print(f"  {line}")
     if result.problems:
-        print(f"chaos: the frozen group forked the history ({result.mismatches} outer steps with two results); "
-              f"logs in {work}", file=sys.stderr)
+        print(
+            f"chaos: the frozen group forked the history ({result.mismatches} outer steps with two results); "
+            f"logs in {work}",
+            file=sys.stderr,
+        )
         return 1
     print("chaos: the frozen group rejoined the one history")
     return 0
@@ -102,15 +115,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     kill_audit = restart_audit = reference = chaos.Audit(0)
     t0 = time.monotonic()
     try:
-        kills, kill_audit = chaos.worker_kills(work, args.kills, rng, outer, args.sync_every, args.groups,
-                                               timeout=3600)
+        kills, kill_audit = chaos.worker_kills(work, args.kills, rng, outer, args.sync_every, args.groups, timeout=3600)
     except Exception as e:  # noqa: BLE001 - reported with the rest; part 2 still runs
         problems.append(f"worker kills: the run failed: {type(e).__name__}: {e}")
     kills_s = time.monotonic() - t0
     t0 = time.monotonic()
     try:
         restarts, restart_audit, reference = chaos.whole_job_restarts(
-            work, args.restarts, rng, restart_steps, max(2, args.sync_every // 2), args.groups, timeout=3600)
+            work, args.restarts, rng, restart_steps, max(2, args.sync_every // 2), args.groups, timeout=3600
+        )
     except Exception as e:  # noqa: BLE001
         problems.append(f"restarts: the run failed: {type(e).__name__}: {e}")
     restarts_s = time.monotonic() - t0
@@ -122,9 +135,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     same_final = restart_audit.final_sha is not None and restart_audit.final_sha == reference.final_sha
     retrained = sum(r.killed_at_step - r.latest_checkpoint for r in restarts)
     first_ok = all(r.first_step_after == r.latest_checkpoint + 1 for r in restarts)
-    problems += ([f"worker kills: {p}" for p in kill_audit.problems]
-                + [f"restarts: {p}" for p in restart_audit.problems]
-                + [f"uninterrupted: {p}" for p in reference.problems])
+    problems += (
+        [f"worker kills: {p}" for p in kill_audit.problems]
+        + [f"restarts: {p}" for p in restart_audit.problems]
+        + [f"uninterrupted: {p}" for p in reference.problems]
+    )
     if not same_final:
         problems.append(f"final weights {restart_audit.final_sha} != uninterrupted {reference.final_sha}")
     if not first_ok:
@@ -133,31 +148,72 @@ def main(argv: Optional[List[str]] = None) -> int:
         problems.append(f"{len(kills) - len(survived)} victims never committed again")
 
     print("\nworker kills (SIGKILL of one group's torchrun worker; --min-replicas 1)")
-    rows = [["#", "group", "aimed at", "seen at the kill", "landed", "died after", "back at", "after s", "how",
-             "peers dropped"]]
+    rows = [
+        [
+            "#",
+            "group",
+            "aimed at",
+            "seen at the kill",
+            "landed",
+            "died after",
+            "back at",
+            "after s",
+            "how",
+            "peers dropped",
+        ]
+    ]
     for k in kills:
-        rows.append([str(k.n), str(k.group), k.phase, k.evidence, "yes" if k.landed else "no", str(k.step),
-                     str(k.recovered_step), f"{k.recovery_s}", k.how, str(k.dropped_rounds)])
+        rows.append(
+            [
+                str(k.n),
+                str(k.group),
+                k.phase,
+                k.evidence,
+                "yes" if k.landed else "no",
+                str(k.step),
+                str(k.recovered_step),
+                f"{k.recovery_s}",
+                k.how,
+                str(k.dropped_rounds),
+            ]
+        )
     print(table(rows))
     print("\nwhole-job kills (agents, workers and lighthouse at once; --min-replicas 3)")
     rows = [["#", "killed after step", "newest checkpoint", "first step after restart", "steps trained again"]]
     for r in restarts:
-        rows.append([str(r.n), str(r.killed_at_step), str(r.latest_checkpoint), str(r.first_step_after),
-                     str(r.killed_at_step - r.latest_checkpoint)])
+        rows.append(
+            [
+                str(r.n),
+                str(r.killed_at_step),
+                str(r.latest_checkpoint),
+                str(r.first_step_after),
+                str(r.killed_at_step - r.latest_checkpoint),
+            ]
+        )
     print(table(rows))
     summary = [
         ["result", "value"],
-        ["worker kills survived", f"{len(survived)} of {len(kills)} ("
-                                  + ", ".join(f"{p} {by_phase[p]}, landed {landed[p]}" for p in chaos.PHASES) + ")"],
-        ["recovery after a kill", f"median {statistics.median(recovery):.1f} s, max {max(recovery):.1f} s"
-                                  if recovery else "-"],
-        ["committed outer steps", f"{kill_audit.committed_steps}/{outer} (kills), "
-                                  f"{restart_audit.committed_steps}/{restart_steps} (restarts)"],
+        [
+            "worker kills survived",
+            f"{len(survived)} of {len(kills)} ("
+            + ", ".join(f"{p} {by_phase[p]}, landed {landed[p]}" for p in chaos.PHASES)
+            + ")",
+        ],
+        [
+            "recovery after a kill",
+            f"median {statistics.median(recovery):.1f} s, max {max(recovery):.1f} s" if recovery else "-",
+        ],
+        [
+            "committed outer steps",
+            f"{kill_audit.committed_steps}/{outer} (kills), {restart_audit.committed_steps}/{restart_steps} (restarts)",
+        ],
         ["rounds dropped and retried", str(kill_audit.uncommitted_records)],
         ["whole-job restarts", f"{len(restarts)}, each from the newest checkpoint: {'yes' if first_ok else 'NO'}"],
-        ["steps re-trained after restarts",
-         f"{retrained} ({restart_audit.recommitted_steps} distinct), all bit-identical: "
-         f"{'yes' if restart_audit.redone_same == restart_audit.recommitted else 'NO'}"],
+        [
+            "steps re-trained after restarts",
+            f"{retrained} ({restart_audit.recommitted_steps} distinct), all bit-identical: "
+            f"{'yes' if restart_audit.redone_same == restart_audit.recommitted else 'NO'}",
+        ],
         ["final weights = uninterrupted run", f"{'yes' if same_final else 'NO'} ({restart_audit.final_sha})"],
         ["committed steps lost", str(kill_audit.lost + restart_audit.lost)],
         ["mismatches", str(kill_audit.mismatches + restart_audit.mismatches)],
@@ -184,12 +240,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         "seed": seed,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "command": command,
-        "setup": {"groups": args.groups, "outer_steps_kills": outer, "outer_steps_restarts": restart_steps,
-                  "sync_every_kills": args.sync_every, "sync_every_restarts": max(2, args.sync_every // 2),
-                  "train_args_kills": chaos.train_args(outer, args.sync_every),
-                  "train_args_restarts": chaos.train_args(restart_steps, max(2, args.sync_every // 2),
-                                                          chaos.RESTART_EXTRA),
-                  "cpus": os.cpu_count(), "python": platform.python_version()},
+        "setup": {
+            "groups": args.groups,
+            "outer_steps_kills": outer,
+            "outer_steps_restarts": restart_steps,
+            "sync_every_kills": args.sync_every,
+            "sync_every_restarts": max(2, args.sync_every // 2),
+            "train_args_kills": chaos.train_args(outer, args.sync_every),
+            "train_args_restarts": chaos.train_args(restart_steps, max(2, args.sync_every // 2), chaos.RESTART_EXTRA),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "wall_s": {"worker_kills": round(kills_s, 1), "restarts": round(restarts_s, 1)},
         "worker_kill_log": [vars(k) for k in kills],
         "restart_log": [vars(r) for r in restarts],

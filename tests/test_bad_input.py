@@ -78,10 +78,17 @@ CASES = [
 @pytest.mark.parametrize("argv, env, message", CASES, ids=[c[2][:40] for c in CASES])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, env, message):
     if message == NO_CUDA and torch.cuda.is_available():
-        pytest.skip("a CUDA device is visible here: --device cuda is valid input (the run would wait out the "
-                    "lighthouse timeout, not fail on the flag)")
-    subst = {"tmp": str(tmp_path), "empty": make_data(tmp_path, "empty"), "binary": make_data(tmp_path, "binary"),
-             "short": make_data(tmp_path, "short"), "mismatch": shape_mismatch(tmp_path)}
+        pytest.skip(
+            "a CUDA device is visible here: --device cuda is valid input (the run would wait out the "
+            "lighthouse timeout, not fail on the flag)"
+        )
+    subst = {
+        "tmp": str(tmp_path),
+        "empty": make_data(tmp_path, "empty"),
+        "binary": make_data(tmp_path, "binary"),
+        "short": make_data(tmp_path, "short"),
+        "mismatch": shape_mismatch(tmp_path),
+    }
     argv = [a.format(**subst) for a in argv]
     if not any(a == "--checkpoint-dir" for a in argv):
         argv += ["--checkpoint-dir", str(tmp_path / "default-ckpt")]
@@ -102,8 +109,9 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
 def test_unreachable_lighthouse_fails_within_its_timeout(tmp_path):
     env = {**GOOD_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{free_port()}"}
     start = time.monotonic()
-    result = train_once(["--model", "nano", "--lighthouse-timeout", "2", "--checkpoint-dir", str(tmp_path / "c")],
-                        env=env)
+    result = train_once(
+        ["--model", "nano", "--lighthouse-timeout", "2", "--checkpoint-dir", str(tmp_path / "c")], env=env
+    )
     assert result.returncode == 2
     assert "cannot reach the lighthouse at http://127.0.0.1:" in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
@@ -113,6 +121,16 @@ def test_unreachable_lighthouse_fails_within_its_timeout(tmp_path):
 def test_cli_prints_help_for_every_flag():
     result = train_once(["--help"])
     assert result.returncode == 0
-    for flag in ("--outer-steps", "--sync-every", "--checkpoint-dir", "--data", "--model", "--batch-size",
-                 "--seq-len", "--seed", "--inner-lr", "--outer-lr"):
+    for flag in (
+        "--outer-steps",
+        "--sync-every",
+        "--checkpoint-dir",
+        "--data",
+        "--model",
+        "--batch-size",
+        "--seq-len",
+        "--seed",
+        "--inner-lr",
+        "--outer-lr",
+    ):
         assert flag in result.stdout

@@ -104,9 +104,12 @@ def test_pickled_code_payload_is_refused_without_running_it(tmp_path):
     folder = store.step_dir(2)
     store.fs.makedirs(folder, exist_ok=True)
     store.fs.pipe_file(f"{folder}/global.pt", buf.getvalue())
-    store.fs.pipe_file(f"{folder}/MANIFEST.global.json", json.dumps(
-        {"file": "global.pt", "bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
-    ).encode())
+    store.fs.pipe_file(
+        f"{folder}/MANIFEST.global.json",
+        json.dumps(
+            {"file": "global.pt", "bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
+        ).encode(),
+    )
     with pytest.raises(CorruptCheckpoint, match="refused by the safe loader"):
         store.read_part(2, GLOBAL_PART)
     assert store.latest(0).step == 1
@@ -120,10 +123,13 @@ def test_rewriting_a_step_unpublishes_the_old_part_first(tmp_path):
     assert store.read_part(1, GLOBAL_PART)["outer_step"] == 7
 
 
-@pytest.mark.parametrize("url, message", [
-    ("/proc/version/ckpt", "is not writable"),
-    ("nosuchprotocol://bucket/x", "is not a usable fsspec URL"),
-])
+@pytest.mark.parametrize(
+    "url, message",
+    [
+        ("/proc/version/ckpt", "is not writable"),
+        ("nosuchprotocol://bucket/x", "is not a usable fsspec URL"),
+    ],
+)
 def test_unusable_checkpoint_urls_get_one_line(url, message):
     with pytest.raises(UserError, match=message) as e:
         CheckpointStore(url).check_writable()
@@ -185,8 +191,10 @@ def test_checkpoint_of_a_newer_format_is_refused_in_one_line(tmp_path, where):
     newer = FORMAT_VERSION + 1
     folder = store.step_dir(2)
     if where == "global manifest":  # a layout we don't know: no "file" or "bytes" fields
-        store.fs.pipe_file(f"{folder}/MANIFEST.global.json",
-                           json.dumps({"format": newer, "step": 2, "shards": ["global-0.pt"]}).encode())
+        store.fs.pipe_file(
+            f"{folder}/MANIFEST.global.json",
+            json.dumps({"format": newer, "step": 2, "shards": ["global-0.pt"]}).encode(),
+        )
     elif where == "group manifest":
         manifest = f"{folder}/MANIFEST.{group_part(0)}.json"
         store.fs.pipe_file(manifest, json.dumps({**json.loads(store.fs.cat_file(manifest)), "format": newer}).encode())

@@ -45,7 +45,7 @@ def eight_gpus(monkeypatch, tmp_path):
     """An 8-GPU machine for both the component's check and TorchX's auto_set_cuda_visible_devices."""
     fake = tmp_path / "fakebin" / "nvidia-smi"
     fake.parent.mkdir()
-    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake GPU (UUID: GPU-fake-$i)\"; done\n")
+    fake.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: Fake GPU (UUID: GPU-fake-$i)"; done\n')
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{BIN}:{os.environ['PATH']}")
     monkeypatch.setenv(comp.GPUS_ENV, "8")
@@ -54,8 +54,9 @@ def eight_gpus(monkeypatch, tmp_path):
 def torchx_cli(*args: str, cwd: Path, env: Dict[str, str] = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     full_env.update(env or {})
-    return subprocess.run([str(BIN / "torchx"), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(BIN / "torchx"), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
+    )
 
 
 def local_dryrun(app, tmp_path, **cfg) -> Dict[str, List[Dict[str, str]]]:
@@ -86,8 +87,14 @@ def test_entry_point_names_and_builtins_stay_listed(tmp_path):
     out = torchx_cli("builtins", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     listed = set(re.findall(r"^\s*\d+\. (\S+)$", out.stdout, re.M))
-    assert {"dist.ddp", "dist.torchrun", "utils.echo", "diloco.diloco", "diloco.lighthouse",
-            "diloco.replica_group"} <= listed
+    assert {
+        "dist.ddp",
+        "dist.torchrun",
+        "utils.echo",
+        "diloco.diloco",
+        "diloco.lighthouse",
+        "diloco.replica_group",
+    } <= listed
     assert not any(name.split(".")[-1].startswith("_") for name in listed), "helpers must not be listed"
 
 
@@ -107,21 +114,50 @@ def test_help_documents_every_parameter(fn, tmp_path):
 
 
 def test_diloco_on_cpu_lighthouse_first_then_groups(no_gpus):
-    app = comp.diloco("--batch-size", "8", replica_groups=3, cpu=2, max_restarts=5, lighthouse_port=29999,
-                      min_replicas=2, outer_steps=4, lighthouse_idle_exit=3, env={"FOO": "bar"})
+    app = comp.diloco(
+        "--batch-size",
+        "8",
+        replica_groups=3,
+        cpu=2,
+        max_restarts=5,
+        lighthouse_port=29999,
+        min_replicas=2,
+        outer_steps=4,
+        lighthouse_idle_exit=3,
+        env={"FOO": "bar"},
+    )
     assert [r.name for r in app.roles] == ["lighthouse", "replica_group_0", "replica_group_1", "replica_group_2"]
     lh = app.roles[0]
     assert lh.entrypoint == "python" and lh.resource.gpu == 0 and lh.env["CUDA_VISIBLE_DEVICES"] == ""
-    assert lh.args == ["-m", "torchx_diloco.lighthouse", "--port", "29999", "--min-replicas", "2",
-                       "--idle-exit", "3", "--run-id", "${app_id}"]
+    assert lh.args == [
+        "-m",
+        "torchx_diloco.lighthouse",
+        "--port",
+        "29999",
+        "--min-replicas",
+        "2",
+        "--idle-exit",
+        "3",
+        "--run-id",
+        "${app_id}",
+    ]
     for g, role in enumerate(app.roles[1:]):
         assert role.env["REPLICA_GROUP_ID"] == str(g) and role.env["NUM_REPLICA_GROUPS"] == "3"
         assert role.env["OMP_NUM_THREADS"] == "2" and role.env["FOO"] == "bar"
         assert role.env["CUDA_VISIBLE_DEVICES"] == ""  # CPU groups stay off GPUs
         assert role.resource.cpu == 2 and role.resource.gpu == 0
         words = shlex.split(group_cmd(role).split("exec ", 1)[1])
-        assert words[:9] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc_per_node", "1",
-                             "--max_restarts", "5", "-m"]
+        assert words[:9] == [
+            "torchrun",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "1",
+            "--max_restarts",
+            "5",
+            "-m",
+        ]
         assert words[9:] == ["torchx_diloco.train", "--min-replicas", "2", "--outer-steps", "4", "--batch-size", "8"]
         assert "export TORCHX_DILOCO_RUN_ID=${app_id};" in group_cmd(role)  # the run's groups and lighthouse
         # the lighthouse host comes from TorchX's rank0_env macro, escaped for bash
@@ -137,9 +173,12 @@ def test_local_cwd_expands_lighthouse_host_and_gives_each_group_its_own_master_p
         assert "TORCHFT_LIGHTHOUSE=http://${TORCHX_RANK0_HOST:-localhost}:29510" in cmd
         assert "--standalone" in cmd and "--master_port" not in cmd  # torchrun picks a free port per group
     assert envs["replica_group_0"][0]["TORCHX_RANK0_HOST"] == "localhost"
-    url = subprocess.run(["bash", "-c", cmds[0].split("; exec")[0] + '; echo "$TORCHFT_LIGHTHOUSE"'],
-                         env={"TORCHX_RANK0_HOST": "localhost", "PATH": "/usr/bin:/bin"},
-                         capture_output=True, text=True).stdout.strip()
+    url = subprocess.run(
+        ["bash", "-c", cmds[0].split("; exec")[0] + '; echo "$TORCHFT_LIGHTHOUSE"'],
+        env={"TORCHX_RANK0_HOST": "localhost", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     assert url == "http://localhost:29510"
 
 
@@ -164,8 +203,19 @@ def test_local_gpu_assignment_is_used_as_given(eight_gpus, tmp_path):
 
 def test_cli_dryrun_with_fake_gpus(eight_gpus, tmp_path):
     """The same through `torchx run --dryrun` (what a user types)."""
-    out = torchx_cli("run", "-s", "local_cwd", "--dryrun", "-cfg", "auto_set_cuda_visible_devices=True",
-                     "diloco.diloco", "--gpus_per_group", "2", cwd=tmp_path, env={"PATH": os.environ["PATH"]})
+    out = torchx_cli(
+        "run",
+        "-s",
+        "local_cwd",
+        "--dryrun",
+        "-cfg",
+        "auto_set_cuda_visible_devices=True",
+        "diloco.diloco",
+        "--gpus_per_group",
+        "2",
+        cwd=tmp_path,
+        env={"PATH": os.environ["PATH"]},
+    )
     assert out.returncode == 0, out.stderr
     # the AppDef, then the PopenRequest with the roles in order: lighthouse, replica_group_0, replica_group_1
     request = out.stdout.split("=== SCHEDULER REQUEST ===", 1)[1]
@@ -194,8 +244,9 @@ def test_slurm_sbatch_lighthouse_is_het_group_0_and_groups_ask_for_gpus(no_gpus)
 def test_replica_group_and_lighthouse_alone(no_gpus):
     lh = comp.lighthouse(port=29600, min_replicas=2, idle_exit=0)
     assert [r.name for r in lh.roles] == ["lighthouse"] and "--port" in lh.roles[0].args
-    app = comp.replica_group("--seq-len", "32", lighthouse_url="http://node7:29600", group=1, replica_groups=3,
-                             min_replicas=2)
+    app = comp.replica_group(
+        "--seq-len", "32", lighthouse_url="http://node7:29600", group=1, replica_groups=3, min_replicas=2
+    )
     (role,) = app.roles
     assert role.name == "replica_group_1"
     assert role.env["REPLICA_GROUP_ID"] == "1" and role.env["NUM_REPLICA_GROUPS"] == "3"
@@ -214,25 +265,28 @@ def test_script_args_override_component_flags(no_gpus):
 # --- bad input: one clear ValueError before anything starts -------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(replica_groups=0), r"--replica_groups 0: .*pass 1 or more"),
-    (dict(replica_groups=2, min_replicas=3), r"--min_replicas 3 must be within 1..2"),
-    (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1"), r"has 1 entries for 2 groups"),
-    (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;2"), r"exactly 2 GPUs"),
-    (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;1,2"), r"names a device twice"),
-    (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;x"), r"not a list of device numbers"),
-    (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;9"), r"device\(s\) \[9\] .* GPUs 0..7"),
-    (dict(h="no-such-host"), r"not a registered named resource"),
-    (dict(lighthouse_port=70000), r"lighthouse port 70000 must be within 1..65535"),
-    (dict(lighthouse_port="http"), r"lighthouse port 'http' is not a number"),
-    # training flags, checked with the training module's own parser
-    (dict(sync_every=-5), r"argument --sync-every: -5 must be >= 1 \(see python -m torchx_diloco.train --help\)"),
-    (dict(outer_steps=0), r"argument --outer-steps: 0 must be >= 1"),
-    (dict(model="huge"), r"argument --model: invalid choice: 'huge'"),
-    (dict(script_args=("--bogus-flag", "1")), r"unrecognized arguments: --bogus-flag 1"),
-    (dict(script_args=("--batch-size", "eight")), r"argument --batch-size: 'eight' is not a number"),
-    (dict(script_args=("--min-replicas", "3")), r"--min-replicas 3 exceeds the 2 replica groups"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(replica_groups=0), r"--replica_groups 0: .*pass 1 or more"),
+        (dict(replica_groups=2, min_replicas=3), r"--min_replicas 3 must be within 1..2"),
+        (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1"), r"has 1 entries for 2 groups"),
+        (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;2"), r"exactly 2 GPUs"),
+        (dict(replica_groups=2, gpus_per_group=2, gpu_assignment="0,1;1,2"), r"names a device twice"),
+        (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;x"), r"not a list of device numbers"),
+        (dict(replica_groups=2, gpus_per_group=1, gpu_assignment="0;9"), r"device\(s\) \[9\] .* GPUs 0..7"),
+        (dict(h="no-such-host"), r"not a registered named resource"),
+        (dict(lighthouse_port=70000), r"lighthouse port 70000 must be within 1..65535"),
+        (dict(lighthouse_port="http"), r"lighthouse port 'http' is not a number"),
+        # training flags, checked with the training module's own parser
+        (dict(sync_every=-5), r"argument --sync-every: -5 must be >= 1 \(see python -m torchx_diloco.train --help\)"),
+        (dict(outer_steps=0), r"argument --outer-steps: 0 must be >= 1"),
+        (dict(model="huge"), r"argument --model: invalid choice: 'huge'"),
+        (dict(script_args=("--bogus-flag", "1")), r"unrecognized arguments: --bogus-flag 1"),
+        (dict(script_args=("--batch-size", "eight")), r"argument --batch-size: 'eight' is not a number"),
+        (dict(script_args=("--min-replicas", "3")), r"--min-replicas 3 exceeds the 2 replica groups"),
+    ],
+)
 def test_bad_input_raises_value_error_naming_the_fix(eight_gpus, kwargs, message):
     script_args = kwargs.pop("script_args", ())
     with pytest.raises(ValueError, match=message) as e:
@@ -258,16 +312,28 @@ def test_gpu_check_skipped_where_gpus_are_unknown(no_gpus):
 
 
 @pytest.mark.parametrize("dryrun", [True, False])
-@pytest.mark.parametrize("args, message", [
-    (["--replica_groups", "0"], "--replica_groups 0: DiLoCo needs at least 1 group; pass 1 or more"),
-    (["--outer_steps", "1", "--", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
-    (["--sync_every", "-5"], "argument --sync-every: -5 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replica_groups", "0"], "--replica_groups 0: DiLoCo needs at least 1 group; pass 1 or more"),
+        (["--outer_steps", "1", "--", "--bogus-flag", "1"], "unrecognized arguments: --bogus-flag 1"),
+        (["--sync_every", "-5"], "argument --sync-every: -5 must be >= 1"),
+    ],
+)
 def test_cli_bad_input_fails_in_about_a_second_with_the_trainers_line(tmp_path, dryrun, args, message):
     """What a user types, with and without --dryrun: nothing starts, no traceback, the one line, exit 1."""
     start = time.monotonic()
-    out = torchx_cli("run", *(["--dryrun"] if dryrun else []), "-s", "local_cwd", "-cfg",
-                     f"log_dir={tmp_path / 'logs'}", "diloco.diloco", *args, cwd=tmp_path)
+    out = torchx_cli(
+        "run",
+        *(["--dryrun"] if dryrun else []),
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'logs'}",
+        "diloco.diloco",
+        *args,
+        cwd=tmp_path,
+    )
     assert out.returncode == 1, out.stdout + out.stderr
     assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "logs").exists(), "nothing may have started"
@@ -290,8 +356,9 @@ def test_repo_torchxconfig_leaks_no_laptop_settings_into_a_slurm_submission(no_g
     assert out.returncode == 0, out.stderr
     script = re.sub(r"'\s*\n\s*'", "", out.stdout)
     assert "--outer-steps" not in script and "--model" not in script and "--cpus-per-task=1\n" not in script
-    make = subprocess.run(["make", "-n", "run"], cwd=REPO, capture_output=True, text=True,
-                          env={"PATH": "/usr/local/bin:/usr/bin:/bin"}).stdout
+    make = subprocess.run(
+        ["make", "-n", "run"], cwd=REPO, capture_output=True, text=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin"}
+    ).stdout
     assert "torchx run diloco.diloco --outer_steps 6 --sync_every 50 --model tiny" in make
 
 

@@ -23,8 +23,7 @@ def lighthouse():
 
 
 def make_manager(lighthouse: str, min_replicas: int = 1):
-    return build_manager(0, torch.device("cpu"), min_replicas, timeout_s=10, quorum_timeout_s=10,
-                         lighthouse=lighthouse)
+    return build_manager(0, torch.device("cpu"), min_replicas, timeout_s=10, quorum_timeout_s=10, lighthouse=lighthouse)
 
 
 def regression_problem(seed: int = 0):
@@ -115,11 +114,13 @@ def test_state_dict_round_trip_resets_model(lighthouse):
         diloco.load_state_dict(state)
         assert torch.equal(model.weight.detach(), torch.full((1, 8), 3.0))
         with pytest.raises(ValueError, match="shape"):
-            diloco.load_state_dict({"global_weights": {"weight": torch.zeros(2, 8)},
-                                    "outer_optimizer": outer.state_dict()})
+            diloco.load_state_dict(
+                {"global_weights": {"weight": torch.zeros(2, 8)}, "outer_optimizer": outer.state_dict()}
+            )
         with pytest.raises(ValueError, match="do not match"):
-            diloco.load_state_dict({"global_weights": {"other": torch.zeros(1, 8)},
-                                    "outer_optimizer": outer.state_dict()})
+            diloco.load_state_dict(
+                {"global_weights": {"other": torch.zeros(1, 8)}, "outer_optimizer": outer.state_dict()}
+            )
     finally:
         manager.shutdown(wait=False)
 
@@ -163,14 +164,31 @@ def test_async_quorum_manager_is_refused(lighthouse):
 
     timeout = timedelta(seconds=10)
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    manager = Manager(pg=ProcessGroupGloo(timeout=timeout), load_state_dict=None, state_dict=None,
-                      min_replica_size=1, use_async_quorum=True, replica_id="replica_group_0",
-                      lighthouse_addr=lighthouse, timeout=timeout, quorum_timeout=timeout, connect_timeout=timeout,
-                      store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
+    manager = Manager(
+        pg=ProcessGroupGloo(timeout=timeout),
+        load_state_dict=None,
+        state_dict=None,
+        min_replica_size=1,
+        use_async_quorum=True,
+        replica_id="replica_group_0",
+        lighthouse_addr=lighthouse,
+        timeout=timeout,
+        quorum_timeout=timeout,
+        connect_timeout=timeout,
+        store_addr="127.0.0.1",
+        store_port=store.port,
+        rank=0,
+        world_size=1,
+    )
     model = nn.Linear(2, 1)
     try:
         with pytest.raises(ValueError, match="use_async_quorum=False"):
-            DiLoCo(manager, model, torch.optim.SGD(model.parameters(), lr=1),
-                   torch.optim.SGD(model.parameters(), lr=1), sync_every=1)
+            DiLoCo(
+                manager,
+                model,
+                torch.optim.SGD(model.parameters(), lr=1),
+                torch.optim.SGD(model.parameters(), lr=1),
+                sync_every=1,
+            )
     finally:
         manager.shutdown(wait=False)

@@ -226,7 +226,7 @@ def eight_gpu_machine(tmp_path_factory) -> Dict[str, str]:
     from torchx_diloco.testing import cli_env
 
     fake = tmp_path_factory.mktemp("fakebin") / "nvidia-smi"
-    fake.write_text("#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: Fake GPU (UUID: GPU-fake-$i)\"; done\n")
+    fake.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: Fake GPU (UUID: GPU-fake-$i)"; done\n')
     fake.chmod(0o755)
     env = cli_env(TORCHX_DILOCO_GPUS="8")
     env["PATH"] = f"{fake.parent}{os.pathsep}{env['PATH']}"
@@ -237,8 +237,9 @@ def test_the_docs_document_commands():
     assert len(documented_commands()) >= 10
 
 
-@pytest.mark.parametrize("where, command", documented_commands(), ids=[f"{w}:{c[:60]}" for w, c in
-                                                                       documented_commands()])
+@pytest.mark.parametrize(
+    "where, command", documented_commands(), ids=[f"{w}:{c[:60]}" for w, c in documented_commands()]
+)
 def test_every_documented_command_runs(where, command, eight_gpu_machine, tmp_path):
     """`torchx run` commands run for real as dry runs (TorchX builds the app, our components check every flag,
     the scheduler prints what it would start or submit); the by-hand runtime's commands are parsed by its own
@@ -249,13 +250,14 @@ def test_every_documented_command_runs(where, command, eight_gpu_machine, tmp_pa
     if argv[:2] == ["torchx", "run"]:
         if "--dryrun" not in argv and "--help" not in argv:
             argv.insert(2, "--dryrun")
-        out = subprocess.run(argv, cwd=REPO, env={**eight_gpu_machine, **env}, capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            argv, cwd=REPO, env={**eight_gpu_machine, **env}, capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, f"{where}: {command}\n{out.stderr[-3000:]}"
         assert "Traceback" not in out.stderr, out.stderr[-3000:]
         return
     module = argv[argv.index("-m") + 1]
-    args = argv[argv.index("-m") + 2:]
+    args = argv[argv.index("-m") + 2 :]
     if module == "torchx_diloco.train":
         from torchx_diloco.config import parse_config
 

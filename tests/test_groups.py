@@ -25,8 +25,22 @@ def final_weights(ckpt_url: str) -> dict:
 def test_groups_end_every_outer_step_with_identical_weights(tmp_path, groups):
     lighthouse = Lighthouse(tmp_path, min_replicas=groups)
     ckpt = tmp_path / "ckpt"
-    procs = run_groups(groups, lighthouse.url, [*SMALL, "--outer-steps", "3", "--sync-every", "4",
-                                                "--min-replicas", str(groups), "--checkpoint-dir", str(ckpt)], tmp_path)
+    procs = run_groups(
+        groups,
+        lighthouse.url,
+        [
+            *SMALL,
+            "--outer-steps",
+            "3",
+            "--sync-every",
+            "4",
+            "--min-replicas",
+            str(groups),
+            "--checkpoint-dir",
+            str(ckpt),
+        ],
+        tmp_path,
+    )
     lighthouse.kill()
     sums = [committed_checksums(ckpt, g) for g in range(groups)]
     assert list(sums[0]) == [1, 2, 3]
@@ -48,8 +62,25 @@ def test_same_global_weights_as_torchft_diloco(tmp_path):
     for impl in ("torchft", "torchx_diloco"):
         lighthouse = Lighthouse(tmp_path, min_replicas=2)
         url = str(tmp_path / f"ckpt-{impl}")
-        run_groups(2, lighthouse.url, [*SMALL, "--outer-steps", "3", "--sync-every", "5", "--min-replicas", "2",
-                                       "--impl", impl, "--checkpoint-dir", url], tmp_path / "", timeout=240)
+        run_groups(
+            2,
+            lighthouse.url,
+            [
+                *SMALL,
+                "--outer-steps",
+                "3",
+                "--sync-every",
+                "5",
+                "--min-replicas",
+                "2",
+                "--impl",
+                impl,
+                "--checkpoint-dir",
+                url,
+            ],
+            tmp_path / "",
+            timeout=240,
+        )
         lighthouse.kill()
         results[impl] = final_weights(url)
     ours, theirs = results["torchx_diloco"], results["torchft"]
@@ -79,8 +110,19 @@ def test_late_group_heals_from_peer_and_matches(tmp_path):
     """A group that starts while the other is at outer step >= 3 gets the global state from its peer."""
     lighthouse = Lighthouse(tmp_path, min_replicas=1)
     ckpt = tmp_path / "ckpt"  # shared, but only the last step is checkpointed: the late group finds nothing
-    args = [*SMALL, "--outer-steps", "25", "--sync-every", "100", "--group-wait", "0", "--checkpoint-every", "1000",
-            "--checkpoint-dir", str(ckpt)]
+    args = [
+        *SMALL,
+        "--outer-steps",
+        "25",
+        "--sync-every",
+        "100",
+        "--group-wait",
+        "0",
+        "--checkpoint-every",
+        "1000",
+        "--checkpoint-dir",
+        str(ckpt),
+    ]
     g0 = Group(0, 2, lighthouse.url, args, tmp_path)
     wait_for_step(ckpt / "metrics" / "replica_group_0.jsonl", 3)
     g1 = Group(1, 2, lighthouse.url, args, tmp_path)
@@ -102,8 +144,19 @@ def test_lighthouse_killed_and_restarted_mid_run_groups_wait_and_continue(tmp_pa
     """The groups retry the quorum (bounded by --lighthouse-timeout) until a new lighthouse answers."""
     lighthouse = Lighthouse(tmp_path, idle_exit=0)
     ckpt = tmp_path / "ckpt"
-    args = [*SMALL, "--outer-steps", "10", "--sync-every", "50", "--quorum-timeout", "5", "--lighthouse-timeout", "90",
-            "--checkpoint-dir", str(ckpt)]
+    args = [
+        *SMALL,
+        "--outer-steps",
+        "10",
+        "--sync-every",
+        "50",
+        "--quorum-timeout",
+        "5",
+        "--lighthouse-timeout",
+        "90",
+        "--checkpoint-dir",
+        str(ckpt),
+    ]
     groups = [Group(g, 2, lighthouse.url, args, tmp_path) for g in range(2)]
     wait_for_step(ckpt / "metrics" / "replica_group_0.jsonl", 3)
     lighthouse.kill()

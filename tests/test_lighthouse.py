@@ -31,7 +31,7 @@ def listening_addresses(port: int) -> set:
             if family == socket.AF_INET:
                 found.add(socket.inet_ntop(family, raw[::-1]))
             else:
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
                 found.add(socket.inet_ntop(family, words))
     return found
 
@@ -71,8 +71,14 @@ def start_under_slurm(node_name: str, tmp_path) -> tuple:
     """The launcher as Slurm starts it on node ``node_name``; returns (process, port, its first line)."""
     port = free_port()
     env = dict(os.environ, SLURM_JOB_ID="42", SLURMD_NODENAME=node_name, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port)], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     banner = proc.stdout.readline()
     deadline = time.monotonic() + 30
     while not listening_addresses(port) and time.monotonic() < deadline and proc.poll() is None:
@@ -108,8 +114,13 @@ def test_outside_slurm_the_default_is_loopback(monkeypatch):
 
 
 def test_lighthouse_with_no_group_exits_1_with_a_clear_line():
-    result = subprocess.run([PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(free_port()),
-                             "--first-join-timeout", "1"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    result = subprocess.run(
+        [PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(free_port()), "--first-join-timeout", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert result.returncode == 1
     assert "no replica group joined within 1s" in result.stderr
 
@@ -119,19 +130,28 @@ def test_lighthouse_on_a_busy_port_fails_with_one_line():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        result = subprocess.run([PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port)],
-                                capture_output=True, text=True, timeout=60, cwd=REPO)
+        result = subprocess.run(
+            [PYTHON, "-m", "torchx_diloco.lighthouse", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "pick a free --port" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--min-replicas", "0"], "--min-replicas 0 must be >= 1"),
-    (["--port", "70000"], "--port 70000 must be in 1..65535"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--min-replicas", "0"], "--min-replicas 0 must be >= 1"),
+        (["--port", "70000"], "--port 70000 must be in 1..65535"),
+    ],
+)
 def test_lighthouse_bad_flags(args, message):
-    result = subprocess.run([PYTHON, "-m", "torchx_diloco.lighthouse", *args], capture_output=True, text=True,
-                            timeout=60, cwd=REPO)
+    result = subprocess.run(
+        [PYTHON, "-m", "torchx_diloco.lighthouse", *args], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
     assert result.returncode == 2
     assert message in result.stderr
 
@@ -148,8 +168,22 @@ def test_lighthouse_exits_0_after_groups_go_quiet(tmp_path):
     assert "all 1 groups finished" in lighthouse.output()
 
 
-NANO = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", "--outer-steps", "2",
-        "--sync-every", "5", "--group-wait", "0"]
+NANO = [
+    "--model",
+    "nano",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-batches",
+    "0",
+    "--outer-steps",
+    "2",
+    "--sync-every",
+    "5",
+    "--group-wait",
+    "0",
+]
 
 
 def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(tmp_path):
@@ -157,14 +191,28 @@ def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(
     lighthouse's own run still trains there afterwards."""
     lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a"])
     try:
-        intruder = Group(0, 1, lighthouse.url, [*NANO, "--checkpoint-dir", str(tmp_path / "b")], tmp_path,
-                         extra_env={"TORCHX_DILOCO_RUN_ID": "run-b"}, tag="-run-b")
+        intruder = Group(
+            0,
+            1,
+            lighthouse.url,
+            [*NANO, "--checkpoint-dir", str(tmp_path / "b")],
+            tmp_path,
+            extra_env={"TORCHX_DILOCO_RUN_ID": "run-b"},
+            tag="-run-b",
+        )
         assert intruder.wait(120) == 2, intruder.output()[-2000:]
         lines = [ln for ln in intruder.output().splitlines() if "torchx_diloco.train: error:" in ln]
         assert len(lines) == 1 and f"the lighthouse at {lighthouse.url} serves another run" in lines[0], lines
         assert "not run run-b" in lines[0]
-        own = Group(0, 1, lighthouse.url, [*NANO, "--checkpoint-dir", str(tmp_path / "a")], tmp_path,
-                    extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"}, tag="-run-a")
+        own = Group(
+            0,
+            1,
+            lighthouse.url,
+            [*NANO, "--checkpoint-dir", str(tmp_path / "a")],
+            tmp_path,
+            extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"},
+            tag="-run-a",
+        )
         assert own.wait(120) == 0, own.output()[-2000:]
         assert "DiLoCo: group 0 finished at outer step 2" in own.output()
     finally:
@@ -176,8 +224,14 @@ def test_a_group_that_fails_for_good_ends_the_lighthouse_with_one_line(tmp_path)
     instead of waiting for groups that will never come."""
     lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a"])
     try:
-        doomed = Group(1, 2, lighthouse.url, [*NANO, "--data", str(tmp_path / "missing.txt")], tmp_path,
-                       extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"})
+        doomed = Group(
+            1,
+            2,
+            lighthouse.url,
+            [*NANO, "--data", str(tmp_path / "missing.txt")],
+            tmp_path,
+            extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"},
+        )
         assert doomed.wait(120) == 2
         assert "missing.txt does not exist" in doomed.output()
         start = time.monotonic()

@@ -38,8 +38,9 @@ def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrup
 
     ckpt = tmp_path / "interrupted"
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
-    groups = [Group(g, 2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first")
-              for g in range(2)]
+    groups = [
+        Group(g, 2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first") for g in range(2)
+    ]
     deadline = time.monotonic() + 120
     while (CheckpointStore(str(ckpt)).latest(0) or Checkpoint(0, {}, None)).step < 3:
         assert time.monotonic() < deadline, "no checkpoint of step 3 in time"
@@ -103,8 +104,14 @@ def test_storage_fault_during_training_is_logged_once_and_training_goes_on(tmp_p
     url = f"faulty://{tmp_path}/ckpt"
     lighthouse = Lighthouse(tmp_path)
     fault = {FAULTS_ENV: json.dumps([{"match": "step_00000002/", "action": action}])}
-    g = Group(0, 1, lighthouse.url, [*SMALL, "--outer-steps", "3", "--sync-every", "5", "--checkpoint-dir", url],
-              tmp_path, extra_env=fault)
+    g = Group(
+        0,
+        1,
+        lighthouse.url,
+        [*SMALL, "--outer-steps", "3", "--sync-every", "5", "--checkpoint-dir", url],
+        tmp_path,
+        extra_env=fault,
+    )
     assert g.wait() == 0, g.output()[-2000:]
     lighthouse.kill()
     out = g.output()

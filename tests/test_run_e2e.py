@@ -82,15 +82,49 @@ def assert_complete_checkpoint(ckpt: Path, step: int) -> None:
     assert (folder / "global.pt").is_file()
 
 
-def start_nano_run(tmp_path: Path, port: Optional[int], outer: int, max_restarts: int, idle_exit: int,
-                   train_flags: List[str], sync_every: int = 40, extra: List[str] = ()) -> subprocess.Popen:
+def start_nano_run(
+    tmp_path: Path,
+    port: Optional[int],
+    outer: int,
+    max_restarts: int,
+    idle_exit: int,
+    train_flags: List[str],
+    sync_every: int = 40,
+    extra: List[str] = (),
+) -> subprocess.Popen:
     """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs, checkpoints in tmp_path/ckpt,
     the console in tmp_path/torchx.log. ``port`` None: the component's own choice (a free port per run)."""
-    cmd = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", "diloco.diloco",
-           *(["--lighthouse_port", str(port)] if port else []), "--outer_steps", str(outer),
-           "--sync_every", str(sync_every), "--model", "nano", "--max_restarts", str(max_restarts),
-           "--lighthouse_idle_exit", str(idle_exit), "--checkpoint_dir", str(tmp_path / "ckpt"), *extra,
-           "--", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0", *train_flags]
+    cmd = [
+        str(BIN / "torchx"),
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'logs'}",
+        "diloco.diloco",
+        *(["--lighthouse_port", str(port)] if port else []),
+        "--outer_steps",
+        str(outer),
+        "--sync_every",
+        str(sync_every),
+        "--model",
+        "nano",
+        "--max_restarts",
+        str(max_restarts),
+        "--lighthouse_idle_exit",
+        str(idle_exit),
+        "--checkpoint_dir",
+        str(tmp_path / "ckpt"),
+        *extra,
+        "--",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--eval-batches",
+        "0",
+        *train_flags,
+    ]
     with open(tmp_path / "torchx.log", "wb") as console:
         return subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
 
@@ -110,8 +144,9 @@ def test_make_run_in_a_fresh_clone(tmp_path):
     args = dict(zip(command[3::2], command[4::2], strict=False))
     groups, outer, sync = 2, int(args["--outer_steps"]), int(args["--sync_every"])
 
-    out = subprocess.run([str(BIN / "torchx"), *command[1:]], cwd=clone, env=run_env(), capture_output=True,
-                         text=True, timeout=360)
+    out = subprocess.run(
+        [str(BIN / "torchx"), *command[1:]], cwd=clone, env=run_env(), capture_output=True, text=True, timeout=360
+    )
     tail = (out.stdout + out.stderr)[-4000:]
     assert out.returncode == 0, tail
     assert "SUCCEEDED" in out.stderr, tail
@@ -133,8 +168,9 @@ def test_killed_worker_is_restarted_by_torchrun_heals_and_the_app_succeeds(tmp_p
     log_dir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
     # no durable checkpoint before the last step: the restarted worker starts from nothing and must
     # heal from group 0 (with one, it would resume from disk at the step the peer is at)
-    proc = start_nano_run(tmp_path, port, outer, max_restarts=2, idle_exit=15,
-                          train_flags=["--checkpoint-every", "1000"])
+    proc = start_nano_run(
+        tmp_path, port, outer, max_restarts=2, idle_exit=15, train_flags=["--checkpoint-every", "1000"]
+    )
     try:
         deadline = time.monotonic() + 180
         while not re.search(r"outer optimizer steps completed: \[2\]", read(role_log(log_dir, "replica_group_1"))):
@@ -155,7 +191,7 @@ def test_killed_worker_is_restarted_by_torchrun_heals_and_the_app_succeeds(tmp_p
     # torchrun's agent saw the worker die and started a new one, which rejoined with the peer's weights
     died = re.search(rf"failed \(exitcode: -9\) local_rank: 0 \(pid: {victim}\)", g1)
     assert died, g1[-4000:]
-    assert "healed from a peer" in g1[died.end():], g1[-4000:]
+    assert "healed from a peer" in g1[died.end() :], g1[-4000:]
     for g in range(2):
         text = read(role_log(log_dir, f"replica_group_{g}"))
         assert f"DiLoCo: group {g} finished at outer step {outer}" in text, text[-3000:]
@@ -226,8 +262,9 @@ def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alon
     procs = {}
     for seed, folder in runs.items():
         folder.mkdir()
-        procs[seed] = start_nano_run(folder, None, outer=3, max_restarts=0, idle_exit=3, sync_every=10,
-                                     train_flags=[*flags, "--seed", str(seed)])
+        procs[seed] = start_nano_run(
+            folder, None, outer=3, max_restarts=0, idle_exit=3, sync_every=10, train_flags=[*flags, "--seed", str(seed)]
+        )
     try:
         for seed, proc in procs.items():
             assert proc.wait(timeout=240) == 0, read(runs[seed] / "torchx.log")[-4000:]
@@ -247,9 +284,30 @@ def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alon
     alone.mkdir()
     lighthouse = Lighthouse(alone, min_replicas=2)
     try:
-        run_groups(2, lighthouse.url, ["--model", "nano", "--outer-steps", "3", "--sync-every", "10", "--seq-len",
-                                       "32", "--batch-size", "4", "--eval-batches", "0", *flags, "--seed", "1",
-                                       "--checkpoint-dir", str(alone / "ckpt")], alone)
+        run_groups(
+            2,
+            lighthouse.url,
+            [
+                "--model",
+                "nano",
+                "--outer-steps",
+                "3",
+                "--sync-every",
+                "10",
+                "--seq-len",
+                "32",
+                "--batch-size",
+                "4",
+                "--eval-batches",
+                "0",
+                *flags,
+                "--seed",
+                "1",
+                "--checkpoint-dir",
+                str(alone / "ckpt"),
+            ],
+            alone,
+        )
     finally:
         lighthouse.kill()
     assert committed_checksums(alone / "ckpt", 0) == committed_checksums(runs[1] / "ckpt", 0)

@@ -133,18 +133,43 @@ def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
     run, job_dir = tmp_path / "run", tmp_path / "job"
     run.mkdir()
     # another job in the queue, named like a TorchX replica: squeue --json on 22.05 returns it for any -j
-    other = subprocess.run(["sbatch", "--parsable", "-J", "other-0", "-c", "1", f"--chdir={tmp_path}",
-                            "--wrap", "sleep 300"], capture_output=True, text=True, check=True).stdout.strip()
+    other = subprocess.run(
+        ["sbatch", "--parsable", "-J", "other-0", "-c", "1", f"--chdir={tmp_path}", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     jobs.append(other)
     port = free_port()
-    handle = submit(["-cfg", f"job_dir={job_dir},time=10", COMPONENT + ":diloco", "--replica_groups", "2",
-                     "--outer_steps", "6", "--lighthouse_port", str(port), "--lighthouse_idle_exit", "4",
-                     "--checkpoint_dir", "ckpt", *TRAIN, *SMALL], run, jobs)
+    handle = submit(
+        [
+            "-cfg",
+            f"job_dir={job_dir},time=10",
+            COMPONENT + ":diloco",
+            "--replica_groups",
+            "2",
+            "--outer_steps",
+            "6",
+            "--lighthouse_port",
+            str(port),
+            "--lighthouse_idle_exit",
+            "4",
+            "--checkpoint_dir",
+            "ckpt",
+            *TRAIN,
+            *SMALL,
+        ],
+        run,
+        jobs,
+    )
     jid = job_id(handle)
 
     # while it runs: the groups found the lighthouse through SLURM_JOB_NODELIST_HET_GROUP_0
-    workers = wait_until(lambda: len(train_workers(SLURM_JOB_ID=jid)) == 2 and train_workers(SLURM_JOB_ID=jid), 90,
-                         "both groups' training workers")
+    workers = wait_until(
+        lambda: len(train_workers(SLURM_JOB_ID=jid)) == 2 and train_workers(SLURM_JOB_ID=jid),
+        90,
+        "both groups' training workers",
+    )
     nodes = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%j %N"], capture_output=True, text=True).stdout
     lighthouse_node = re.search(r"^lighthouse-0 (\S+)$", nodes, re.M).group(1)
     assert {w["TORCHFT_LIGHTHOUSE"] for w in workers} == {f"http://{lighthouse_node}:{port}"}
@@ -189,9 +214,27 @@ def test_diloco_het_job_runs_and_completes_with_status_and_logs(tmp_path, jobs):
 @pytest.mark.timeout(240)
 def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
     ckpt = tmp_path / "ckpt"
-    handle = submit([COMPONENT + ":diloco", "--replica_groups", "2", "--outer_steps", "30", "--max_restarts", "2",
-                     "--lighthouse_port", str(free_port()), "--lighthouse_idle_exit", "6",
-                     "--checkpoint_dir", str(ckpt), *TRAIN, *SMALL], tmp_path, jobs)
+    handle = submit(
+        [
+            COMPONENT + ":diloco",
+            "--replica_groups",
+            "2",
+            "--outer_steps",
+            "30",
+            "--max_restarts",
+            "2",
+            "--lighthouse_port",
+            str(free_port()),
+            "--lighthouse_idle_exit",
+            "6",
+            "--checkpoint_dir",
+            str(ckpt),
+            *TRAIN,
+            *SMALL,
+        ],
+        tmp_path,
+        jobs,
+    )
     jid = job_id(handle)
     log1 = group_log(tmp_path, jid, 1)
     wait_until(lambda: outer_steps(log1)[-1:] >= [2], 120, "group 1 at outer step 2")
@@ -199,8 +242,11 @@ def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
     assert len(victim) == 1, victim
     os.kill(int(victim[0]["PID"]), signal.SIGKILL)  # the worker dies on its node; torchrun stays
 
-    restarted = wait_until(lambda: [w for w in train_workers(SLURM_JOB_ID=jid, REPLICA_GROUP_ID="1")
-                                    if w["PID"] != victim[0]["PID"]], 60, "torchrun to restart group 1's worker")
+    restarted = wait_until(
+        lambda: [w for w in train_workers(SLURM_JOB_ID=jid, REPLICA_GROUP_ID="1") if w["PID"] != victim[0]["PID"]],
+        60,
+        "torchrun to restart group 1's worker",
+    )
     assert restarted[0]["TORCHELASTIC_RESTART_COUNT"] == "1"
     assert wait_done(jid, 180) == "COMPLETED", group_log(tmp_path, jid, 1, "err").read_text()[-3000:]
     for g in (0, 1):
@@ -216,15 +262,23 @@ def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
 def test_cancelled_job_resubmitted_resumes_from_newest_checkpoint(tmp_path, jobs):
     ckpt = tmp_path / "ckpt"
     args = ["--replica_groups", "2", "--lighthouse_idle_exit", "4", "--checkpoint_dir", str(ckpt), *TRAIN]
-    first = submit([COMPONENT + ":diloco", "--outer_steps", "500", "--lighthouse_port", str(free_port()), *args,
-                    *SMALL], tmp_path, jobs)
+    first = submit(
+        [COMPONENT + ":diloco", "--outer_steps", "500", "--lighthouse_port", str(free_port()), *args, *SMALL],
+        tmp_path,
+        jobs,
+    )
     wait_until(lambda: newest_complete(ckpt) >= 2, 150, "a complete checkpoint at step >= 2")
     subprocess.run(["scancel", job_id(first)], check=True)  # the whole job is lost
     assert wait_done(job_id(first), 60) == "CANCELLED"
     newest = newest_complete(ckpt)
 
-    second = submit([COMPONENT + ":diloco", "--outer_steps", str(newest + 2), "--lighthouse_port",
-                     str(free_port()), *args, *SMALL], tmp_path, jobs, wait=True, timeout=200)
+    second = submit(
+        [COMPONENT + ":diloco", "--outer_steps", str(newest + 2), "--lighthouse_port", str(free_port()), *args, *SMALL],
+        tmp_path,
+        jobs,
+        wait=True,
+        timeout=200,
+    )
     assert state(job_id(second)) == "COMPLETED"
     for g in (0, 1):
         steps = outer_steps(group_log(tmp_path, job_id(second), g))
@@ -241,9 +295,28 @@ def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest
     node = subprocess.run(["squeue", "-h", "-j", job_id(lh), "-o", "%N"], capture_output=True, text=True).stdout.strip()
     url = f"http://{node}:{port}"
     ckpt = tmp_path / "ckpt"
-    groups = [submit([COMPONENT + ":replica_group", "--lighthouse_url", url, "--group", str(g), "--replica_groups",
-                      "2", "--outer_steps", "24", "--checkpoint_dir", str(ckpt), *TRAIN, *SMALL], tmp_path, jobs)
-              for g in (0, 1)]
+    groups = [
+        submit(
+            [
+                COMPONENT + ":replica_group",
+                "--lighthouse_url",
+                url,
+                "--group",
+                str(g),
+                "--replica_groups",
+                "2",
+                "--outer_steps",
+                "24",
+                "--checkpoint_dir",
+                str(ckpt),
+                *TRAIN,
+                *SMALL,
+            ],
+            tmp_path,
+            jobs,
+        )
+        for g in (0, 1)
+    ]
     logs = [tmp_path / f"slurm-{job_id(h)}-replica_group_{g}-0.out" for g, h in enumerate(groups)]
 
     def trained_together() -> bool:
@@ -267,8 +340,23 @@ def test_an_error_no_restart_can_fix_ends_the_job_failed_within_seconds(tmp_path
     (the lighthouse hears of it too) instead of restarting 3 times and waiting out the lighthouse's timeout."""
     missing = tmp_path / "no-such-corpus.txt"
     start = time.monotonic()
-    handle = submit([COMPONENT + ":diloco", "--replica_groups", "2", "--outer_steps", "3", "--max_restarts", "3",
-                     *TRAIN, *SMALL, "--data", str(missing)], tmp_path, jobs)
+    handle = submit(
+        [
+            COMPONENT + ":diloco",
+            "--replica_groups",
+            "2",
+            "--outer_steps",
+            "3",
+            "--max_restarts",
+            "3",
+            *TRAIN,
+            *SMALL,
+            "--data",
+            str(missing),
+        ],
+        tmp_path,
+        jobs,
+    )
     jid = job_id(handle)
     assert wait_done(jid, 120) == "FAILED"
     elapsed = time.monotonic() - start
@@ -281,10 +369,13 @@ def test_an_error_no_restart_can_fix_ends_the_job_failed_within_seconds(tmp_path
 
 
 @needs_slurm
-@pytest.mark.parametrize("bad, expected", [
-    (["-cfg", "partition=no_such_partition"], "Invalid partition name specified"),
-    (["--gpus_per_group", "64"], "Invalid generic resource (gres) specification"),
-])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (["-cfg", "partition=no_such_partition"], "Invalid partition name specified"),
+        (["--gpus_per_group", "64"], "Invalid generic resource (gres) specification"),
+    ],
+)
 def test_sbatch_refusal_is_one_clear_line(tmp_path, jobs, bad, expected):
     cfg, comp = (bad, []) if bad[0] == "-cfg" else ([], bad)
     p = torchx(["run", "-s", "slurm", *cfg, COMPONENT + ":diloco", *comp, "--outer_steps", "1"], tmp_path)
@@ -303,13 +394,22 @@ def test_status_and_list_read_real_squeue_json_of_pending_het_and_unknown_jobs(t
     from torchx_diloco.slurm import SlurmScheduler
 
     script = tmp_path / "het.sh"
-    script.write_text("#!/bin/bash\n#SBATCH --job-name=trainer-0\n#SBATCH hetjob\n#SBATCH --job-name=trainer-1\n"
-                      "srun true : true\n")
-    held = subprocess.run(["sbatch", "--parsable", "--hold", f"--chdir={tmp_path}", str(script)],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --job-name=trainer-0\n#SBATCH hetjob\n#SBATCH --job-name=trainer-1\nsrun true : true\n"
+    )
+    held = subprocess.run(
+        ["sbatch", "--parsable", "--hold", f"--chdir={tmp_path}", str(script)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     jobs.append(held)
-    plain = subprocess.run(["sbatch", "--parsable", "-J", "plain-0", f"--chdir={tmp_path}", "--wrap", "sleep 60"],
-                           capture_output=True, text=True, check=True).stdout.strip()
+    plain = subprocess.run(
+        ["sbatch", "--parsable", "-J", "plain-0", f"--chdir={tmp_path}", "--wrap", "sleep 60"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     jobs.append(plain)
     raw = json.loads(subprocess.run(["squeue", "--json"], capture_output=True, text=True, check=True).stdout)
     pending = [j for j in raw["jobs"] if str(j["job_id"]) == held]
@@ -319,8 +419,9 @@ def test_status_and_list_read_real_squeue_json_of_pending_het_and_unknown_jobs(t
     desc = sched.describe(held)
     assert desc.state == AppState.PENDING
     assert [(r.role, [x.id for x in r.replicas]) for r in desc.roles_statuses] == [("trainer", [0, 1])]
-    plain_desc = wait_until(lambda: (d := sched.describe(plain)) and d.state == AppState.RUNNING and d, 30,
-                            "the plain job to run")
+    plain_desc = wait_until(
+        lambda: (d := sched.describe(plain)) and d.state == AppState.RUNNING and d, 30, "the plain job to run"
+    )
     assert [r.role for r in plain_desc.roles_statuses] == ["plain"]
     nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, check=True).stdout
     assert plain_desc.roles_statuses[0].replicas[0].hostname in nodes.split()  # any cluster's node names
@@ -351,17 +452,41 @@ def test_newer_squeue_shapes_are_read_too():
     from torchx_diloco.slurm import describe_from_squeue_json, list_from_squeue_json
 
     def job(jid, offset, name, st, resources):
-        return {"job_id": jid, "het_job_id": {"set": True, "infinite": False, "number": 40},
-                "het_job_offset": offset, "name": name, "job_state": [st], "job_resources": resources,
-                "nodes": "n2" if resources is None else "", "command": "x.sh", "current_working_directory": "/w"}
+        return {
+            "job_id": jid,
+            "het_job_id": {"set": True, "infinite": False, "number": 40},
+            "het_job_offset": offset,
+            "name": name,
+            "job_state": [st],
+            "job_resources": resources,
+            "nodes": "n2" if resources is None else "",
+            "command": "x.sh",
+            "current_working_directory": "/w",
+        }
 
-    out = {"jobs": [job(40, 0, "lighthouse-0", "RUNNING", {"nodes": {"list": "n1", "allocation": [
-        {"name": "n1", "cpus": {"used": 1}, "memory": {"allocated": 1024}}]}}),
-        job(41, 1, "replica_group_0-0", "PENDING", None),
-        {"job_id": 7, "het_job_id": {"set": False, "number": 0}, "name": "other-0", "job_state": ["RUNNING"]}]}
+    out = {
+        "jobs": [
+            job(
+                40,
+                0,
+                "lighthouse-0",
+                "RUNNING",
+                {
+                    "nodes": {
+                        "list": "n1",
+                        "allocation": [{"name": "n1", "cpus": {"used": 1}, "memory": {"allocated": 1024}}],
+                    }
+                },
+            ),
+            job(41, 1, "replica_group_0-0", "PENDING", None),
+            {"job_id": 7, "het_job_id": {"set": False, "number": 0}, "name": "other-0", "job_state": ["RUNNING"]},
+        ]
+    }
     desc = describe_from_squeue_json(out, "40")
     assert desc.state == AppState.RUNNING
     assert [(r.role, r.replicas[0].state, r.replicas[0].hostname) for r in desc.roles_statuses] == [
-        ("lighthouse", AppState.RUNNING, "n1"), ("replica_group_0", AppState.PENDING, "n2")]
+        ("lighthouse", AppState.RUNNING, "n1"),
+        ("replica_group_0", AppState.PENDING, "n2"),
+    ]
     assert [(a.app_id, a.name) for a in list_from_squeue_json(out)] == [("40", "lighthouse-0"), ("7", "other-0")]
     assert describe_from_squeue_json(out, "41").roles_statuses[0].role == "replica_group_0"  # a component's id

@@ -33,9 +33,11 @@ CHECKS: Dict[str, Check] = {}
 
 def checks(name: str) -> Callable[[Check], Check]:
     """Registers the check of the table entry ``name``."""
+
     def register(fn: Check) -> Check:
         CHECKS[name] = fn
         return fn
+
     return register
 
 
@@ -49,14 +51,27 @@ def lighthouse(min_replicas: int = 1) -> Iterator[str]:
 
 
 @contextmanager
-def manager(url: str, use_async_quorum: bool = False, min_replica_size: int = 1,
-            replica_id: str = "replica_group_0") -> Iterator[Manager]:
+def manager(
+    url: str, use_async_quorum: bool = False, min_replica_size: int = 1, replica_id: str = "replica_group_0"
+) -> Iterator[Manager]:
     """A Manager built as cluster.build_manager builds one (a one-rank group hosting its store), on loopback."""
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    m = Manager(pg=ProcessGroupGloo(timeout=TIMEOUT), load_state_dict=None, state_dict=None,
-                min_replica_size=min_replica_size, use_async_quorum=use_async_quorum, replica_id=replica_id,
-                lighthouse_addr=url, timeout=TIMEOUT, quorum_timeout=TIMEOUT, connect_timeout=TIMEOUT,
-                store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
+    m = Manager(
+        pg=ProcessGroupGloo(timeout=TIMEOUT),
+        load_state_dict=None,
+        state_dict=None,
+        min_replica_size=min_replica_size,
+        use_async_quorum=use_async_quorum,
+        replica_id=replica_id,
+        lighthouse_addr=url,
+        timeout=TIMEOUT,
+        quorum_timeout=TIMEOUT,
+        connect_timeout=TIMEOUT,
+        store_addr="127.0.0.1",
+        store_port=store.port,
+        rank=0,
+        world_size=1,
+    )
     try:
         yield m
     finally:
@@ -100,8 +115,9 @@ def _quorum_future(request: pytest.FixtureRequest) -> None:
     with lighthouse(min_replicas=2) as url, manager(url, min_replica_size=2) as m:
         assert m._quorum_future is None, "a new Manager has a quorum future already"
         first = _failed_quorum(m)
-        assert _failed_quorum(m) is first, ("start_quorum no longer re-raises the stored failure: "
-                                            "the reset in diloco.py may be unneeded")
+        assert _failed_quorum(m) is first, (
+            "start_quorum no longer re-raises the stored failure: the reset in diloco.py may be unneeded"
+        )
         m._quorum_future = None
         assert _failed_quorum(m) is not first, "resetting _quorum_future no longer makes start_quorum ask again"
 
@@ -114,8 +130,13 @@ def _torchft_diloco_fragments(request: pytest.FixtureRequest) -> None:
     torch.manual_seed(0)
     model = nn.Linear(3, 2)
     with lighthouse() as url, manager(url) as m:
-        wrapped = TorchftDiLoCo(m, model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                torch.optim.SGD(model.parameters(), lr=0.7), sync_every=2)
+        wrapped = TorchftDiLoCo(
+            m,
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.optim.SGD(model.parameters(), lr=0.7),
+            sync_every=2,
+        )
         pairs = zip(wrapped.global_weights(), model.parameters(), strict=True)
         assert [torch.equal(g, p) for g, p in pairs] == [True, True]
         target = {n: torch.full_like(p, 3.0) for n, p in model.named_parameters()}
@@ -204,5 +225,7 @@ def test_private_member_still_has_the_shape_we_rely_on(use: PrivateUse, request:
         check(request)
     except Exception as e:  # noqa: BLE001 - any failure, assertion or missing attribute, gets the same report
         public = f"; public replacement: {use.public}" if use.public else ""
-        pytest.fail(f"{use.name} is gone or changed upstream ({type(e).__name__}: {e}); we use it to {use.why} "
-                    f"(in {', '.join(use.where)}){public}")
+        pytest.fail(
+            f"{use.name} is gone or changed upstream ({type(e).__name__}: {e}); we use it to {use.why} "
+            f"(in {', '.join(use.where)}){public}"
+        )

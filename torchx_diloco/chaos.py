@@ -57,13 +57,15 @@ def log(msg: str) -> None:
 class Job:
     """One lighthouse and ``groups`` torchrun groups sharing ``ckpt``: what a TorchX app runs, by hand."""
 
-    def __init__(self, work: Path, ckpt: str, groups: int, train_args: Sequence[str], min_replicas: int,
-                 tag: str = "") -> None:
+    def __init__(
+        self, work: Path, ckpt: str, groups: int, train_args: Sequence[str], min_replicas: int, tag: str = ""
+    ) -> None:
         self.groups = groups
         self.lighthouse = Lighthouse(work, min_replicas=min_replicas, idle_exit=0)
         args = [*train_args, "--checkpoint-dir", ckpt, "--min-replicas", str(min_replicas)]
-        self.members = [Group(g, groups, self.lighthouse.url, args, work, tag=tag, max_restarts=1000)
-                        for g in range(groups)]
+        self.members = [
+            Group(g, groups, self.lighthouse.url, args, work, tag=tag, max_restarts=1000) for g in range(groups)
+        ]
 
     def running(self) -> bool:
         return any(m.proc.poll() is None for m in self.members)
@@ -99,8 +101,7 @@ def committed_since(ckpt: str, group: int, since: float) -> List[Dict[str, Any]]
 
 
 def last_committed_step(ckpt: str, groups: int) -> int:
-    return max((r["outer_step"] for g in range(groups) for r in read_records(ckpt, g) if r.get("committed")),
-               default=0)
+    return max((r["outer_step"] for g in range(groups) for r in read_records(ckpt, g) if r.get("committed")), default=0)
 
 
 def window_s(ckpt: str, group: int, default: float = 0.5, since: float = 0) -> float:
@@ -177,8 +178,16 @@ def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random,
         blocked_ms = 1000 * (time.monotonic() - blocked_since) if blocked_since is not None else 0
         if not kill_pid(pid):
             return None
-        return Kill(n, group, phase, pid, time.time(), step, f"main thread blocked {blocked_ms:.0f} ms",
-                    blocked_since is not None)
+        return Kill(
+            n,
+            group,
+            phase,
+            pid,
+            time.time(),
+            step,
+            f"main thread blocked {blocked_ms:.0f} ms",
+            blocked_since is not None,
+        )
     # checkpoint: the next commit creates step_<k+1>/ (every step is checkpointed)
     folder = Path(ckpt) / f"step_{step + 1:08d}"
     deadline = time.monotonic() + 3 * window + 10
@@ -192,11 +201,16 @@ def kill_worker(job: Job, ckpt: str, group: int, phase: str, rng: random.Random,
         present = sorted(p.name for p in folder.iterdir())
     except OSError:
         present = []
-    parts = [name[len("MANIFEST.replica_group_"):-len(".json")] for name in present
-             if name.startswith("MANIFEST.replica_group_")]
+    parts = [
+        name[len("MANIFEST.replica_group_") : -len(".json")]
+        for name in present
+        if name.startswith("MANIFEST.replica_group_")
+    ]
     landed = folder.exists() and (str(group) not in parts or "MANIFEST.global.json" not in present)  # incomplete
-    evidence = (f"step {step + 1}: parts of {','.join(parts) or 'none'} published, global "
-                f"{'published' if 'MANIFEST.global.json' in present else 'not yet'}")
+    evidence = (
+        f"step {step + 1}: parts of {','.join(parts) or 'none'} published, global "
+        f"{'published' if 'MANIFEST.global.json' in present else 'not yet'}"
+    )
     return Kill(n, group, phase, pid, time.time(), step + 1, evidence, landed)
 
 
@@ -223,12 +237,16 @@ def chaos(job: Job, ckpt: str, kills: int, rng: random.Random, outer_steps: int)
         k = kill_worker(job, ckpt, group, phase, rng, len(done) + 1)
         if k is None:
             continue
-        log(f"kill {k.n}: group {k.group} pid {k.pid} aimed at {k.phase} (step {k.step}); saw {k.evidence}"
-            f"{'' if k.landed else ' (missed)'}")
+        log(
+            f"kill {k.n}: group {k.group} pid {k.pid} aimed at {k.phase} (step {k.step}); saw {k.evidence}"
+            f"{'' if k.landed else ' (missed)'}"
+        )
         first = wait_for_commit(ckpt, group, k.at, 180, job)
         k.recovered_step, k.recovery_s = first["outer_step"], round(first["time"] - k.at, 1)
-        log(f"  group {group} back (pid {job.members[group].worker()}) at outer step {k.recovered_step} "
-            f"after {k.recovery_s}s")
+        log(
+            f"  group {group} back (pid {job.members[group].worker()}) at outer step {k.recovered_step} "
+            f"after {k.recovery_s}s"
+        )
         done.append(k)
     return done
 
@@ -245,13 +263,18 @@ def describe_recoveries(job: Job, ckpt: str, kill_list: List[Kill]) -> None:
     """Fill in how each victim came back, from its log, and the rounds its peers had to drop."""
     for k in kill_list:
         out = job.members[k.group].output()
-        life = out[out.find(f"(pid: {k.pid})"):] if f"(pid: {k.pid})" in out else ""
+        life = out[out.find(f"(pid: {k.pid})") :] if f"(pid: {k.pid})" in out else ""
         life = life[: life.find("outer optimizer steps completed")] if life else ""
         how = [w for w, key in (("resumed", "resumed from"), ("healed", "healed from a peer")) if key in life]
         k.how = "+".join(how) or "rejoined"
         until = k.at + (k.recovery_s or 0) + 0.5
-        k.dropped_rounds = sum(1 for g in range(job.groups) if g != k.group for r in read_records(ckpt, g)
-                               if r.get("committed") is False and k.at - 0.5 < r["time"] < until)
+        k.dropped_rounds = sum(
+            1
+            for g in range(job.groups)
+            if g != k.group
+            for r in read_records(ckpt, g)
+            if r.get("committed") is False and k.at - 0.5 < r["time"] < until
+        )
 
 
 # --- the audit -------------------------------------------------------------------------------------------------
@@ -339,8 +362,9 @@ def audit(ckpt: str, groups: int, outer_steps: int, logs: Sequence[str], rollbac
         on_disk = weights_checksum(list(weights.values()))
         a.checkpoints_checked += 1
         if on_disk not in shas.get(step, set()):
-            a.problems.append(f"checkpoint step {step} holds weights {on_disk}, the groups agreed on "
-                              f"{sorted(shas.get(step, []))}")
+            a.problems.append(
+                f"checkpoint step {step} holds weights {on_disk}, the groups agreed on {sorted(shas.get(step, []))}"
+            )
     return a
 
 
@@ -358,11 +382,19 @@ OUTER_LINE = "DiLoCo: Number of outer optimizer steps completed: ["
 
 def first_printed_step(text: str) -> Optional[int]:
     i = text.find(OUTER_LINE)
-    return int(text[i + len(OUTER_LINE):].split("]", 1)[0]) if i >= 0 else None
+    return int(text[i + len(OUTER_LINE) :].split("]", 1)[0]) if i >= 0 else None
 
 
-def restarts(work: Path, ckpt: str, groups: int, train_args: Sequence[str], outer_steps: int, count: int,
-             rng: random.Random, timeout: float) -> tuple:
+def restarts(
+    work: Path,
+    ckpt: str,
+    groups: int,
+    train_args: Sequence[str],
+    outer_steps: int,
+    count: int,
+    rng: random.Random,
+    timeout: float,
+) -> tuple:
     """``count`` whole-job SIGKILLs at random instants, each followed by a fresh job on the same folder.
 
     Every life runs until each group has committed a step and group 0 a second, then a random 0..3 windows more
@@ -386,8 +418,10 @@ def restarts(work: Path, ckpt: str, groups: int, train_args: Sequence[str], oute
             check_first_steps(job, done[-1])
         latest = CheckpointStore(ckpt).latest(0)
         r = Restart(life + 1, last_committed_step(ckpt, groups), latest.step if latest else 0)
-        log(f"restart {r.n}: killed the whole job after outer step {r.killed_at_step}; "
-            f"newest complete checkpoint: step {r.latest_checkpoint}")
+        log(
+            f"restart {r.n}: killed the whole job after outer step {r.killed_at_step}; "
+            f"newest complete checkpoint: step {r.latest_checkpoint}"
+        )
         if r.latest_checkpoint >= outer_steps:
             raise AssertionError(f"life {life} finished before its kill: use more outer steps")
         done.append(r)
@@ -399,8 +433,10 @@ def check_first_steps(job: Job, restart: Restart) -> None:
     firsts = {first_printed_step(m.output()) for m in job.members}
     restart.first_step_after = min(f for f in firsts if f is not None) if firsts - {None} else None
     if firsts != {restart.latest_checkpoint + 1}:
-        raise AssertionError(f"after restart {restart.n} the groups first committed steps {sorted(firsts, key=str)}; "
-                             f"the newest complete checkpoint was {restart.latest_checkpoint}")
+        raise AssertionError(
+            f"after restart {restart.n} the groups first committed steps {sorted(firsts, key=str)}; "
+            f"the newest complete checkpoint was {restart.latest_checkpoint}"
+        )
 
 
 def finish(job: Job, timeout: float) -> List[str]:
@@ -418,12 +454,23 @@ def finish(job: Job, timeout: float) -> List[str]:
 
 # --- the two experiments ---------------------------------------------------------------------------------------
 def train_args(outer_steps: int, sync_every: int, extra: Sequence[str] = ()) -> List[str]:
-    return [*SMALL, "--outer-steps", str(outer_steps), "--sync-every", str(sync_every), "--group-wait", "30",
-            "--collective-timeout", str(COLLECTIVE_TIMEOUT_S), *extra]
+    return [
+        *SMALL,
+        "--outer-steps",
+        str(outer_steps),
+        "--sync-every",
+        str(sync_every),
+        "--group-wait",
+        "30",
+        "--collective-timeout",
+        str(COLLECTIVE_TIMEOUT_S),
+        *extra,
+    ]
 
 
-def worker_kills(work: Path, kills: int, rng: random.Random, outer_steps: int, sync_every: int, groups: int = 3,
-                 timeout: float = 600) -> tuple:
+def worker_kills(
+    work: Path, kills: int, rng: random.Random, outer_steps: int, sync_every: int, groups: int = 3, timeout: float = 600
+) -> tuple:
     """Groups train with ``--min-replicas 1`` while their workers are SIGKILLed; returns (kills, audit)."""
     ckpt = str(work / "worker-kills")
     job = Job(work, ckpt, groups, train_args(outer_steps, sync_every), min_replicas=1, tag="-kills")
@@ -438,8 +485,9 @@ def worker_kills(work: Path, kills: int, rng: random.Random, outer_steps: int, s
     return kill_list, audit(ckpt, groups, outer_steps, logs, rollback_allowed=False)
 
 
-def whole_job_restarts(work: Path, count: int, rng: random.Random, outer_steps: int, sync_every: int,
-                       groups: int = 3, timeout: float = 600) -> tuple:
+def whole_job_restarts(
+    work: Path, count: int, rng: random.Random, outer_steps: int, sync_every: int, groups: int = 3, timeout: float = 600
+) -> tuple:
     """An uninterrupted run, then the same run killed whole ``count`` times; returns (restarts, audit, reference).
 
     Checkpoints every second step, so some kills fall after a commit that has no checkpoint yet: that step is
@@ -460,8 +508,15 @@ def whole_job_restarts(work: Path, count: int, rng: random.Random, outer_steps: 
     return done, audit(ckpt, groups, outer_steps, logs, rollback_allowed=True), ref
 
 
-def pause_until_peers_finish(work: Path, outer_steps: int = 30, sync_every: int = 40, pause_at: int = 10,
-                             groups: int = 3, min_replicas: int = 1, timeout: float = 400) -> Audit:
+def pause_until_peers_finish(
+    work: Path,
+    outer_steps: int = 30,
+    sync_every: int = 40,
+    pause_at: int = 10,
+    groups: int = 3,
+    min_replicas: int = 1,
+    timeout: float = 400,
+) -> Audit:
     """Group 0's worker is frozen (SIGSTOP: a long GC pause, a stalled VM) at outer step ``pause_at`` until the
     other groups have finished, then thawed. Nobody is left to heal from. Before the runtime checked storage at each
     sync, it trained the remaining steps alone (``--min-replicas 1``) and, as the first group of its one-group
@@ -469,8 +524,14 @@ def pause_until_peers_finish(work: Path, outer_steps: int = 30, sync_every: int 
     published. Returns the audit (its ``problems`` list any fork); ``min_replicas`` applies to groups and lighthouse.
     """
     ckpt = str(work / f"pause-min{min_replicas}")
-    job = Job(work, ckpt, groups, train_args(outer_steps, sync_every), min_replicas=min_replicas,
-              tag=f"-pause-min{min_replicas}")
+    job = Job(
+        work,
+        ckpt,
+        groups,
+        train_args(outer_steps, sync_every),
+        min_replicas=min_replicas,
+        tag=f"-pause-min{min_replicas}",
+    )
     try:
         while last_committed_step(ckpt, groups) < pause_at:
             if not job.running():

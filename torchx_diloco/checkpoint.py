@@ -56,8 +56,10 @@ def check_format(folder: str, fmt: object) -> None:
     if isinstance(fmt, bool) or not isinstance(fmt, int):
         raise CorruptCheckpoint(f"{folder}: format {fmt!r} is not a version number")
     if fmt > FORMAT_VERSION:
-        raise UserError(f"checkpoint {folder} was written by format {fmt}; this torchx-diloco reads format "
-                        f"{FORMAT_VERSION}: upgrade torchx-diloco or use another --checkpoint-dir")
+        raise UserError(
+            f"checkpoint {folder} was written by format {fmt}; this torchx-diloco reads format "
+            f"{FORMAT_VERSION}: upgrade torchx-diloco or use another --checkpoint-dir"
+        )
 
 
 @dataclass
@@ -126,8 +128,13 @@ class CheckpointStore:
         pattern = f"{self.step_dir(step)}/MANIFEST.replica_group_*.json"
         while len(self._fresh_glob(pattern)) < count:
             if time.monotonic() > deadline:
-                logger.warning("step %d: only %d of %d group parts after %gs; publishing it without the rest",
-                               step, len(self._fresh_glob(pattern)), count, timeout_s)
+                logger.warning(
+                    "step %d: only %d of %d group parts after %gs; publishing it without the rest",
+                    step,
+                    len(self._fresh_glob(pattern)),
+                    count,
+                    timeout_s,
+                )
                 return False
             time.sleep(0.05)
         return True
@@ -228,8 +235,9 @@ class AsyncWriter:
             job()
         except Exception as e:  # noqa: BLE001 - storage faults must not stop training; they are logged
             self.failures += 1
-            logger.error("%s failed (training goes on, the previous checkpoint stays): %s: %s",
-                         what, type(e).__name__, e)
+            logger.error(
+                "%s failed (training goes on, the previous checkpoint stays): %s: %s", what, type(e).__name__, e
+            )
 
     def wait(self) -> None:
         if self._inflight is not None:

@@ -60,13 +60,16 @@ def check_run(live: Set[str], url: str, run_id: Optional[str]) -> None:
     if run_id:  # other runs' groups, or the lighthouse's own mark of another run
         foreign = sorted(r for r in live if split_replica_id(r)[0] != safe_run_id(run_id))
         if foreign:
-            raise UserError(f"the lighthouse at {url} serves another run (seen there: {', '.join(foreign[:3])}), "
-                            f"not run {run_id}: point TORCHFT_LIGHTHOUSE at this run's lighthouse")
+            raise UserError(
+                f"the lighthouse at {url} serves another run (seen there: {', '.join(foreign[:3])}), "
+                f"not run {run_id}: point TORCHFT_LIGHTHOUSE at this run's lighthouse"
+            )
     fatal = sorted(split_replica_id(r)[1] for r in live if split_replica_id(r)[1].startswith(FATAL_PREFIX))
     if fatal:
-        name = GROUP_PREFIX + fatal[0][len(FATAL_PREFIX):]
-        raise UserError(f"{name} of this run stopped with an error no restart can fix (its log has the line): "
-                        "this group stops too")
+        name = GROUP_PREFIX + fatal[0][len(FATAL_PREFIX) :]
+        raise UserError(
+            f"{name} of this run stopped with an error no restart can fix (its log has the line): this group stops too"
+        )
 
 
 def check_lighthouse_serves_run(url: str, run_id: Optional[str]) -> None:
@@ -113,8 +116,12 @@ def wait_for_groups(url: str, expected: int, timeout_s: float, group: int, run_i
         if time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    logger.warning("only %d of %d groups reached the lighthouse within %gs; starting without the others",
-                   len(seen), expected, timeout_s)
+    logger.warning(
+        "only %d of %d groups reached the lighthouse within %gs; starting without the others",
+        len(seen),
+        expected,
+        timeout_s,
+    )
 
 
 def report_fatal(url: str, group: int, run_id: Optional[str]) -> None:
@@ -168,8 +175,15 @@ def process_group(device: torch.device, timeout: timedelta) -> Any:  # torchft s
     return ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
 
 
-def build_manager(group_id: int, device: torch.device, min_replicas: int, timeout_s: float,
-                  quorum_timeout_s: float, lighthouse: str, run_id: Optional[str] = None) -> Any:
+def build_manager(
+    group_id: int,
+    device: torch.device,
+    min_replicas: int,
+    timeout_s: float,
+    quorum_timeout_s: float,
+    lighthouse: str,
+    run_id: Optional[str] = None,
+) -> Any:
     """A torchft Manager for this group; outside torchrun it hosts the group's own store."""
     from torchft import Manager
 
@@ -218,4 +232,3 @@ def group_rank() -> int:
 
 def group_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-

@@ -87,12 +87,16 @@ class TrainConfig:
     outer_steps: int = flag(10, positive_int, "outer steps (syncs) to train for")
     sync_every: int = flag(50, positive_int, "H: inner steps between syncs")
     checkpoint_dir: str = flag(
-        "checkpoints/diloco", str, "fsspec URL of the durable backups (local path, memory://, s3://, gs://); a run "
-        "resumes from the newest complete checkpoint found there")
+        "checkpoints/diloco",
+        str,
+        "fsspec URL of the durable backups (local path, memory://, s3://, gs://); a run "
+        "resumes from the newest complete checkpoint found there",
+    )
     checkpoint_every: int = flag(1, positive_int, "write a checkpoint every k committed outer steps")
     keep_checkpoints: int = flag(3, positive_int, "how many checkpoints to keep")
-    data: str = flag(DEFAULT_DATA, str,
-                     "'pydoc' (Python's own docs, on every CPython) or an fsspec URL or glob of UTF-8 text files")
+    data: str = flag(
+        DEFAULT_DATA, str, "'pydoc' (Python's own docs, on every CPython) or an fsspec URL or glob of UTF-8 text files"
+    )
     model: str = flag("tiny", str, f"GPT size preset: {_PRESET_SHAPES}", choices=sorted(PRESETS))
     batch_size: int = flag(16, positive_int, "sequences per inner step per group")
     seq_len: int = flag(128, positive_int, "tokens (bytes) per sequence")
@@ -102,26 +106,41 @@ class TrainConfig:
     outer_momentum: float = flag(0.9, unit_float, "outer Nesterov momentum (paper: 0.9)")
     weight_decay: float = flag(0.1, non_negative_float, "AdamW weight decay on matrices (paper: 0.1)")
     warmup_steps: Optional[int] = flag(
-        None, non_negative_int, "inner warm-up steps before the cosine decay (default: 5%% of all inner steps, "
-        "at most 1000)")
+        None,
+        non_negative_int,
+        "inner warm-up steps before the cosine decay (default: 5%% of all inner steps, at most 1000)",
+    )
     max_grad_norm: float = flag(1.0, non_negative_float, "clip inner gradients to this norm (0 = off)")
     min_replicas: int = flag(1, positive_int, "groups needed to commit an outer step (the others may be down)")
     lighthouse_timeout: float = flag(
-        60.0, positive_float, "seconds to wait for the lighthouse at start, and how long a sync keeps retrying "
-        "while it is away (restarted lighthouse)")
+        60.0,
+        positive_float,
+        "seconds to wait for the lighthouse at start, and how long a sync keeps retrying "
+        "while it is away (restarted lighthouse)",
+    )
     group_wait: float = flag(
-        60.0, non_negative_float, "seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the "
-        "lighthouse (0 = don't)")
+        60.0,
+        non_negative_float,
+        "seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the lighthouse (0 = don't)",
+    )
     collective_timeout: float = flag(
-        60.0, positive_float, "seconds an all-reduce, commit vote or peer checkpoint fetch may take before the "
-        "round is dropped")
+        60.0,
+        positive_float,
+        "seconds an all-reduce, commit vote or peer checkpoint fetch may take before the round is dropped",
+    )
     quorum_timeout: float = flag(
-        120.0, positive_float, "seconds one quorum may take: longer than the lighthouse's join timeout, so slow "
-        "groups are waited for")
+        120.0,
+        positive_float,
+        "seconds one quorum may take: longer than the lighthouse's join timeout, so slow groups are waited for",
+    )
     device: str = flag("auto", device_name, "'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' or 'cuda:N'")
     eval_batches: int = flag(4, non_negative_int, "held-out batches per eval (0 = no eval)")
-    impl: str = flag("torchx_diloco", str, "whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for "
-                     "comparison)", choices=IMPLEMENTATIONS)
+    impl: str = flag(
+        "torchx_diloco",
+        str,
+        "whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for comparison)",
+        choices=IMPLEMENTATIONS,
+    )
 
     replica_group_id: int = from_env(0)
     num_replica_groups: int = from_env(1)
@@ -154,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in flag_fields():
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=f.metadata["parse"], default=f.default,
-                            choices=f.metadata["choices"], help=f.metadata["help"])
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=f.metadata["parse"],
+            default=f.default,
+            choices=f.metadata["choices"],
+            help=f.metadata["help"],
+        )
     return parser
 
 
@@ -181,8 +205,10 @@ def _env_int(env: Mapping[str, str], name: str, default: Optional[str] = None) -
 def parse_lighthouse(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
-        raise UserError(f"TORCHFT_LIGHTHOUSE={url!r} is not a lighthouse URL: set it to http://HOST:PORT "
-                        f"(e.g. http://localhost:{LIGHTHOUSE_PORT})")
+        raise UserError(
+            f"TORCHFT_LIGHTHOUSE={url!r} is not a lighthouse URL: set it to http://HOST:PORT "
+            f"(e.g. http://localhost:{LIGHTHOUSE_PORT})"
+        )
     return url.rstrip("/")
 
 
@@ -205,6 +231,10 @@ def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str
         )
     if cfg.min_replicas > num_groups:
         raise UserError(f"--min-replicas {cfg.min_replicas} exceeds NUM_REPLICA_GROUPS={num_groups}: lower it")
-    return replace(cfg, replica_group_id=group_id, num_replica_groups=num_groups,
-                   lighthouse=parse_lighthouse(env["TORCHFT_LIGHTHOUSE"]), run_id=env.get(RUN_ID_ENV) or None)
-
+    return replace(
+        cfg,
+        replica_group_id=group_id,
+        num_replica_groups=num_groups,
+        lighthouse=parse_lighthouse(env["TORCHFT_LIGHTHOUSE"]),
+        run_id=env.get(RUN_ID_ENV) or None,
+    )

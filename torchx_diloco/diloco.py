@@ -75,9 +75,7 @@ class DiLoCo:
         self.quorum_retry_s = quorum_retry_s
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
-        self._backup = [
-            torch.empty(p.shape, dtype=p.dtype, device=backup_device, pin_memory=pin) for p in self._params
-        ]
+        self._backup = [torch.empty(p.shape, dtype=p.dtype, device=backup_device, pin_memory=pin) for p in self._params]
         self._save_backup()
         self._healed = False
         self._step_at_sync = manager.current_step()
@@ -156,8 +154,9 @@ class DiLoCo:
         flat = self._pseudo_gradient()
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
         if not self.manager.should_commit():
-            logger.warning("outer step %d not committed: discarding the last inner steps",
-                           self.manager.current_step() + 1)
+            logger.warning(
+                "outer step %d not committed: discarding the last inner steps", self.manager.current_step() + 1
+            )
             self._restore_backup()
             return False
         self._restore_backup()
@@ -179,8 +178,11 @@ class DiLoCo:
                 self.manager._quorum_future = None
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no quorum for {self.quorum_retry_s:g}s (is the lighthouse up?): {e}") from e
-                logger.warning("quorum failed (%s: %s); retrying until the lighthouse answers",
-                               type(e).__name__, str(e).splitlines()[0][:200])
+                logger.warning(
+                    "quorum failed (%s: %s); retrying until the lighthouse answers",
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200],
+                )
                 time.sleep(1.0)
 
     @torch.no_grad()

@@ -59,8 +59,10 @@ def check_machine_fits(gpus_per_role: Iterable[int]) -> None:
     total = sum(gpus_per_role)
     have = machine_gpus() if total else None
     if have and total > have:
-        raise ValueError(f"{total} GPUs requested but this machine has {have}: lower --replica_groups or the GPUs "
-                         f"per group (or set {GPUS_ENV} to this machine's GPU count)")
+        raise ValueError(
+            f"{total} GPUs requested but this machine has {have}: lower --replica_groups or the GPUs "
+            f"per group (or set {GPUS_ENV} to this machine's GPU count)"
+        )
 
 
 def check_node_fits(gpus_per_role: Iterable[int], partition: Optional[str] = None) -> None:
@@ -68,8 +70,10 @@ def check_node_fits(gpus_per_role: Iterable[int], partition: Optional[str] = Non
     most = max(gpus_per_role, default=0)
     have = slurm_node_gpus(partition) if most else None
     if have and most > have:
-        raise ValueError(f"a group asks for {most} GPUs but a Slurm node has at most {have}: lower the GPUs per "
-                         f"group (or set {GPUS_ENV} to the GPU count of one node)")
+        raise ValueError(
+            f"a group asks for {most} GPUs but a Slurm node has at most {have}: lower the GPUs per "
+            f"group (or set {GPUS_ENV} to the GPU count of one node)"
+        )
 
 
 def check_devices_exist(devices: List[List[int]]) -> None:
@@ -79,5 +83,6 @@ def check_devices_exist(devices: List[List[int]]) -> None:
         return
     bad = sorted({d for group in devices for d in group if d >= have})
     if bad:
-        raise ValueError(f"gpu_assignment names device(s) {bad} but this machine has GPUs 0..{have - 1}: "
-                         "use devices that exist")
+        raise ValueError(
+            f"gpu_assignment names device(s) {bad} but this machine has GPUs 0..{have - 1}: use devices that exist"
+        )

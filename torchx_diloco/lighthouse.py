@@ -50,32 +50,56 @@ def default_bind_host() -> Tuple[str, str]:
         found = {str(ai[4][0]) for ai in socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)}
     except OSError:
         found = set()
-    routable = sorted((a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_loopback),
-                      key=lambda a: (":" in a, a))  # IPv4 first
+    routable = sorted(
+        (a for a in found if not ipaddress.ip_address(a.split("%")[0]).is_loopback), key=lambda a: (":" in a, a)
+    )  # IPv4 first
     if routable:
         return routable[0], f"the address of Slurm node {name}"
-    return "0.0.0.0", (f"every interface: Slurm node {name} resolves to loopback here "
-                       f"({', '.join(sorted(found)) or 'nothing'}), which other nodes cannot reach")
+    return "0.0.0.0", (
+        f"every interface: Slurm node {name} resolves to loopback here "
+        f"({', '.join(sorted(found)) or 'nothing'}), which other nodes cannot reach"
+    )
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m torchx_diloco.lighthouse", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m torchx_diloco.lighthouse",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--port", type=int, default=LIGHTHOUSE_PORT, help="port of the lighthouse (gRPC and HTTP /status)")
-    p.add_argument("--bind-host", default=None,
-                   help="address to listen on (default: 127.0.0.1, or under Slurm the address other nodes reach; "
-                   "'::' for every interface)")
+    p.add_argument(
+        "--bind-host",
+        default=None,
+        help="address to listen on (default: 127.0.0.1, or under Slurm the address other nodes reach; "
+        "'::' for every interface)",
+    )
     p.add_argument("--min-replicas", type=int, default=1, help="groups needed to form a quorum")
-    p.add_argument("--join-timeout-ms", type=int, default=60000,
-                   help="how long a quorum waits for groups that were in the previous one")
+    p.add_argument(
+        "--join-timeout-ms",
+        type=int,
+        default=60000,
+        help="how long a quorum waits for groups that were in the previous one",
+    )
     p.add_argument("--heartbeat-timeout-ms", type=int, default=5000, help="a group silent this long is dropped")
-    p.add_argument("--idle-exit", type=float, default=LIGHTHOUSE_IDLE_EXIT_S,
-                   help="exit 0 once every group that joined has been silent this many seconds (0 = never)")
-    p.add_argument("--first-join-timeout", type=float, default=LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S,
-                   help="exit 1 if no group has joined after this many seconds (0 = wait forever)")
-    p.add_argument("--run-id", default=None,
-                   help="the run this lighthouse serves (its groups have the same TORCHX_DILOCO_RUN_ID): groups of "
-                   "other runs are ignored and refuse it")
+    p.add_argument(
+        "--idle-exit",
+        type=float,
+        default=LIGHTHOUSE_IDLE_EXIT_S,
+        help="exit 0 once every group that joined has been silent this many seconds (0 = never)",
+    )
+    p.add_argument(
+        "--first-join-timeout",
+        type=float,
+        default=LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S,
+        help="exit 1 if no group has joined after this many seconds (0 = wait forever)",
+    )
+    p.add_argument(
+        "--run-id",
+        default=None,
+        help="the run this lighthouse serves (its groups have the same TORCHX_DILOCO_RUN_ID): groups of "
+        "other runs are ignored and refuse it",
+    )
     args = p.parse_args(argv)
     if args.min_replicas < 1:
         p.error(f"--min-replicas {args.min_replicas} must be >= 1")
@@ -105,7 +129,7 @@ class RunWatch:
                     self.foreign.add(rid)
                     print(f"lighthouse: {rid} belongs to another run, not {self.run}: it is refused", flush=True)
             elif name.startswith(FATAL_PREFIX):
-                self.fatal = GROUP_PREFIX + name[len(FATAL_PREFIX):]
+                self.fatal = GROUP_PREFIX + name[len(FATAL_PREFIX) :]
             elif name.startswith(GROUP_PREFIX):
                 mine.add(name)
         if not mine <= self.seen:
@@ -141,8 +165,12 @@ def serve(args: argparse.Namespace) -> int:
     host, why = (args.bind_host, "--bind-host") if args.bind_host else default_bind_host()
     bind = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
     try:
-        server = LighthouseServer(bind=bind, min_replicas=args.min_replicas, join_timeout_ms=args.join_timeout_ms,
-                                  heartbeat_timeout_ms=args.heartbeat_timeout_ms)
+        server = LighthouseServer(
+            bind=bind,
+            min_replicas=args.min_replicas,
+            join_timeout_ms=args.join_timeout_ms,
+            heartbeat_timeout_ms=args.heartbeat_timeout_ms,
+        )
     except Exception as e:  # noqa: BLE001 - the Rust server raises a plain RuntimeError on bind failures
         print(f"torchx_diloco.lighthouse: error: cannot listen on {bind} ({e}): pick a free --port", file=sys.stderr)
         return 1
@@ -169,18 +197,27 @@ def serve(args: argparse.Namespace) -> int:
             mark.show(not live)
             now = time.monotonic()
             if watch.fatal:
-                print(f"torchx_diloco.lighthouse: error: {watch.fatal} stopped with an error no restart can fix "
-                      "(its log has the line): ending the run", file=sys.stderr, flush=True)
+                print(
+                    f"torchx_diloco.lighthouse: error: {watch.fatal} stopped with an error no restart can fix "
+                    "(its log has the line): ending the run",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return 1
             if live:
                 last_live = now
             elif watch.seen and args.idle_exit > 0 and now - last_live > args.idle_exit:
-                print(f"lighthouse: all {len(watch.seen)} groups finished (silent for {args.idle_exit:g}s); exiting",
-                      flush=True)
+                print(
+                    f"lighthouse: all {len(watch.seen)} groups finished (silent for {args.idle_exit:g}s); exiting",
+                    flush=True,
+                )
                 return 0
             elif not watch.seen and args.first_join_timeout > 0 and now - started > args.first_join_timeout:
-                print(f"torchx_diloco.lighthouse: error: no replica group joined within {args.first_join_timeout:g}s: "
-                      "check that the groups started and that TORCHFT_LIGHTHOUSE points here", file=sys.stderr)
+                print(
+                    f"torchx_diloco.lighthouse: error: no replica group joined within {args.first_join_timeout:g}s: "
+                    "check that the groups started and that TORCHFT_LIGHTHOUSE points here",
+                    file=sys.stderr,
+                )
                 return 1
         print(f"lighthouse: stopped by signal {stop['signal']}", flush=True)
         return 0

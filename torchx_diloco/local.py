@@ -35,5 +35,9 @@ class LocalCwdScheduler(LocalScheduler):
 
 def create_scheduler(session_name: str, cache_size: int = 100, **kwargs: Any) -> LocalCwdScheduler:
     """The entry point TorchX calls for ``-s local_cwd``: TorchX's own, with the GPU check."""
-    return LocalCwdScheduler(session_name=session_name, image_provider_class=CWDImageProvider,
-                             cache_size=cache_size, extra_paths=kwargs.get("extra_paths"))
+    return LocalCwdScheduler(
+        session_name=session_name,
+        image_provider_class=CWDImageProvider,
+        cache_size=cache_size,
+        extra_paths=kwargs.get("extra_paths"),
+    )

@@ -33,8 +33,14 @@ def print_outer_step(inner_steps: int, outer_step: int, loss: float) -> None:
 
 def progress_bar(total: int, initial: int, group_id: int) -> tqdm:
     """A bar of outer steps, shown only when stderr is a terminal."""
-    return tqdm(total=total, initial=initial, desc=f"group {group_id}", unit="outer step",
-                disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"group {group_id}",
+        unit="outer step",
+        disable=not sys.stderr.isatty(),
+        leave=False,
+    )
 
 
 class MetricsLog:

@@ -91,21 +91,21 @@ def sbatch_error_line(stderr: str, returncode: int) -> str:
     errors = [ln for ln in lines if "error" in ln.lower()]
     reason = (errors or lines or [f"exit status {returncode}"])[-1]
     for prefix in ("sbatch: error: ", "Batch job submission failed: "):
-        reason = reason[len(prefix):] if reason.startswith(prefix) else reason
+        reason = reason[len(prefix) :] if reason.startswith(prefix) else reason
     hint = ""
     if "partition" in reason.lower():
         hint = " (`sinfo -s` lists the partitions; pick one with -cfg partition=NAME)"
     elif any(w in reason.lower() for w in ("gres", "node configuration", "memory", "cpu")):
-        hint = (" (no node has what one role asks for: compare its GPUs/CPUs/memory with "
-                "`sinfo -o '%P %c %m %G'`)")
+        hint = " (no node has what one role asks for: compare its GPUs/CPUs/memory with `sinfo -o '%P %c %m %G'`)"
     return f"sbatch refused the job: {reason}{hint}"
 
 
 class SlurmScheduler(upstream.SlurmScheduler):
     """TorchX's ``SlurmScheduler`` with the fixes listed in the module docstring."""
 
-    def _submit_dryrun(self, app: AppDef, cfg: upstream.SlurmOpts) -> AppDryRunInfo[upstream.SlurmBatchRequest,
-                                                                                     upstream.SlurmOpts]:
+    def _submit_dryrun(
+        self, app: AppDef, cfg: upstream.SlurmOpts
+    ) -> AppDryRunInfo[upstream.SlurmBatchRequest, upstream.SlurmOpts]:
         """Each group runs on its own node: refuse one that asks for more GPUs than a node has (when known)."""
         try:
             check_node_fits((role.resource.gpu for role in app.roles), cfg.get("partition"))
@@ -128,8 +128,9 @@ class SlurmScheduler(upstream.SlurmScheduler):
             try:
                 p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
             except FileNotFoundError:
-                raise SbatchError("sbatch not found: run torchx on a Slurm login node (or start "
-                                  "scripts/slurm-cluster.sh)") from None
+                raise SbatchError(
+                    "sbatch not found: run torchx on a Slurm login node (or start scripts/slurm-cluster.sh)"
+                ) from None
             if p.returncode != 0:
                 raise SbatchError(sbatch_error_line(p.stderr, p.returncode))
             if p.stderr.strip():
@@ -153,8 +154,13 @@ class SlurmScheduler(upstream.SlurmScheduler):
             return None
 
     def _describe_squeue(self, app_id: str) -> Optional[DescribeAppResponse]:
-        out = subprocess.run(["squeue", "--json", "-j", app_id], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, encoding="utf-8", check=True).stdout
+        out = subprocess.run(
+            ["squeue", "--json", "-j", app_id],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            encoding="utf-8",
+            check=True,
+        ).stdout
         return describe_from_squeue_json(json.loads(out), app_id)
 
     def _describe_sacct(self, app_id: str) -> Optional[DescribeAppResponse]:
@@ -171,8 +177,13 @@ class SlurmScheduler(upstream.SlurmScheduler):
 
     def _list_sacct(self) -> List[ListAppResponse]:
         # upstream lets sacct's "accounting storage is disabled" reach the terminal; keep it quiet
-        p = subprocess.run(["sacct", "--json", "-S1970-01-01-00:00:01"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, check=True, encoding="utf-8")
+        p = subprocess.run(
+            ["sacct", "--json", "-S1970-01-01-00:00:01"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            check=True,
+            encoding="utf-8",
+        )
         out = []
         for job in json.loads(p.stdout)["jobs"]:
             current = job["state"]["current"]
@@ -184,9 +195,17 @@ class SlurmScheduler(upstream.SlurmScheduler):
         out = subprocess.run(["squeue", "--json"], stdout=subprocess.PIPE, check=True, encoding="utf-8").stdout
         return list_from_squeue_json(json.loads(out))
 
-    def log_iter(self, app_id: str, role_name: str, k: int = 0, regex: Optional[str] = None,
-                 since: Optional[datetime] = None, until: Optional[datetime] = None,
-                 should_tail: bool = False, streams: Optional[Stream] = None) -> Iterable[str]:
+    def log_iter(
+        self,
+        app_id: str,
+        role_name: str,
+        k: int = 0,
+        regex: Optional[str] = None,
+        since: Optional[datetime] = None,
+        until: Optional[datetime] = None,
+        should_tail: bool = False,
+        streams: Optional[Stream] = None,
+    ) -> Iterable[str]:
         if streams == Stream.COMBINED:
             raise ValueError("Slurm keeps stdout and stderr apart: use --streams stdout or --streams stderr")
         if since or until:
@@ -204,8 +223,13 @@ class SlurmScheduler(upstream.SlurmScheduler):
         if noted:
             return noted
         try:
-            out = subprocess.run(["squeue", "--json", "-j", app_id], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, encoding="utf-8", check=True).stdout
+            out = subprocess.run(
+                ["squeue", "--json", "-j", app_id],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                encoding="utf-8",
+                check=True,
+            ).stdout
             for job in jobs_of_app(json.loads(out).get("jobs", []), app_id):
                 if str(job.get("job_id")) == app_id and job.get("current_working_directory"):
                     return str(job["current_working_directory"])
@@ -229,8 +253,15 @@ def describe_from_squeue_json(output: Mapping[str, Any], app_id: str) -> Optiona
         role_name, _, replica_id = str(job.get("name", "")).rpartition("-")
         if not role_name or not replica_id.isdigit():
             continue  # not launched by TorchX
-        role = roles.setdefault(role_name, Role(name=role_name, image=job.get("current_working_directory", ""),
-                                                entrypoint=job.get("command", ""), num_replicas=0))
+        role = roles.setdefault(
+            role_name,
+            Role(
+                name=role_name,
+                image=job.get("current_working_directory", ""),
+                entrypoint=job.get("command", ""),
+                num_replicas=0,
+            ),
+        )
         status = statuses.setdefault(role_name, RoleStatus(role_name, replicas=[]))
         resources = job.get("job_resources")  # absent while pending on 22.05, None on 24.11.5+
         if job_app_state == AppState.PENDING or not resources:
@@ -241,11 +272,17 @@ def describe_from_squeue_json(output: Mapping[str, Any], app_id: str) -> Optiona
             if resource is not None:
                 role.resource = resource
             role.num_replicas += 1
-            status.replicas.append(ReplicaStatus(id=int(replica_id), role=role_name, state=job_app_state,
-                                                 hostname=hostname or ""))
+            status.replicas.append(
+                ReplicaStatus(id=int(replica_id), role=role_name, state=job_app_state, hostname=hostname or "")
+            )
     reason = str(next((j.get("state_reason") for j in jobs if str(j.get("job_id")) == app_id), "") or "")
-    return DescribeAppResponse(app_id=app_id, roles=list(roles.values()), roles_statuses=list(statuses.values()),
-                               state=state, msg="" if reason == "None" else reason)
+    return DescribeAppResponse(
+        app_id=app_id,
+        roles=list(roles.values()),
+        roles_statuses=list(statuses.values()),
+        state=state,
+        msg="" if reason == "None" else reason,
+    )
 
 
 def list_from_squeue_json(output: Mapping[str, Any]) -> List[ListAppResponse]:

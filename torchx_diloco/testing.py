@@ -59,8 +59,13 @@ def group_env(group: int, groups: int, lighthouse: str, extra: Optional[Mapping[
 
     One thread: the groups share this machine's cores, and more threads than cores only slow every group down.
     """
-    env = clean_env(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), TORCHFT_LIGHTHOUSE=lighthouse,
-                    OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = clean_env(
+        REPLICA_GROUP_ID=str(group),
+        NUM_REPLICA_GROUPS=str(groups),
+        TORCHFT_LIGHTHOUSE=lighthouse,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.update(extra or {})
     return env
 
@@ -92,8 +97,9 @@ def train_module_args(args: Sequence[str]) -> List[str]:
 class Proc:
     """A child process in its own session, appending to a log file; :meth:`kill` ends the whole session."""
 
-    def __init__(self, argv: Sequence[str], log: Path, env: Optional[Mapping[str, str]] = None,
-                 cwd: Optional[Path] = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], log: Path, env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None
+    ) -> None:
         self.argv = list(argv)
         self.log = Path(log)
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -103,8 +109,9 @@ class Proc:
 
     def _spawn(self) -> subprocess.Popen:
         with open(self.log, "ab") as out:
-            return subprocess.Popen(self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            return subprocess.Popen(
+                self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def wait(self, timeout: float = 240) -> int:
         """The exit code; past ``timeout`` the process is killed and RuntimeError says where its log ended."""
@@ -134,15 +141,37 @@ class Lighthouse(Proc):
     ``host``: its ``--bind-host`` (default: the lighthouse's own default, loopback). ``extra``: more flags.
     """
 
-    def __init__(self, log_dir: Path, min_replicas: int = 1, idle_exit: float = 3.0, port: Optional[int] = None,
-                 extra: Sequence[str] = (), netns: Optional[str] = None, host: Optional[str] = None,
-                 env: Optional[Mapping[str, str]] = None, timeout: float = 30) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        min_replicas: int = 1,
+        idle_exit: float = 3.0,
+        port: Optional[int] = None,
+        extra: Sequence[str] = (),
+        netns: Optional[str] = None,
+        host: Optional[str] = None,
+        env: Optional[Mapping[str, str]] = None,
+        timeout: float = 30,
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://{'localhost' if host in (None, '127.0.0.1') else host}:{self.port}"
         self.netns, self.timeout = netns, timeout
-        argv = [*(["ip", "netns", "exec", netns] if netns else []), PYTHON, "-m", "torchx_diloco.lighthouse",
-                "--port", str(self.port), *(["--bind-host", host] if host else []), "--min-replicas",
-                str(min_replicas), "--idle-exit", str(idle_exit), "--join-timeout-ms", "2000", *extra]
+        argv = [
+            *(["ip", "netns", "exec", netns] if netns else []),
+            PYTHON,
+            "-m",
+            "torchx_diloco.lighthouse",
+            "--port",
+            str(self.port),
+            *(["--bind-host", host] if host else []),
+            "--min-replicas",
+            str(min_replicas),
+            "--idle-exit",
+            str(idle_exit),
+            "--join-timeout-ms",
+            "2000",
+            *extra,
+        ]
         super().__init__(argv, Path(log_dir) / f"lighthouse-{self.port}.log", env=env)
         self._wait_ready(0)
 
@@ -178,15 +207,30 @@ class Group(Proc):
     many times (what the TorchX component does); :meth:`worker` finds that worker.
     """
 
-    def __init__(self, group: int, groups: int, lighthouse: str, args: Sequence[str], log_dir: Path,
-                 extra_env: Optional[Mapping[str, str]] = None, tag: str = "",
-                 max_restarts: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        group: int,
+        groups: int,
+        lighthouse: str,
+        args: Sequence[str],
+        log_dir: Path,
+        extra_env: Optional[Mapping[str, str]] = None,
+        tag: str = "",
+        max_restarts: Optional[int] = None,
+    ) -> None:
         self.group, self.lighthouse = group, lighthouse
         self.torchrun = max_restarts is not None
-        launcher = [TORCHRUN, "--standalone", "--nnodes", "1", "--nproc_per_node", "1", "--max_restarts",
-                    str(max_restarts)] if self.torchrun else [PYTHON]
-        super().__init__([*launcher, *train_module_args(args)], Path(log_dir) / f"group{group}{tag}.log",
-                         env=group_env(group, groups, lighthouse, extra_env), cwd=Path(log_dir))
+        launcher = (
+            [TORCHRUN, "--standalone", "--nnodes", "1", "--nproc_per_node", "1", "--max_restarts", str(max_restarts)]
+            if self.torchrun
+            else [PYTHON]
+        )
+        super().__init__(
+            [*launcher, *train_module_args(args)],
+            Path(log_dir) / f"group{group}{tag}.log",
+            env=group_env(group, groups, lighthouse, extra_env),
+            cwd=Path(log_dir),
+        )
 
     def worker(self) -> Optional[int]:
         """The live training process under torchrun (torchrun's child), None between two of its lives."""
@@ -211,11 +255,18 @@ def run_groups(groups: int, lighthouse: str, args: Sequence[str], log_dir: Path,
     return procs
 
 
-def train_once(args: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 120,
-               cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+def train_once(
+    args: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 120, cwd: Optional[Path] = None
+) -> subprocess.CompletedProcess:
     """The training module in the foreground, output captured (for bad-input checks); no group unless ``env``."""
-    return subprocess.run([PYTHON, *train_module_args(args)], env=clean_env(OMP_NUM_THREADS="1", **(env or {})),
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO)
+    return subprocess.run(
+        [PYTHON, *train_module_args(args)],
+        env=clean_env(OMP_NUM_THREADS="1", **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO,
+    )
 
 
 # --- finding processes through /proc ---------------------------------------------------------------------------
@@ -272,7 +323,8 @@ def pids_of_run(lighthouse_port: int) -> List[int]:
         except OSError:
             continue
         if lighthouse.endswith(f":{lighthouse_port}") or (
-                b"torchx_diloco.lighthouse" in cmdline and b"\0%d\0" % lighthouse_port in cmdline):
+            b"torchx_diloco.lighthouse" in cmdline and b"\0%d\0" % lighthouse_port in cmdline
+        ):
             pids.append(int(pid))
     return pids
 
@@ -370,7 +422,7 @@ class FaultyFileSystem(LocalFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path: str) -> str:
-        path = path[len("faulty://"):] if str(path).startswith("faulty://") else path
+        path = path[len("faulty://") :] if str(path).startswith("faulty://") else path
         return super()._strip_protocol(path)
 
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:

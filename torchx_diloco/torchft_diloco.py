@@ -26,8 +26,9 @@ class TorchftDiLoCo:
 
         self.manager = manager
         self.outer_optimizer = outer_optimizer
-        self._impl = _TorchftDiLoCo(manager, [model], inner_optimizer, outer_optimizer, sync_every=sync_every,
-                                    backup_device=torch.device("cpu"))
+        self._impl = _TorchftDiLoCo(
+            manager, [model], inner_optimizer, outer_optimizer, sync_every=sync_every, backup_device=torch.device("cpu")
+        )
         self._impl.__enter__()  # hooks the inner optimizer: the sync runs inside its H-th step()
         self._fragment = self._impl._fragments[0]
         self._last_step = manager.current_step()
@@ -49,8 +50,10 @@ class TorchftDiLoCo:
         return list(self._fragment.original_parameters.values())
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"global_weights": dict(self._fragment.original_parameters),
-                "outer_optimizer": self.outer_optimizer.state_dict()}
+        return {
+            "global_weights": dict(self._fragment.original_parameters),
+            "outer_optimizer": self.outer_optimizer.state_dict(),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for name, t in self._fragment.original_parameters.items():

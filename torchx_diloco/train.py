@@ -50,8 +50,9 @@ def inner_lr(step: int, peak: float, total_steps: int, warmup_steps: Optional[in
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def build_optimizers(model: nn.Module, inner_lr: float, outer_lr: float, outer_momentum: float,
-                     weight_decay: float) -> Tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def build_optimizers(
+    model: nn.Module, inner_lr: float, outer_lr: float, outer_momentum: float, weight_decay: float
+) -> Tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """The paper's pair: AdamW (decay on matrices only) inside, SGD with Nesterov momentum outside."""
     params = [p for p in model.parameters() if p.requires_grad]
     inner = torch.optim.AdamW(
@@ -99,8 +100,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights in every group
         self.model = build_model(cfg.model, block_size=cfg.seq_len).to(self.device)
         self.train_model = self._wrap_for_group(self.model)
-        self.inner_opt, self.outer_opt = build_optimizers(self.model, cfg.inner_lr, cfg.outer_lr, cfg.outer_momentum,
-                                                          cfg.weight_decay)
+        self.inner_opt, self.outer_opt = build_optimizers(
+            self.model, cfg.inner_lr, cfg.outer_lr, cfg.outer_momentum, cfg.weight_decay
+        )
         self.position = 0  # batches this group has drawn from its shard
         self.inner_steps = 0  # inner steps this group has taken
 
@@ -133,17 +135,32 @@ class Trainer:
         cfg = self.cfg
         wait_for_lighthouse(cfg.lighthouse, cfg.lighthouse_timeout)
         check_lighthouse_serves_run(cfg.lighthouse, cfg.run_id)  # before our heartbeats reach another run's
-        self.manager = build_manager(self.group, self.device, cfg.min_replicas, cfg.collective_timeout,
-                                     cfg.quorum_timeout, cfg.lighthouse, run_id=cfg.run_id)
+        self.manager = build_manager(
+            self.group,
+            self.device,
+            cfg.min_replicas,
+            cfg.collective_timeout,
+            cfg.quorum_timeout,
+            cfg.lighthouse,
+            run_id=cfg.run_id,
+        )
         # checks, at least once, that the lighthouse serves this run and no group of it failed for good
-        wait_for_groups(cfg.lighthouse, cfg.num_replica_groups if cfg.group_wait > 0 else 1, cfg.group_wait,
-                        self.group, cfg.run_id)
+        wait_for_groups(
+            cfg.lighthouse, cfg.num_replica_groups if cfg.group_wait > 0 else 1, cfg.group_wait, self.group, cfg.run_id
+        )
         if cfg.impl == "torchx_diloco":
-            self.diloco = DiLoCo(self.manager, self.model, self.inner_opt, self.outer_opt,
-                                 sync_every=cfg.sync_every, quorum_retry_s=cfg.lighthouse_timeout)
+            self.diloco = DiLoCo(
+                self.manager,
+                self.model,
+                self.inner_opt,
+                self.outer_opt,
+                sync_every=cfg.sync_every,
+                quorum_retry_s=cfg.lighthouse_timeout,
+            )
         else:
-            self.diloco = TorchftDiLoCo(self.manager, self.model, self.inner_opt, self.outer_opt,
-                                        sync_every=cfg.sync_every)
+            self.diloco = TorchftDiLoCo(
+                self.manager, self.model, self.inner_opt, self.outer_opt, sync_every=cfg.sync_every
+            )
         if self.resume_from is not None:
             self._restore(self.resume_from)
 
@@ -151,8 +168,9 @@ class Trainer:
         self.manager.load_state_dict(ckpt.global_state["manager"])
         self.diloco.load_state_dict(ckpt.global_state["diloco"])
         if ckpt.group_state is None:
-            logger.warning("checkpoint step %d has no part for group %d: its inner optimizer starts afresh",
-                           ckpt.step, self.group)
+            logger.warning(
+                "checkpoint step %d has no part for group %d: its inner optimizer starts afresh", ckpt.step, self.group
+            )
         else:
             self.inner_opt.load_state_dict(ckpt.group_state["inner_optimizer"])
             self.position = ckpt.group_state["data_position"]
@@ -193,8 +211,9 @@ class Trainer:
                 continue
             sync_s = time.perf_counter() - t0
             if committed:
-                self._after_commit(float(loss_sum) / cfg.sync_every, cfg.sync_every,
-                                   time.perf_counter() - window_start, sync_s)
+                self._after_commit(
+                    float(loss_sum) / cfg.sync_every, cfg.sync_every, time.perf_counter() - window_start, sync_s
+                )
                 bar.update(1)
             else:
                 self._record({"outer_step": self.manager.current_step() + 1, "committed": False, "sync_s": sync_s})
@@ -225,8 +244,12 @@ class Trainer:
         ckpt = self.store.latest(self.group)
         if ckpt is None or ckpt.step <= self.manager.current_step():
             return False
-        logger.warning("group %d is at outer step %d but its peers published step %d: adopting it",
-                       self.group, self.manager.current_step(), ckpt.step)
+        logger.warning(
+            "group %d is at outer step %d but its peers published step %d: adopting it",
+            self.group,
+            self.manager.current_step(),
+            ckpt.step,
+        )
         self.manager.load_state_dict(ckpt.global_state["manager"])
         self.diloco.adopt_newer_global_state(ckpt.global_state["diloco"])
         return True
@@ -236,9 +259,10 @@ class Trainer:
         if self.cfg.eval_batches == 0:
             return None
         self.model.eval()
-        losses = [self.model(x.to(self.device), y.to(self.device))[1].item()
-                  for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len,
-                                           self.cfg.eval_batches)]
+        losses = [
+            self.model(x.to(self.device), y.to(self.device))[1].item()
+            for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches)
+        ]
         self.model.train()
         return sum(losses) / len(losses)
 
@@ -316,8 +340,9 @@ class Trainer:
 def configure_logging() -> None:
     """Our INFO lines, the libraries' warnings, minus two harmless ones a group prints at every heal on CPU."""
     os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO otherwise
-    logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("LOGLEVEL", "WARNING").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("torchx_diloco").setLevel(os.environ.get("TORCHX_DILOCO_LOGLEVEL", "INFO").upper())
     # torchft, after every quorum change on a torch built without NCCL (the CPU wheel): no NCCL trace to reset
     logging.getLogger("torchft.manager").addFilter(lambda r: "NCCL flight recorder" not in r.getMessage())

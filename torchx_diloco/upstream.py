@@ -54,7 +54,7 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
     # --- TorchX --------------------------------------------------------------------------------------------
     PrivateUse(
         "torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string",
-        "stop `torchx run diloco.diloco --help` from marking the optional *script_args \"(required)\"",
+        'stop `torchx run diloco.diloco --help` from marking the optional *script_args "(required)"',
         ("components/diloco.py",),
     ),
     PrivateUse(
