@@ -10,8 +10,9 @@ the variable holding the first role's host (``TORCHX_RANK0_HOST=localhost`` on `
 lighthouse port and run id (TorchX's ``app_id``): two runs on one machine never share a quorum.
 
 Every training flag, the ones after ``--`` included, is checked with the training module's own parser
-(``torchx_diloco.config``, torch-free) before anything starts. Imports only torchx, the standard library and
-torch-free parts of torchx_diloco (TorchX imports this file to list and lint components).
+(``torchx_diloco.config``, torch-free) before anything starts. ``--script``/``--m`` run a user's own loop in
+the groups instead (same torchrun, same environment); its arguments are its own. Imports only torchx, the
+standard library and torch-free parts of torchx_diloco (TorchX imports this file to list and lint components).
 """
 
 import argparse
@@ -35,6 +36,7 @@ LIGHTHOUSE_ROLE = "lighthouse"
 TRAIN_MODULE = "torchx_diloco.train"
 LIGHTHOUSE_MODULE = "torchx_diloco.lighthouse"
 MIN_REPLICAS = TrainConfig.min_replicas  # the trainer's default, also the lighthouse's
+MIN_REPLICAS_ENV = "TORCHX_DILOCO_MIN_REPLICAS"  # torchx_diloco.cluster.MIN_REPLICAS_ENV (that module needs torch)
 
 
 class ComponentError(ValueError, ComponentValidationException):
@@ -74,16 +76,19 @@ def diloco(
     model: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     lighthouse_idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
+    script: Optional[str] = None,
+    m: Optional[str] = None,
     name: str = "diloco",
 ) -> specs.AppDef:
     """DiLoCo training: a torchft lighthouse plus ``replica_groups`` groups, each under ``torchrun``.
 
     Usage: ``torchx run -s local_cwd diloco.diloco --replica_groups 2 -- --batch-size 8``
-    (arguments after ``--`` go to ``python -m torchx_diloco.train``; see its ``--help``).
+    (arguments after ``--`` go to ``python -m torchx_diloco.train``; see its ``--help``), or your own loop:
+    ``torchx run diloco.diloco --script my_train.py -- --my-flag 1`` (``--m my_pkg.train`` for a module).
 
     Args:
         script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones
-            this component sets
+            this component sets. With ``--script``/``--m``: your program's arguments, passed as they are
         replica_groups: number of replica groups (DiLoCo workers) that average pseudo-gradients every H steps
         gpus_per_group: GPUs (= torchrun processes) per group; 0 trains on CPU with one process per group
         gpu_assignment: local_cwd only: explicit CUDA devices per group, groups separated by ';' (e.g. "0,1;2,3"),
@@ -106,13 +111,18 @@ def diloco(
         env: environment variables for every role (e.g. LOGLEVEL=INFO,TORCHX_DILOCO_LOGLEVEL=DEBUG)
         lighthouse_idle_exit: seconds every group must stay silent before the lighthouse exits 0 and the app
             ends; keep it above a group's restart time
+        script: your training script (a path relative to the working directory) to run in each group instead
+            of the trainer, under torchrun with the same environment; build its Manager with
+            ``torchx_diloco.group_manager``. The trainer's parameters (outer_steps, sync_every, model,
+            checkpoint_dir) are refused with it; min_replicas reaches it as TORCHX_DILOCO_MIN_REPLICAS
+        m: like ``--script``, a Python module to run instead (``python -m``)
         name: the app's name
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
     port = _pick_port() if lighthouse_port is None else _check_port(lighthouse_port)
     resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
-    train_args = _train_args(
-        replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
+    train_args = _program(
+        script, m, replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
     )
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
@@ -128,6 +138,7 @@ def diloco(
             env,
             train_args,
             run_id=macros.app_id,
+            min_replicas=min_replicas,
         )
         for g in range(replica_groups)
     ]
@@ -181,6 +192,8 @@ def replica_group(
     model: Optional[str] = None,
     run_id: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
+    script: Optional[str] = None,
+    m: Optional[str] = None,
     name: str = "diloco-group",
 ) -> specs.AppDef:
     """One DiLoCo replica group under ``torchrun``, joining a lighthouse that runs elsewhere.
@@ -188,7 +201,8 @@ def replica_group(
     Usage: ``torchx run diloco.replica_group --lighthouse_url http://HOST:29510 --group 1 --replica_groups 2``
 
     Args:
-        script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``)
+        script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``); with
+            ``--script``/``--m``: your program's arguments, passed as they are
         lighthouse_url: the lighthouse, http://HOST:PORT (from ``diloco.lighthouse``)
         group: this group's id, 0 .. replica_groups-1 (REPLICA_GROUP_ID)
         replica_groups: how many groups the run has in all (NUM_REPLICA_GROUPS)
@@ -207,6 +221,9 @@ def replica_group(
         run_id: the lighthouse's --run_id: the group refuses a lighthouse that serves another run
             (default: no check)
         env: environment variables for the group
+        script: your training script (relative to the working directory) to run instead of the trainer, as in
+            ``diloco.diloco``; the trainer's parameters are refused with it
+        m: like ``--script``, a Python module to run instead (``python -m``)
         name: the app's name
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
@@ -215,12 +232,21 @@ def replica_group(
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
         raise ComponentError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
     resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
-    train_args = _train_args(
-        replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
+    train_args = _program(
+        script, m, replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
     )
     url = shlex.quote(lighthouse_url.rstrip("/"))
     role = _group_role(
-        group, replica_groups, url, resource, devices[0] if devices else None, max_restarts, env, train_args, run_id
+        group,
+        replica_groups,
+        url,
+        resource,
+        devices[0] if devices else None,
+        max_restarts,
+        env,
+        train_args,
+        run_id,
+        min_replicas=min_replicas,
     )
     return specs.AppDef(name=name, roles=[role])
 
@@ -322,6 +348,42 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
     return devices
 
 
+def _program(
+    script: Optional[str],
+    module: Optional[str],
+    groups: int,
+    checkpoint_dir: Optional[str],
+    min_replicas: int,
+    outer_steps: Optional[int],
+    sync_every: Optional[int],
+    model: Optional[str],
+    script_args: List[str],
+) -> List[str]:
+    """What torchrun runs in each group: ``-m torchx_diloco.train <checked flags>``, or the user's script or
+    module with the user's arguments (not ours to check)."""
+    if script is None and module is None:
+        args = _train_args(groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, script_args)
+        return ["-m", TRAIN_MODULE, *args]
+    if script is not None and module is not None:
+        raise ComponentError("--script and --m both given: pass one of them (a script path or a module name)")
+    trainer = {"outer_steps": outer_steps, "sync_every": sync_every, "model": model, "checkpoint_dir": checkpoint_dir}
+    ours = [f"--{name}" for name, value in trainer.items() if value is not None]
+    if ours:
+        raise ComponentError(
+            f"{', '.join(ours)} configure our trainer, not your --script/--m: pass your own flags after `--`"
+        )
+    if module is not None:
+        if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
+            raise ComponentError(f"--m {module!r} is not a Python module name like my_pkg.train")
+        return ["-m", module, *script_args]
+    assert script is not None
+    if not os.path.isfile(script):
+        raise ComponentError(
+            f"--script {script!r} does not exist in {os.getcwd()}: pass a path relative to this directory"
+        )
+    return [script, *script_args]
+
+
 def _train_args(
     groups: int,
     checkpoint_dir: Optional[str],
@@ -385,10 +447,12 @@ def _group_role(
     devices: Optional[List[int]],
     max_restarts: int,
     env: Optional[Dict[str, str]],
-    train_args: List[str],
+    program: List[str],
     run_id: Optional[str] = None,
+    min_replicas: int = MIN_REPLICAS,
 ) -> specs.Role:
-    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``.
+    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'`` (``program``:
+    what follows torchrun's own flags, see :func:`_program`).
 
     ``lighthouse_url`` is shell text (bash expands the rank0 host variable in it). torchrun's standalone
     rendezvous picks a free port per group, so groups on one machine never share a master port.
@@ -396,6 +460,8 @@ def _group_role(
     nproc = max(1, resource.gpu)
     role_env = dict(env or {})
     role_env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), PYTHONUNBUFFERED="1")
+    if program[:2] != ["-m", TRAIN_MODULE]:  # the trainer has its flag; torchx_diloco.group_manager reads this
+        role_env[MIN_REPLICAS_ENV] = str(min_replicas)
     role_env.setdefault("OMP_NUM_THREADS", str(max(1, resource.cpu // nproc)))
     if devices is not None:
         role_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
@@ -410,9 +476,7 @@ def _group_role(
         str(nproc),
         "--max_restarts",
         str(max_restarts),
-        "-m",
-        TRAIN_MODULE,
-        *train_args,
+        *program,
     ]
     # a TORCHFT_MANAGER_PORT inherited from the shell would make groups on one machine collide
     unset = "" if "TORCHFT_MANAGER_PORT" in role_env else "unset TORCHFT_MANAGER_PORT; "

@@ -15,7 +15,7 @@ from typing import Any, Optional, Set, Tuple
 
 import torch
 
-from torchx_diloco.config import RUN_ID_ENV
+from torchx_diloco.config import RUN_ID_ENV, TrainConfig
 from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,72 @@ def build_manager(
     )
     if store_kwargs:
         manager._torchx_diloco_store = store  # keep the store alive as long as the manager
+    return manager
+
+
+MIN_REPLICAS_ENV = "TORCHX_DILOCO_MIN_REPLICAS"  # set by the components for a user's own script (--script/--m)
+
+
+def _env_int(name: str, value: Optional[int], default: Optional[int] = None) -> int:
+    if value is not None:
+        return value
+    raw = os.environ.get(name, "")
+    if raw == "":
+        if default is None:
+            raise UserError(f"{name} is not set: set it (e.g. {name}=0) or launch through the TorchX component")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not an integer: set it to a whole number") from None
+
+
+def group_manager(
+    device: "torch.device | str" = "cpu",
+    *,
+    group_id: Optional[int] = None,
+    num_groups: Optional[int] = None,
+    lighthouse: Optional[str] = None,
+    run_id: Optional[str] = None,
+    min_replicas: Optional[int] = None,
+    timeout_s: float = TrainConfig.collective_timeout,
+    quorum_timeout_s: float = TrainConfig.quorum_timeout,
+    lighthouse_timeout_s: float = TrainConfig.lighthouse_timeout,
+    group_wait_s: float = TrainConfig.group_wait,
+) -> Any:
+    """A torchft ``Manager`` for this replica group, ready for :class:`~torchx_diloco.DiLoCo`.
+
+    What the trainer does to join a run, for your own loop: it waits up to ``lighthouse_timeout_s`` for the
+    lighthouse, refuses one that serves another run, builds the Manager (``use_async_quorum=False``; Gloo on
+    CPU, NCCL on CUDA) and gives the other groups up to ``group_wait_s`` to arrive. Works under torchrun (the
+    group's ranks share torchrun's store) and outside it (a one-rank group hosting its own store).
+
+    Arguments left as None come from the environment the components set: ``REPLICA_GROUP_ID``,
+    ``NUM_REPLICA_GROUPS`` (default 1; then the group id defaults to 0), ``TORCHFT_LIGHTHOUSE``,
+    ``TORCHX_DILOCO_RUN_ID`` (no run check when unset) and ``TORCHX_DILOCO_MIN_REPLICAS`` (default 1).
+    Bad or missing values raise :class:`~torchx_diloco.errors.UserError` with a one-line fix.
+    """
+    from torchx_diloco.config import parse_lighthouse
+
+    groups = _env_int("NUM_REPLICA_GROUPS", num_groups, 1)
+    group = _env_int("REPLICA_GROUP_ID", group_id, 0 if groups == 1 else None)
+    if groups < 1 or not 0 <= group < groups:
+        raise UserError(f"REPLICA_GROUP_ID={group} is outside 0..{groups - 1}: set it below NUM_REPLICA_GROUPS")
+    needed = _env_int(MIN_REPLICAS_ENV, min_replicas, 1)
+    if not 1 <= needed <= groups:
+        raise UserError(f"min_replicas {needed} must be between 1 and the {groups} replica groups")
+    url = lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
+    if not url:
+        raise UserError(
+            "TORCHFT_LIGHTHOUSE is not set: start a lighthouse (python -m torchx_diloco.lighthouse) and set "
+            "TORCHFT_LIGHTHOUSE=http://HOST:PORT, pass lighthouse=, or launch through the TorchX component"
+        )
+    url = parse_lighthouse(url)
+    run = run_id if run_id is not None else (os.environ.get(RUN_ID_ENV) or None)
+    wait_for_lighthouse(url, lighthouse_timeout_s)
+    check_lighthouse_serves_run(url, run)  # before our heartbeats reach another run's lighthouse
+    manager = build_manager(group, torch.device(device), needed, timeout_s, quorum_timeout_s, url, run_id=run)
+    wait_for_groups(url, groups if group_wait_s > 0 else 1, group_wait_s, group, run)
     return manager
 
 
