@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,12 +26,28 @@ def files(tmp: Path) -> dict:
 
 def make_data(tmp: Path, kind: str) -> str:
     path = tmp / f"{kind}.txt"
+    (tmp / "tok").mkdir(exist_ok=True)  # token shards apart: --data {tmp} stays a directory of text files
     if kind == "empty":
         path.write_bytes(b"  \n")
     elif kind == "binary":
         path.write_bytes(b"caf\xe9 \xff\xfe not utf-8" * 100)
     elif kind == "short":
         path.write_text("only a few words")
+    elif kind == "emptydir":
+        path = tmp / "tok" / "no-shards"
+        path.mkdir(parents=True)
+    elif kind == "npy2d":
+        path = tmp / "tok" / "tokens.npy"
+        np.save(path, np.zeros((4, 100), dtype=np.uint16))
+    elif kind == "shortbin":
+        path = tmp / "tok" / "short.bin"
+        np.arange(20, dtype=np.uint16).tofile(path)
+    elif kind == "metabad":
+        path = tmp / "tok" / "shards"
+        path.mkdir(parents=True)
+        np.arange(1000, dtype=np.uint16).tofile(path / "shard-00000.bin")
+        meta = {"dtype": "uint16", "shards": [{"file": "shard-00000.bin", "tokens": 5}]}
+        (path / "meta.json").write_text(json.dumps(meta))
     return str(path)
 
 
@@ -68,6 +86,12 @@ CASES = [
     (["--data", "{empty}"], {}, "the text is empty"),
     (["--data", "{binary}"], {}, "is not UTF-8 text"),
     (["--data", "{short}"], {}, "too few for --seq-len"),
+    (["--data", "{tmp}/missing.bin"], {}, "missing.bin does not exist"),
+    (["--data", "{emptydir}"], {}, "is an empty directory; pass files or a glob"),
+    (["--data", "{npy2d}"], {}, "a token shard is 1-D uint16, uint32, int32 or int64"),
+    (["--data", "{shortbin}"], {}, "has 20 tokens, too few for --seq-len"),
+    (["--data", "{metabad}"], {}, "meta.json says shard-00000.bin holds 5 tokens, the file 1000"),
+    (["--eval-data", "{shortbin}"], {}, "--eval-data"),
     # checkpoints
     (["--checkpoint-dir", "/proc/version/ckpt"], {}, "is not writable"),
     (["--checkpoint-dir", "nosuchprotocol://bucket/run"], {}, "is not a usable fsspec URL"),
@@ -87,6 +111,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
         "empty": make_data(tmp_path, "empty"),
         "binary": make_data(tmp_path, "binary"),
         "short": make_data(tmp_path, "short"),
+        **{k: make_data(tmp_path, k) for k in ("emptydir", "npy2d", "shortbin", "metabad")},
         "mismatch": shape_mismatch(tmp_path),
     }
     argv = [a.format(**subst) for a in argv]

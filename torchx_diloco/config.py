@@ -95,7 +95,13 @@ class TrainConfig:
     checkpoint_every: int = flag(1, positive_int, "write a checkpoint every k committed outer steps")
     keep_checkpoints: int = flag(3, positive_int, "how many checkpoints to keep")
     data: str = flag(
-        DEFAULT_DATA, str, "'pydoc' (Python's own docs, on every CPython) or an fsspec URL or glob of UTF-8 text files"
+        DEFAULT_DATA,
+        str,
+        "'pydoc' (Python's own docs, on every CPython), or an fsspec URL, glob or directory of UTF-8 text files "
+        "or of token shards (.bin/.npy; see docs/data.md)",
+    )
+    eval_data: Optional[str] = flag(
+        None, str, "held-out data, the same kinds as --data (default: the last 5%% of --data)"
     )
     model: str = flag("tiny", str, f"GPT size preset: {_PRESET_SHAPES}", choices=sorted(PRESETS))
     batch_size: int = flag(16, positive_int, "sequences per inner step per group")

@@ -28,7 +28,7 @@ from torchx_diloco.cluster import (
     wait_for_lighthouse,
 )
 from torchx_diloco.config import TrainConfig, parse_config
-from torchx_diloco.data import Corpus, eval_batches, read_corpus
+from torchx_diloco.data import Corpus, eval_batches
 from torchx_diloco.diloco import DiLoCo
 from torchx_diloco.errors import UserError
 from torchx_diloco.metrics import MetricsLog, print_outer_step, progress_bar, weights_checksum
@@ -92,7 +92,7 @@ class Trainer:
         if self.is_group_leader:
             self.store.check_writable()
 
-        corpus = Corpus.from_bytes(read_corpus(cfg.data), cfg.seq_len)
+        corpus = Corpus.load(cfg.data, cfg.seq_len, cfg.eval_data)
         self.shard = corpus.shard(self.group, cfg.num_replica_groups, cfg.seq_len)
         self.eval_tokens = corpus.eval
         self.data_seed = cfg.seed * 7919 + self.group
