@@ -1,0 +1,190 @@
+"""python -m torchx_diloco.prepare: text, .jsonl and .parquet into token shards the trainer reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from torchx_diloco import data, prepare
+from torchx_diloco.data import Corpus, open_tokens
+from torchx_diloco.testing import Lighthouse, committed, read_metrics, run_groups
+
+
+def pydoc_texts(n: int = 40) -> list:
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)[:n]]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> str:
+    """A BPE tokenizer of 512 tokens trained here on pydoc text (nothing downloaded)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(pydoc_texts(200), trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+def write_inputs(tmp: Path) -> dict:
+    texts = pydoc_texts()
+    (tmp / "a.txt").write_text(texts[0])
+    (tmp / "b.md").write_text(texts[1])
+    with open(tmp / "docs.jsonl", "w") as f:
+        for t in texts[2:20]:
+            f.write(json.dumps({"id": 1, "text": t}) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts[20:], "n": list(range(len(texts) - 20))}), tmp / "docs.parquet")
+    return {"texts": texts}
+
+
+def run(argv) -> int:
+    return prepare.main([*map(str, argv), "--no-progress"])
+
+
+def test_the_names_match_the_reader():
+    assert (prepare.META_NAME, prepare.META_FORMAT, prepare.LLMC_MAGIC) == (
+        data.META_NAME,
+        data.META_FORMAT,
+        data.LLMC_MAGIC,
+    )
+
+
+def test_text_jsonl_parquet_with_a_bpe_tokenizer(tmp_path, bpe):
+    from tokenizers import Tokenizer
+
+    write_inputs(tmp_path)
+    out = tmp_path / "shards"
+    inputs = [tmp_path / "a.txt", tmp_path / "b.md", tmp_path / "docs.jsonl", tmp_path / "docs.parquet"]
+    assert run([*inputs, "--out", out, "--tokenizer", bpe, "--shard-tokens", "20000", "--eot", "<|endoftext|>"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == 512 and meta["dtype"] == "uint16" and meta["documents"] == 40
+    assert meta["tokenizer"] == "tokenizer.json" and len(meta["shards"]) > 1
+    assert all(s["tokens"] <= 20000 for s in meta["shards"])
+    corpus = Corpus.load(str(out), 64)
+    assert corpus.vocab_size == 512
+    stream, _ = open_tokens(str(out))
+    assert len(stream) == meta["tokens"]
+    ids = stream.window(0, len(stream))
+    tok = Tokenizer.from_file(bpe)
+    eot = tok.token_to_id("<|endoftext|>")
+    docs = np.split(ids, np.where(ids == eot)[0])
+    decoded = [tok.decode(d[d != eot].tolist()) for d in docs]
+    assert decoded == pydoc_texts()  # every document, in order, round-trips
+
+
+def test_bytes_tokenizer_is_the_text_bytes(tmp_path):
+    texts = pydoc_texts(3)
+    for i, t in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_text(t)
+    out = tmp_path / "shards"
+    assert run([tmp_path / "*.txt", "--out", out, "--tokenizer", "bytes", "--shard-tokens", "5000"]) == 0
+    stream, vocab = open_tokens(str(out))
+    assert vocab == 256
+    assert bytes(stream.window(0, len(stream)).astype(np.uint8)) == "\n\n".join(texts).encode()
+
+
+def test_prepare_writes_to_s3_and_the_trainer_reads_through_the_cache(tmp_path, s3_url):
+    (tmp_path / "a.txt").write_text("\n".join(pydoc_texts(10)))
+    assert run([tmp_path / "a.txt", "--out", f"{s3_url}/shards", "--tokenizer", "bytes", "--shard-tokens", "9000"]) == 0
+    corpus = Corpus.load(f"simplecache::{s3_url}/shards", 32)
+    assert corpus.vocab_size == 256 and isinstance(corpus.train.parts[0], np.memmap)
+    plain = Corpus.load(f"{s3_url}/shards", 32)  # a plain s3:// URL goes through the cache too
+    a, b = corpus.shard(1, 2, 32).batch(4, 8, 32, 0), plain.shard(1, 2, 32).batch(4, 8, 32, 0)
+    assert (a[0] == b[0]).all()
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "missing.txt does not exist; pass existing files"),
+        ("unknown", "unknown kind of input; pass text"),
+        ("tokenizer_missing", "does not exist; pass a tokenizer.json file or 'bytes'"),
+        ("tokenizer_bad", "is not a Hugging Face tokenizers file"),
+        ("jsonl_no_text", "docs.jsonl:2 has no 'text' field; pass --text-field NAME"),
+        ("jsonl_bad", "docs.jsonl:1 is not JSON"),
+        ("parquet_no_text", "has no 'text' column"),
+        ("eot_unknown", "--eot '<eos>' is not a token"),
+        ("out_exists", "already holds shards"),
+        ("empty", "the inputs hold no text"),
+        ("no_out", "the following arguments are required: --out"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, bpe, case, message):
+    txt = tmp_path / "a.txt"
+    txt.write_text("some text\n")
+    argv: list = [txt, "--out", tmp_path / "out", "--tokenizer", "bytes"]
+    if case == "missing":
+        argv[0] = tmp_path / "missing.txt"
+    elif case == "unknown":
+        argv[0] = tmp_path / "a.csv"
+        argv[0].write_text("x")
+    elif case == "tokenizer_missing":
+        argv[-1] = tmp_path / "nope.json"
+    elif case == "tokenizer_bad":
+        argv[-1] = txt
+    elif case == "jsonl_no_text":
+        argv[0] = tmp_path / "docs.jsonl"
+        argv[0].write_text('{"text": "x"}\n{"body": "y"}\n')
+    elif case == "jsonl_bad":
+        argv[0] = tmp_path / "docs.jsonl"
+        argv[0].write_text("text: x\n")
+    elif case == "parquet_no_text":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        argv[0] = tmp_path / "d.parquet"
+        pq.write_table(pa.table({"body": ["x"]}), argv[0])
+    elif case == "eot_unknown":
+        argv[-1] = bpe
+        argv += ["--eot", "<eos>"]
+    elif case == "out_exists":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "meta.json").write_text("{}")
+    elif case == "empty":
+        txt.write_text("")
+    elif case == "no_out":
+        argv = [txt, "--tokenizer", "bytes"]
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("torchx_diloco.prepare: error: ") and "\n" not in err, err
+    assert message in err, err
+
+
+@pytest.mark.slow
+def test_two_groups_train_on_prepared_shards_from_s3(tmp_path, s3_url):
+    """prepare (bytes: the nano GPT's vocab is 256) to S3, then a real two-group run reading them through the
+    local cache, with --eval-data a separate shard set."""
+    texts = pydoc_texts(90)
+    (tmp_path / "train.txt").write_text("\n".join(texts[:75]))
+    (tmp_path / "val.txt").write_text("\n".join(texts[75:]))
+    for split in ("train", "val"):
+        argv = [tmp_path / f"{split}.txt", "--out", f"{s3_url}/{split}", "--tokenizer", "bytes"]
+        assert run([*argv, "--shard-tokens", "50000"]) == 0
+    ckpt = tmp_path / "ckpt"
+    args = [
+        "--model", "nano", "--outer-steps", "2", "--sync-every", "5", "--batch-size", "4", "--seq-len", "32",
+        "--data", f"simplecache::{s3_url}/train", "--eval-data", f"{s3_url}/val", "--eval-batches", "1",
+        "--checkpoint-dir", str(ckpt), "--device", "cpu",
+    ]  # fmt: skip
+    lh = Lighthouse(tmp_path, min_replicas=2)
+    try:
+        run_groups(2, lh.url, args, tmp_path, timeout=180)
+    finally:
+        lh.kill()
+    for g in range(2):
+        records = committed(read_metrics(ckpt / "metrics" / f"replica_group_{g}.jsonl"))
+        assert [r["outer_step"] for r in records][-1] == 2, records
+        assert all(np.isfinite(r["loss"]) for r in records)
