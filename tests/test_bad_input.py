@@ -69,6 +69,11 @@ CASES = [
     (["--eval-batches", "-1"], {}, "must be >= 0"),
     (["--device", "tpu"], {}, "--device: 'tpu': use auto, cpu, cuda or cuda:N"),
     (["--device", "cuda"], {}, NO_CUDA),  # skipped where a GPU is visible
+    (["--dtype", "fp8"], {}, "--dtype: invalid choice: 'fp8' (choose from 'fp32', 'bf16')"),
+    (["--grad-accum", "0"], {}, "--grad-accum: 0 must be >= 1"),
+    (["--tensorboard", "s3://bucket/tb"], {}, "--tensorboard: 's3://bucket/tb' is not a local directory"),
+    (["--tensorboard", "/proc/version/tb"], {}, "--tensorboard /proc/version/tb: cannot create"),
+    (["--compile", "yes"], {}, "unrecognized arguments: yes"),
     (["--no-such-flag"], {}, "unrecognized arguments: --no-such-flag"),
     (["--min-replicas", "3"], {}, "--min-replicas 3 exceeds NUM_REPLICA_GROUPS=2"),
     # environment
@@ -157,5 +162,9 @@ def test_cli_prints_help_for_every_flag():
         "--seed",
         "--inner-lr",
         "--outer-lr",
+        "--dtype",
+        "--grad-accum",
+        "--compile",
+        "--tensorboard",
     ):
         assert flag in result.stdout

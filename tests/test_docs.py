@@ -266,5 +266,9 @@ def test_every_documented_command_runs(where, command, eight_gpu_machine, tmp_pa
         from torchx_diloco.lighthouse import parse_args
 
         parse_args(args)
+    elif module == "torchx_diloco.plot":
+        from torchx_diloco.plot import build_parser
+
+        build_parser().parse_args(args)
     else:
         raise AssertionError(f"{where}: no dry run known for {module}: teach this test one")

@@ -21,6 +21,7 @@ from torchx_diloco.presets import PRESETS
 
 PROG = "python -m torchx_diloco.train"
 IMPLEMENTATIONS = ("torchx_diloco", "torchft")
+DTYPES = ("fp32", "bf16")
 DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
 
 # Run-level defaults shared by the lighthouse, the components and the tests: written here only.
@@ -65,6 +66,18 @@ def device_name(text: str) -> str:
     if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
         return text
     raise argparse.ArgumentTypeError(f"{text!r}: use auto, cpu, cuda or cuda:N")
+
+
+def local_dir(text: str) -> str:
+    """A directory on this machine: a path or a file:// URL (TensorBoard's writer writes local files only)."""
+    parsed = urlparse(text)
+    if parsed.scheme == "file":
+        text = parsed.path
+    elif parsed.scheme and len(parsed.scheme) > 1:  # (one letter: a Windows drive)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a local directory: pass a path on this machine")
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: pass a directory")
+    return text
 
 
 def flag(default: Any, parse: Callable[[str], Any], help: str, choices: Optional[Sequence[str]] = None) -> Any:
@@ -147,6 +160,20 @@ class TrainConfig:
         "whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for comparison)",
         choices=IMPLEMENTATIONS,
     )
+    dtype: str = flag(
+        "fp32",
+        str,
+        "precision of the forward and the loss: fp32, or bf16 (autocast; weights, gradients and the DiLoCo "
+        "state stay fp32)",
+        choices=DTYPES,
+    )
+    grad_accum: int = flag(
+        1, positive_int, "micro-batches of --batch-size per inner step (gradients accumulated, loss scaled by 1/K)"
+    )
+    compile: bool = flag(False, bool, "torch.compile the model's forward (the optimizers keep the same parameters)")
+    tensorboard: Optional[str] = flag(
+        None, local_dir, "also write the metrics as TensorBoard events to this local directory (extra: tb)"
+    )
 
     replica_group_id: int = from_env(0)
     num_replica_groups: int = from_env(1)
@@ -179,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in flag_fields():
+        if f.metadata["parse"] is bool:  # an on/off switch: --compile
+            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=f.metadata["help"])
+            continue
         parser.add_argument(
             f"--{f.name.replace('_', '-')}",
             type=f.metadata["parse"],

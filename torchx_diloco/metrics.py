@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Optional
 
 import fsspec
 import torch
 from tqdm import tqdm
+
+from torchx_diloco.errors import UserError
+
+# JSON field -> TensorBoard tag, written for every committed outer step
+TENSORBOARD_TAGS = {
+    "loss": "loss/train",
+    "eval_loss": "loss/eval",
+    "tokens_per_s": "throughput/tokens_per_s",
+    "sync_s": "sync/seconds",
+    "participants": "sync/participants",
+}
 
 
 def weights_checksum(tensors: Iterable[torch.Tensor]) -> str:
@@ -43,10 +55,44 @@ def progress_bar(total: int, initial: int, group_id: int) -> tqdm:
     )
 
 
-class MetricsLog:
-    """A JSON-lines file on any fsspec URL: appended to where the filesystem can, rewritten elsewhere."""
+class TensorBoardLog:
+    """The numbers of each committed outer step as TensorBoard scalars (:data:`TENSORBOARD_TAGS`), against the
+    global inner step (outer step x H), in ``log_dir/replica_group_<g>``: TensorBoard shows each group as a run."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, log_dir: str, group: int, sync_every: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install 'torchx-diloco[tb]'") from None
+        self.dir = os.path.join(log_dir, f"replica_group_{group}")
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"--tensorboard {log_dir}: cannot create {self.dir} ({e.strerror}): pass a writable directory"
+            ) from None
+        self.sync_every = sync_every
+        self.writer = SummaryWriter(self.dir)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if not record.get("committed"):
+            return
+        step = record["outer_step"] * self.sync_every
+        for key, tag in TENSORBOARD_TAGS.items():
+            if record.get(key) is not None:
+                self.writer.add_scalar(tag, float(record[key]), global_step=step, walltime=record.get("time"))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsLog:
+    """A JSON-lines file on any fsspec URL: appended to where the filesystem can, rewritten elsewhere; each
+    record also goes to ``tensorboard`` when given."""
+
+    def __init__(self, url: str, tensorboard: Optional[TensorBoardLog] = None) -> None:
+        self.tensorboard = tensorboard
         self.fs, self.path = fsspec.core.url_to_fs(url)
         self._lines: List[str] = []
         self._append = "file" in self.fs.protocol or "local" in self.fs.protocol
@@ -62,3 +108,9 @@ class MetricsLog:
                 f.write((line + "\n").encode())
         else:
             self.fs.pipe_file(self.path, ("\n".join(self._lines) + "\n").encode())
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()

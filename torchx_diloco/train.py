@@ -5,6 +5,7 @@ Run it once per group (the TorchX components do, under torchrun) against one tor
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -31,7 +32,7 @@ from torchx_diloco.config import TrainConfig, parse_config
 from torchx_diloco.data import Corpus, eval_batches
 from torchx_diloco.diloco import DiLoCo
 from torchx_diloco.errors import UserError
-from torchx_diloco.metrics import MetricsLog, print_outer_step, progress_bar, weights_checksum
+from torchx_diloco.metrics import MetricsLog, TensorBoardLog, print_outer_step, progress_bar, weights_checksum
 from torchx_diloco.model import build_model
 from torchx_diloco.torchft_diloco import TorchftDiLoCo
 
@@ -100,6 +101,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights in every group
         self.model = build_model(cfg.model, block_size=cfg.seq_len).to(self.device)
         self.train_model = self._wrap_for_group(self.model)
+        # --compile wraps the module: same parameters, so the optimizers and DiLoCo keep the originals
+        self.forward_model = torch.compile(self.train_model) if cfg.compile else self.train_model
+        self.tensorboard = (
+            TensorBoardLog(cfg.tensorboard, self.group, cfg.sync_every)
+            if cfg.tensorboard and self.is_group_leader
+            else None
+        )
         self.inner_opt, self.outer_opt = build_optimizers(
             self.model, cfg.inner_lr, cfg.outer_lr, cfg.outer_momentum, cfg.weight_decay
         )
@@ -183,17 +191,16 @@ class Trainer:
         cfg = self.cfg
         self.join()
         self.writer = AsyncWriter()
-        self.metrics = MetricsLog(f"{cfg.checkpoint_dir.rstrip('/')}/metrics/{group_part(self.group)}.jsonl")
+        self.metrics = MetricsLog(
+            f"{cfg.checkpoint_dir.rstrip('/')}/metrics/{group_part(self.group)}.jsonl", self.tensorboard
+        )
         bar = progress_bar(cfg.outer_steps, self.manager.current_step(), self.group)
         loss_sum, window_start = torch.zeros((), device=self.device), time.perf_counter()
         while self.manager.current_step() < cfg.outer_steps:
             step = self.manager.current_step() * cfg.sync_every + self.diloco.local_step
             for group in self.inner_opt.param_groups:
                 group["lr"] = inner_lr(step, cfg.inner_lr, cfg.total_inner_steps, cfg.warmup_steps)
-            x, y = self.shard.batch(self.position, cfg.batch_size, cfg.seq_len, self.data_seed)
-            self.position += 1
-            _, loss = self.train_model(x.to(self.device), y.to(self.device))
-            loss.backward()
+            loss = self._accumulate_gradients()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             syncing = self.diloco.sync_due
@@ -220,6 +227,7 @@ class Trainer:
             loss_sum, window_start = torch.zeros((), device=self.device), time.perf_counter()
         bar.close()
         self.writer.close()
+        self.metrics.close()
         self.manager.shutdown(wait=False)
         if self.is_group_leader:
             print(f"DiLoCo: group {self.group} finished at outer step {self.manager.current_step()}", flush=True)
@@ -254,28 +262,52 @@ class Trainer:
         self.diloco.adopt_newer_global_state(ckpt.global_state["diloco"])
         return True
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """--dtype bf16: the forward and the loss under autocast; the weights and gradients stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16")
+
+    def _accumulate_gradients(self) -> torch.Tensor:
+        """One inner step's gradients: --grad-accum micro-batches of --batch-size, each loss scaled by 1/K (the
+        data position advances K batches). Returns the mean loss over the micro-batches."""
+        cfg, k = self.cfg, self.cfg.grad_accum
+        total = torch.zeros((), device=self.device)
+        for i in range(k):
+            x, y = self.shard.batch(self.position, cfg.batch_size, cfg.seq_len, self.data_seed)
+            self.position += 1
+            # DDP in a group of several ranks: all-reduce the gradients once, after the last micro-batch
+            no_sync = getattr(self.train_model, "no_sync", None)
+            with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
+                with self._autocast():
+                    _, loss = self.forward_model(x.to(self.device), y.to(self.device))
+                (loss / k).backward()
+            total += loss.detach().float()
+        return total / k
+
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         if self.cfg.eval_batches == 0:
             return None
         self.model.eval()
-        losses = [
-            self.model(x.to(self.device), y.to(self.device))[1].item()
-            for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches)
-        ]
+        with self._autocast():
+            losses = [
+                self.model(x.to(self.device), y.to(self.device))[1].float().item()
+                for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches)
+            ]
         self.model.train()
         return sum(losses) / len(losses)
 
     def _after_commit(self, loss: float, window_steps: int, window_s: float, sync_s: float) -> None:
         cfg, step = self.cfg, self.manager.current_step()
+        tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * group_world_size()
         record = {
             "outer_step": step,
             "committed": True,
             "inner_steps": self.inner_steps,
+            "tokens": self.inner_steps * tokens_per_step,  # this group's, since the run began
             "loss": loss,
             "eval_loss": self.evaluate(),
             "participants": self.manager.num_participants(),
-            "tokens_per_s": window_steps * cfg.batch_size * cfg.seq_len * group_world_size() / window_s,
+            "tokens_per_s": window_steps * tokens_per_step / window_s,
             "sync_s": sync_s,
         }
         if self.is_group_leader:

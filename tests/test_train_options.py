@@ -1,0 +1,150 @@
+"""--dtype bf16, --grad-accum, --compile, --tensorboard and ``python -m torchx_diloco.plot`` on real runs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore, group_part
+from torchx_diloco.metrics import TENSORBOARD_TAGS
+from torchx_diloco.testing import (
+    PYTHON,
+    REPO,
+    Lighthouse,
+    clean_env,
+    committed,
+    committed_checksums,
+    metrics_url,
+    read_metrics,
+    run_groups,
+)
+
+SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--group-wait", "20"]
+
+
+def plot(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, "-m", "torchx_diloco.plot", *args], env=clean_env(), capture_output=True, text=True, cwd=REPO
+    )
+
+
+def train(tmp: Path, ckpt: Path, *args: str, groups: int = 1) -> None:
+    lighthouse = Lighthouse(tmp, min_replicas=groups)
+    try:
+        run_groups(groups, lighthouse.url, [*SMALL, "--checkpoint-dir", str(ckpt), *args], tmp)
+    finally:
+        lighthouse.kill()
+
+
+def last_state(ckpt: Path, part: str = GLOBAL_PART) -> dict:
+    store = CheckpointStore(str(ckpt))
+    return store.read_part(store.steps()[-1], part)
+
+
+def test_plot_without_metrics_is_one_line_and_exit_2(tmp_path):
+    result = plot(str(tmp_path / "no-run"))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "no metrics under" in result.stderr and "--checkpoint-dir" in result.stderr
+
+
+# --- one 2-group bf16 run with --tensorboard, looked at three ways ---------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bf16")
+    ckpt, tb = tmp / "ckpt", tmp / "tb"
+    args = ["--dtype", "bf16", "--outer-steps", "3", "--sync-every", "5", "--min-replicas", "2"]
+    train(tmp, ckpt, *args, "--tensorboard", str(tb), "--inner-lr", "3e-3", groups=2)
+    return ckpt, tb
+
+
+@pytest.mark.slow
+def test_bf16_run_trains_and_keeps_the_diloco_state_fp32(bf16_run):
+    ckpt, _ = bf16_run
+    for g in range(2):
+        losses = [r["loss"] for r in committed(read_metrics(metrics_url(ckpt, g)))]
+        assert len(losses) == 3
+        assert losses[-1] < losses[0] - 0.1, losses
+    state = last_state(ckpt)["diloco"]
+    assert {w.dtype for w in state["global_weights"].values()} == {torch.float32}
+    momenta = [s["momentum_buffer"] for s in state["outer_optimizer"]["state"].values()]
+    assert momenta and {m.dtype for m in momenta} == {torch.float32}
+    adam = last_state(ckpt, group_part(0))["inner_optimizer"]["state"].values()
+    assert {s["exp_avg"].dtype for s in adam} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_tensorboard_has_each_groups_numbers_per_committed_outer_step(bf16_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ckpt, tb = bf16_run
+    for g in range(2):
+        events = EventAccumulator(str(tb / f"replica_group_{g}"))
+        events.Reload()
+        assert set(events.Tags()["scalars"]) == set(TENSORBOARD_TAGS.values())
+        records = committed(read_metrics(metrics_url(ckpt, g)))
+        for key, tag in TENSORBOARD_TAGS.items():
+            scalars = events.Scalars(tag)
+            assert [s.step for s in scalars] == [5, 10, 15]  # the global inner step: outer step x H
+            assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_plot_draws_a_png_of_a_real_run(bf16_run, tmp_path):
+    ckpt, _ = bf16_run
+    out = tmp_path / "run.png"
+    result = plot(str(ckpt), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and "(2 groups)" in result.stdout
+    png = out.read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 20_000
+
+
+# --- --grad-accum, and --compile against it --------------------------------------------------------------------
+ACCUM = ["--grad-accum", "2", "--sync-every", "4", "--outer-steps", "2", "--inner-lr", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def accum_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("accum")
+    train(tmp, tmp / "ckpt", *ACCUM)
+    return tmp / "ckpt"
+
+
+@pytest.mark.slow
+def test_grad_accum_draws_k_batches_per_inner_step_and_resumes_exactly(accum_run, tmp_path):
+    """K micro-batches per inner step: the data position advances by K, and a run resumed from the step-1
+    checkpoint ends with the same weights as the run that went straight through.
+
+    (K=2 with batch B is not K=1 with batch 2B here: batch number i is drawn from a generator seeded by i, so the
+    two micro-batches are other windows than one double batch.)"""
+    part = last_state(accum_run, group_part(0))
+    assert part["inner_steps"] == 8 and part["data_position"] == 16
+    records = committed(read_metrics(metrics_url(accum_run, 0)))
+    assert [r["tokens"] for r in records] == [4 * 2 * 4 * 32, 8 * 2 * 4 * 32]  # inner steps x K x batch x seq
+
+    resumed = tmp_path / "resumed"  # the same run, as if killed after its first checkpoint
+    shutil.copytree(accum_run, resumed)
+    shutil.rmtree(resumed / "step_00000002")
+    log = resumed / "metrics" / "replica_group_0.jsonl"
+    log.write_text("".join(line for line in log.read_text().splitlines(True) if '"outer_step": 1,' in line))
+    assert list(committed_checksums(resumed, 0)) == [1]
+    train(tmp_path, resumed, *ACCUM)
+    assert committed_checksums(resumed, 0) == committed_checksums(accum_run, 0)
+    assert last_state(resumed, group_part(0))["data_position"] == 16
+
+
+@pytest.mark.slow
+def test_compiled_run_trains_to_the_eager_weights(accum_run, tmp_path):
+    train(tmp_path, tmp_path / "compiled", *ACCUM, "--compile")
+    losses = [r["loss"] for r in committed(read_metrics(metrics_url(tmp_path / "compiled", 0)))]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    eager = last_state(accum_run)["diloco"]["global_weights"]
+    compiled = last_state(tmp_path / "compiled")["diloco"]["global_weights"]
+    assert eager.keys() == compiled.keys()
+    for name in eager:  # not bit-identical: inductor fuses and reorders the float arithmetic
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-4, msg=name)
