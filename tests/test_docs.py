@@ -266,6 +266,10 @@ def test_every_documented_command_runs(where, command, eight_gpu_machine, tmp_pa
         from torchx_diloco.lighthouse import parse_args
 
         parse_args(args)
+    elif module == "torchx_diloco.prepare":
+        from torchx_diloco.prepare import build_parser
+
+        build_parser().parse_args(args)  # its flags; the inputs, tokenizer and output are examples
     elif module == "torchx_diloco.plot":
         from torchx_diloco.plot import build_parser
 
