@@ -52,6 +52,40 @@ def test_plot_without_metrics_is_one_line_and_exit_2(tmp_path):
     assert "no metrics under" in result.stderr and "--checkpoint-dir" in result.stderr
 
 
+def without(package: str, tmp: Path) -> dict:
+    """An environment where ``import package`` fails as if it were not installed (a package of that name first
+    on PYTHONPATH that raises ImportError)."""
+    (tmp / "hide" / package).mkdir(parents=True)
+    (tmp / "hide" / package / "__init__.py").write_text(f'raise ImportError("No module named {package}")\n')
+    return clean_env(PYTHONPATH=str(tmp / "hide"), OMP_NUM_THREADS="1")
+
+
+def test_tensorboard_without_its_package_is_one_line_naming_the_extra(tmp_path):
+    env = {**without("tensorboard", tmp_path), "TORCHFT_LIGHTHOUSE": "http://localhost:1"}
+    argv = [*SMALL, "--checkpoint-dir", str(tmp_path / "ckpt"), "--tensorboard", str(tmp_path / "tb")]
+    result = subprocess.run(
+        [PYTHON, "-m", "torchx_diloco.train", *argv], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "pip install 'torchx-diloco[tb]'" in result.stderr
+
+
+def test_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path):
+    result = subprocess.run(
+        [PYTHON, "-m", "torchx_diloco.plot", str(tmp_path)],
+        env=without("matplotlib", tmp_path),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == "torchx_diloco.plot: error: plotting needs matplotlib: pip install 'torchx-diloco[plot]'"
+    )
+
+
 # --- one 2-group bf16 run with --tensorboard, looked at three ways ---------------------------------------------
 @pytest.fixture(scope="module")
 def bf16_run(tmp_path_factory):
