@@ -223,3 +223,18 @@ def test_bad_shards_are_one_line(tmp_path, setup, message):
     with pytest.raises(UserError) as e:
         Corpus.load(url, SEQ)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_any_fsspec_url_is_read_through_the_local_cache():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    t = tokens(5000, vocab=100)
+    fs.pipe_file("/cached/a.bin", t.astype(np.uint16).tobytes())
+    for url in ("memory://cached", "simplecache::memory://cached/a.bin", "filecache::memory://cached/*.bin"):
+        stream, _ = open_tokens(url)
+        assert isinstance(stream.parts[0], np.memmap), url
+        np.testing.assert_array_equal(stream_values(stream), t)
+    with pytest.raises(UserError, match="read it through the local cache: simplecache::memory://cached"):
+        open_tokens("blockcache::memory://cached")  # not a local file: cannot be memory-mapped
+    fs.rm("/cached", recursive=True)

@@ -158,6 +158,11 @@ def _local_path(fs: Any, path: str, flag: str, url: str) -> str:
             local = getattr(f, "name", None)
     except FileNotFoundError as e:
         raise UserError(f"{flag} {url!r}: {path} does not exist; pass existing token shards") from e
+    except Exception as e:  # noqa: BLE001 - any fsspec failure becomes one line for the user
+        raise UserError(
+            f"{flag} {url!r}: cannot copy {path} to a local file ({type(e).__name__}: {e}); "
+            f"read it through the local cache: simplecache::{url.split('::')[-1]}"
+        ) from e
     if not isinstance(local, str) or not os.path.isfile(local):
         raise UserError(
             f"{flag} {url!r}: {path} is not a local file and cannot be memory-mapped; "
