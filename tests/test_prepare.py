@@ -188,3 +188,16 @@ def test_two_groups_train_on_prepared_shards_from_s3(tmp_path, s3_url):
         records = committed(read_metrics(ckpt / "metrics" / f"replica_group_{g}.jsonl"))
         assert [r["outer_step"] for r in records][-1] == 2, records
         assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_a_large_text_file_is_one_document_in_pieces(tmp_path, monkeypatch):
+    """Text files are tokenized in pieces cut at line ends (memory stays bounded), with no separator between."""
+    monkeypatch.setattr(prepare, "TEXT_CHUNK", 1000)
+    text = "\n".join(pydoc_texts(5))
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text("the second file")
+    out = tmp_path / "shards"
+    assert run([tmp_path / "a.txt", tmp_path / "b.txt", "--out", out, "--tokenizer", "bytes"]) == 0
+    stream, _ = open_tokens(str(out))
+    assert bytes(stream.window(0, len(stream)).astype(np.uint8)) == (text + "\n\nthe second file").encode()
+    assert json.loads((out / "meta.json").read_text())["documents"] == 2

@@ -32,7 +32,8 @@ LLMC_MAGIC = 20240520
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 KINDS = {**{s: "text" for s in TEXT_SUFFIXES}, ".jsonl": "jsonl", ".parquet": "parquet"}
 TEXT_CHUNK = 1 << 20  # characters of a text file tokenized at a time (cut at a line end)
-BATCH_DOCS = 256
+BATCH_DOCS = 256  # documents tokenized together (in parallel by tokenizers) ...
+BATCH_CHARS = 16 << 20  # ... or fewer, up to this much text: memory stays bounded
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -151,8 +152,9 @@ def resolve_inputs(inputs: Sequence[str]) -> List[Any]:
     return found
 
 
-def documents(f: Any, field: str) -> Iterator[str]:
-    """The documents of one input (a text file: chunks of about 1 MB cut at line ends, one document)."""
+def documents(f: Any, field: str) -> Iterator[tuple[str, bool]]:
+    """(text, starts a document) pieces of one input: a document per record, or a text file as one document
+    in pieces of about 1 MB cut at line ends (tokenized apart, joined with no separator)."""
     kind = _kind(f.path)
     if kind == "parquet":
         try:
@@ -171,7 +173,7 @@ def documents(f: Any, field: str) -> Iterator[str]:
             for batch in pf.iter_batches(columns=[field]):
                 for value in batch.column(0).to_pylist():
                     if value:
-                        yield str(value)
+                        yield str(value), True
         return
     with f as raw:
         import io
@@ -189,14 +191,16 @@ def documents(f: Any, field: str) -> Iterator[str]:
                     if not isinstance(record, dict) or field not in record:
                         raise UserError(f"{f.path}:{n} has no {field!r} field; pass --text-field NAME")
                     if record[field]:
-                        yield str(record[field])
+                        yield str(record[field]), True
                 return
+            first = True
             while True:
                 chunk = fh.read(TEXT_CHUNK)
                 if not chunk:
                     return
                 chunk += fh.readline()  # to the end of the line
-                yield chunk
+                yield chunk, first
+                first = False
         except UnicodeDecodeError as e:
             raise UserError(f"{f.path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it") from e
 
@@ -235,6 +239,19 @@ class ShardWriter:
         self.fill = 0
 
 
+def _emit(
+    batch: List[tuple[str, bool]], tok: Tokenizer, sep: List[int], writer: ShardWriter, bar: Any, left: int
+) -> int:
+    """Tokenize a batch of pieces into the writer (a separator before each new document); the bytes counted."""
+    for (_, starts), ids in zip(batch, tok.encode([t for t, _ in batch]), strict=True):
+        if starts and (writer.shards or writer.fill):
+            writer.add(sep)
+        writer.add(ids)
+    done = min(sum(len(t.encode("utf-8")) for t, _ in batch), left)
+    bar.update(done)
+    return done
+
+
 def prepare(args: argparse.Namespace) -> dict:
     files = resolve_inputs(args.inputs)
     tok = Tokenizer(args.tokenizer)
@@ -256,23 +273,19 @@ def prepare(args: argparse.Namespace) -> dict:
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=args.no_progress)
     docs = 0
     for f in files:
-        pending: List[str] = []
-
-        def emit(batch: List[str]) -> None:
-            for ids in tok.encode(batch):
-                if writer.shards or writer.fill:
-                    writer.add(sep)
-                writer.add(ids)
-            bar.update(sum(len(t.encode("utf-8")) for t in batch))
-
-        for doc in documents(f, args.text_field):
-            pending.append(doc)
-            docs += 1
-            if len(pending) >= BATCH_DOCS:
-                emit(pending)
-                pending = []
+        pending: List[tuple[str, bool]] = []
+        chars = counted = 0
+        size = int(f.fs.size(f.path) or 0)
+        for piece in documents(f, args.text_field):
+            pending.append(piece)
+            chars += len(piece[0])
+            docs += piece[1]
+            if len(pending) >= BATCH_DOCS or chars >= BATCH_CHARS:
+                counted += _emit(pending, tok, sep, writer, bar, size - counted)
+                pending, chars = [], 0
         if pending:
-            emit(pending)
+            counted += _emit(pending, tok, sep, writer, bar, size - counted)
+        bar.update(size - counted)  # the rest of the file (JSON syntax, parquet encoding)
     writer.flush()
     bar.close()
     if not writer.shards:
