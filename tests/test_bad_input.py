@@ -17,6 +17,8 @@ from torchx_diloco.testing import free_port, train_once
 from torchx_diloco.train import main
 
 NO_CUDA = "no CUDA device is visible"
+HF = "torchx_diloco.hf:causal_lm"  # a transformers model built from a config: no download
+BARE = "tests.model_factories:bare_logits"
 GOOD_ENV = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "2", "TORCHFT_LIGHTHOUSE": "http://localhost:1"}
 
 
@@ -61,7 +63,9 @@ CASES = [
     # flags
     (["--outer-steps", "0"], {}, "--outer-steps: 0 must be >= 1"),
     (["--sync-every", "abc"], {}, "'abc' is not a number"),
-    (["--model", "huge"], {}, "invalid choice: 'huge'"),
+    (["--model", "huge"], {}, "'huge' is neither a preset (nano, tiny, small, medium) nor package.module:factory"),
+    (["--model-args", "{{n_layer: 4}}"], {}, "--model-args: '{n_layer: 4}' is not JSON"),
+    (["--model-args", "[4]"], {}, "--model-args: '[4]' is not a JSON object"),
     (["--outer-momentum", "1.5"], {}, "must be in [0, 1)"),
     (["--inner-lr", "-1"], {}, "must be > 0"),
     (["--seq-len", "0"], {}, "--seq-len: 0 must be >= 1"),
@@ -97,6 +101,17 @@ CASES = [
     (["--data", "{shortbin}"], {}, "has 20 tokens, too few for --seq-len"),
     (["--data", "{metabad}"], {}, "meta.json says shard-00000.bin holds 5 tokens, the file 1000"),
     (["--eval-data", "{shortbin}"], {}, "--eval-data"),
+    # the model: --model package.module:factory and --model-args, checked against the data ({{ }}: argv is formatted)
+    (["--model-args", '{{"n_layers": 4}}'], {}, "--model-args: n_layers is not a field of the GPT presets"),
+    (["--model", "no_such_package.models:gpt"], {}, "cannot import 'no_such_package.models'"),
+    (["--model", "tests.model_factories:nope"], {}, "tests.model_factories has no attribute 'nope'"),
+    (["--model", "tests.model_factories:raises"], {}, "the factory raised ValueError: n_layer must be even"),
+    (["--model", "tests.model_factories:not_a_module"], {}, "returned a dict, not a torch.nn.Module"),
+    (["--model", HF, "--model-args", '{{"arch": "gpt2", "n_layers": 2}}'], {}, "n_layers is not a field of GPT2Config"),
+    (["--model", HF, "--model-args", '{{"arch": "gpt2", "vocab_size": 100}}'], {}, "fails on token id 255 of the data"),
+    (["--model", BARE, "--model-args", '{{"vocab_size": 100}}'], {}, "fails on token id 255 of the data"),
+    (["--model", HF, "--model-args", '{{"arch": "gpt2", "n_positions": 16}}'], {}, "--seq-len 32 is longer than"),
+    (["--model", BARE, "--model-args", '{{"max_positions": 16}}'], {}, "--seq-len 32 is longer than"),
     # checkpoints
     (["--checkpoint-dir", "/proc/version/ckpt"], {}, "is not writable"),
     (["--checkpoint-dir", "nosuchprotocol://bucket/run"], {}, "is not a usable fsspec URL"),
@@ -128,7 +143,8 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
         else:
             monkeypatch.setenv(k, v)
     saved = files(tmp_path)
-    assert main(["--model", "nano", *argv]) == 2
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["--model", "nano", "--seq-len", "32", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("torchx_diloco.train: error: ")
     assert "\n" not in err, err

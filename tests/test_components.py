@@ -262,6 +262,16 @@ def test_script_args_override_component_flags(no_gpus):
     assert words[-2:] == ["--checkpoint-dir", "memory://x"]  # argparse keeps the last one
 
 
+def test_a_model_factory_and_its_args_reach_every_group(no_gpus):
+    """--model package.module:factory passes the components' check (its import is the trainer's business)."""
+    args = '{"arch": "gpt2", "n_layer": 2}'
+    app = comp.diloco("--model-args", args, model="torchx_diloco.hf:causal_lm", replica_groups=2)
+    for role in app.roles[1:]:
+        words = shlex.split(group_cmd(role).split("exec ", 1)[1])
+        assert words[words.index("--model") + 1] == "torchx_diloco.hf:causal_lm"
+        assert words[words.index("--model-args") + 1] == args
+
+
 # --- bad input: one clear ValueError before anything starts -------------------------------------------
 
 
@@ -281,7 +291,10 @@ def test_script_args_override_component_flags(no_gpus):
         # training flags, checked with the training module's own parser
         (dict(sync_every=-5), r"argument --sync-every: -5 must be >= 1 \(see python -m torchx_diloco.train --help\)"),
         (dict(outer_steps=0), r"argument --outer-steps: 0 must be >= 1"),
-        (dict(model="huge"), r"argument --model: invalid choice: 'huge'"),
+        (dict(model="huge"), r"argument --model: 'huge' is neither a preset \(nano, tiny, small, medium\)"),
+        (dict(model="torchx_diloco.hf"), r"--model: 'torchx_diloco.hf' is neither a preset .* package.module:factory"),
+        (dict(script_args=("--model-args", "{n_layer: 2}")), r"--model-args: '\{n_layer: 2\}' is not JSON"),
+        (dict(script_args=("--model-args", "4")), r"--model-args: '4' is not a JSON object"),
         (dict(script_args=("--bogus-flag", "1")), r"unrecognized arguments: --bogus-flag 1"),
         (dict(script_args=("--batch-size", "eight")), r"argument --batch-size: 'eight' is not a number"),
         (dict(script_args=("--min-replicas", "3")), r"--min-replicas 3 exceeds the 2 replica groups"),

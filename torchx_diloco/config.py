@@ -11,7 +11,9 @@ Environment (as in torchft's DiLoCo example; the TorchX components set them):
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 from urllib.parse import urlparse
@@ -80,6 +82,32 @@ def local_dir(text: str) -> str:
     return text
 
 
+_FACTORY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def model_spec(text: str) -> str:
+    """A preset name or ``package.module:factory`` (imported and called by the trainer, not here)."""
+    if text in PRESETS or _FACTORY.fullmatch(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a preset ({', '.join(PRESETS)}) nor package.module:factory "
+        "(e.g. torchx_diloco.hf:causal_lm)"
+    )
+
+
+def json_object(text: str) -> str:
+    """JSON text of an object (kept as text: the config stays hashable); the trainer passes it as keywords."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not JSON ({e}); pass an object like '{{\"n_layer\": 4}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object; pass one like '{{\"n_layer\": 4}}'")
+    return text
+
+
 def flag(default: Any, parse: Callable[[str], Any], help: str, choices: Optional[Sequence[str]] = None) -> Any:
     """A training flag: its default, how its text is parsed and checked, and its --help line."""
     return field(default=default, metadata={"parse": parse, "help": help, "choices": choices})
@@ -116,7 +144,17 @@ class TrainConfig:
     eval_data: Optional[str] = flag(
         None, str, "held-out data, the same kinds as --data (default: the last 5%% of --data)"
     )
-    model: str = flag("tiny", str, f"GPT size preset: {_PRESET_SHAPES}", choices=sorted(PRESETS))
+    model: str = flag(
+        "tiny",
+        model_spec,
+        f"a GPT size preset ({_PRESET_SHAPES}) or package.module:factory, a callable returning a torch.nn.Module "
+        "(e.g. torchx_diloco.hf:causal_lm); called as model(input_ids), it may return a Hugging Face output "
+        "(.logits), a tuple whose first element is the logits, or the logits; the loss is their cross-entropy "
+        "against the next tokens (labels are never passed)",
+    )
+    model_args: str = flag(
+        "{}", json_object, "JSON object of keyword arguments for --model's factory (for a preset: GPT fields)"
+    )
     batch_size: int = flag(16, positive_int, "sequences per inner step per group")
     seq_len: int = flag(128, positive_int, "tokens (bytes) per sequence")
     seed: int = flag(0, int, "seeds the initial weights (same in every group) and the data order")

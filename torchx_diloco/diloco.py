@@ -151,8 +151,61 @@ class DiLoCo:
         """Average pseudo-gradients across groups and take the outer step; False if the round was dropped."""
         self._step_at_sync = self.manager.current_step()
         self._start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
-        flat = self._pseudo_gradient()
+        return self._reduce_and_step(self._pseudo_gradient())
+
+    def agree_initial_weights(self, attempts: int = 3) -> None:
+        """Before the first inner step of a fresh run: every group takes the initial weights of the quorum's
+        first group (participating rank 0), whatever the model's factory did (unseeded, seeded per group).
+
+        One quorum and one all-reduce in which rank 0 sends its weights and the others zeros. The buffer has
+        the layout of a sync's, so a group that meets others in the middle of a sync joins it instead: it
+        heals to their step (at a later step) and contributes nothing; at step 0, its weights would spoil
+        their average, so the round is dropped for all, and everyone restores its global weights, which the
+        step-0 heal just made the quorum's primary's.
+        """
+        for attempt in range(1, attempts + 1):
+            self._step_at_sync = self.manager.current_step()
+            self._start_quorum()
+            if self.manager.current_step() > self._step_at_sync:  # healed: the others are syncing a later step
+                self._healed = False
+                self._reduce_and_step(self._empty_flat())
+                return
+            flat = self._empty_flat()
+            if self.manager.participating_rank() == 0:
+                offset = 0
+                with torch.no_grad():
+                    for p in self._params:
+                        flat[offset : offset + p.numel()].copy_(p.detach().view(-1))
+                        offset += p.numel()
+                flat[-1] = 1.0
+            self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
+            if self.manager.errored() is None and float(flat[-2]) == 0 and float(flat[-1]) == 1:
+                with torch.no_grad():  # everyone in the quorum is starting: take rank 0's weights
+                    offset = 0
+                    for p in self._params:
+                        p.copy_(flat[offset : offset + p.numel()].view_as(p))
+                        offset += p.numel()
+                self._save_backup()
+                return
+            if self.manager.errored() is None and float(flat[-2]) > 0:  # met a sync at step 0: see above
+                self._commit_and_step(flat)
+                return
+            logger.warning("no agreement on the initial weights (attempt %d of %d)", attempt, attempts)
+        raise RuntimeError(f"the groups did not agree on initial weights in {attempts} attempts")
+
+    def _empty_flat(self) -> torch.Tensor:
+        numel = sum(p.numel() for p in self._params)
+        return torch.zeros(numel + 2, dtype=torch.float32, device=self._params[0].device)
+
+    def _reduce_and_step(self, flat: torch.Tensor) -> bool:
+        """Sum ``flat`` (payload, contributors, initial weights sent) across the quorum; commit; step."""
         self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
+        return self._commit_and_step(flat)
+
+    def _commit_and_step(self, flat: torch.Tensor) -> bool:
+        if float(flat[-1]) > 0:
+            # a starting group sent its initial weights into this round (agree_initial_weights): no average
+            self.manager.report_error(RuntimeError("a starting group's initial weights reached this sync"))
         if not self.manager.should_commit():
             logger.warning(
                 "outer step %d not committed: discarding the last inner steps", self.manager.current_step() + 1
@@ -160,9 +213,9 @@ class DiLoCo:
             self._restore_backup()
             return False
         self._restore_backup()
-        contributors = float(flat[-1])
+        contributors = float(flat[-2])
         if contributors > 0:
-            self._apply_outer_step(flat[:-1].div_(contributors))  # in place: no second copy of the model
+            self._apply_outer_step(flat[:-2].div_(contributors))  # in place: no second copy of the model
         return True
 
     # --- pieces ------------------------------------------------------------------------------------------
@@ -187,10 +240,11 @@ class DiLoCo:
 
     @torch.no_grad()
     def _pseudo_gradient(self) -> torch.Tensor:
-        """``global - local`` of every parameter in one flat buffer, plus a last element: 1 if it counts."""
+        """``global - local`` of every parameter in one flat buffer, plus two elements: 1 if it counts, and 0
+        (the count of initial weights sent, see :meth:`agree_initial_weights`)."""
         device = self._params[0].device
         numel = sum(p.numel() for p in self._params)
-        flat = torch.empty(numel + 1, dtype=torch.float32, device=device)
+        flat = torch.empty(numel + 2, dtype=torch.float32, device=device)
         offset = 0
         for p, backup in zip(self._params, self._backup, strict=True):
             n = p.numel()
@@ -200,7 +254,7 @@ class DiLoCo:
             flat.zero_()
             self._healed = False
         else:
-            flat[-1] = 1.0
+            flat[-2], flat[-1] = 1.0, 0.0
         return flat
 
     @torch.no_grad()

@@ -33,7 +33,14 @@ from torchx_diloco.data import Corpus, eval_batches
 from torchx_diloco.diloco import DiLoCo
 from torchx_diloco.errors import UserError
 from torchx_diloco.metrics import MetricsLog, TensorBoardLog, print_outer_step, progress_bar, weights_checksum
-from torchx_diloco.model import build_model
+from torchx_diloco.modeling import (
+    build_model,
+    check_against_data,
+    data_vocab_size,
+    fingerprint,
+    fingerprint_mismatch,
+    forward_loss,
+)
 from torchx_diloco.torchft_diloco import TorchftDiLoCo
 
 logger = logging.getLogger("torchx_diloco")
@@ -98,8 +105,10 @@ class Trainer:
         self.eval_tokens = corpus.eval
         self.data_seed = cfg.seed * 7919 + self.group
 
-        torch.manual_seed(cfg.seed)  # the same initial weights in every group
-        self.model = build_model(cfg.model, block_size=cfg.seq_len).to(self.device)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every group (join() makes sure of it)
+        self.model = build_model(cfg.model, cfg.model_args, cfg.seq_len).to(self.device)
+        check_against_data(self.model, cfg.model, data_vocab_size(corpus), cfg.seq_len, self.device)
+        self.fingerprint = fingerprint(self.model, cfg.model, cfg.model_args)
         self.train_model = self._wrap_for_group(self.model)
         # --compile wraps the module: same parameters, so the optimizers and DiLoCo keep the originals
         self.forward_model = torch.compile(self.train_model) if cfg.compile else self.train_model
@@ -130,12 +139,20 @@ class Trainer:
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _check_shape(self, ckpt: Checkpoint) -> None:
-        saved = ckpt.global_state.get("model_config")
-        if saved != self.model.cfg.to_dict():
+        saved = ckpt.global_state.get("model_fingerprint")
+        if saved is not None:
+            differs = fingerprint_mismatch(saved, self.fingerprint)
+        else:  # written before fingerprints: a preset's config
+            legacy, to_dict = (
+                ckpt.global_state.get("model_config"),
+                getattr(getattr(self.model, "cfg", None), "to_dict", None),
+            )
+            mine = to_dict() if to_dict is not None else None
+            differs = None if legacy is None or legacy == mine else f"{legacy} there, {mine} here"
+        if differs is not None:
             raise UserError(
-                f"the checkpoint at {self.store.step_dir(ckpt.step)} is for a different model ({saved}); "
-                f"this run builds {self.model.cfg.to_dict()}: pass the same --model and --seq-len, "
-                "or a new --checkpoint-dir"
+                f"the checkpoint at {self.store.step_dir(ckpt.step)} is for a different model ({differs}): "
+                "pass the same --model, --model-args and --seq-len, or a new --checkpoint-dir"
             )
 
     # --- joining -----------------------------------------------------------------------------------------
@@ -171,6 +188,9 @@ class Trainer:
             )
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        elif isinstance(self.diloco, DiLoCo) and cfg.num_replica_groups > 1:
+            # a fresh run: the groups start from one set of weights even if the factory made them differ
+            self.diloco.agree_initial_weights()
 
     def _restore(self, ckpt: Checkpoint) -> None:
         self.manager.load_state_dict(ckpt.global_state["manager"])
@@ -278,7 +298,7 @@ class Trainer:
             no_sync = getattr(self.train_model, "no_sync", None)
             with no_sync() if no_sync is not None and i < k - 1 else contextlib.nullcontext():
                 with self._autocast():
-                    _, loss = self.forward_model(x.to(self.device), y.to(self.device))
+                    loss = forward_loss(self.forward_model, x.to(self.device), y.to(self.device))
                 (loss / k).backward()
             total += loss.detach().float()
         return total / k
@@ -290,7 +310,7 @@ class Trainer:
         self.model.eval()
         with self._autocast():
             losses = [
-                self.model(x.to(self.device), y.to(self.device))[1].float().item()
+                forward_loss(self.model, x.to(self.device), y.to(self.device)).float().item()
                 for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches)
             ]
         self.model.train()
@@ -338,7 +358,7 @@ class Trainer:
         participants = self.manager.num_participants()
         global_state = {
             "outer_step": step,
-            "model_config": self.model.cfg.to_dict(),
+            "model_fingerprint": self.fingerprint,
             "manager": self.manager.state_dict(),
             "diloco": self.diloco.state_dict(),  # references: the writer is waited for before the next sync
         }

@@ -1,0 +1,49 @@
+"""Hugging Face causal LMs built from a config (no download): ``--model torchx_diloco.hf:causal_lm``.
+
+Needs the ``hf`` extra (``pip install 'torchx-diloco[hf]'``). The weights are initialised here, from the
+config; ``--model-args`` overrides the config's fields, e.g. ``'{"arch": "gpt2", "n_layer": 4}'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch.nn as nn
+
+# tiny defaults over byte tokens (vocab 256), small enough for a laptop CPU
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 1024,
+    },
+    "gpt2": {
+        "vocab_size": 256,
+        "n_embd": 64,
+        "n_layer": 2,
+        "n_head": 2,
+        "n_positions": 1024,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    },
+}
+
+
+def causal_lm(arch: str = "llama", **config_overrides: Any) -> nn.Module:
+    """A freshly initialised ``AutoModelForCausalLM`` of model type ``arch`` (llama, gpt2, or any other type
+    transformers knows), with tiny defaults for llama and gpt2 and ``config_overrides`` on top."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise ImportError(f"{e}: install the hf extra: pip install 'torchx-diloco[hf]'") from e
+    settings = {**DEFAULTS.get(arch, {}), **config_overrides}
+    config = AutoConfig.for_model(arch, **settings)  # ValueError naming the known types if arch is not one
+    blank = AutoConfig.for_model(arch)
+    unknown = sorted(k for k in config_overrides if not hasattr(blank, k))
+    if unknown:  # transformers keeps unknown keys silently: a typo would change nothing
+        raise ValueError(f"{', '.join(unknown)} is not a field of {type(config).__name__}")
+    return AutoModelForCausalLM.from_config(config)
