@@ -107,7 +107,8 @@ def diloco(
             resumes from its newest complete checkpoint (use e.g. checkpoints/${app_id} for a fresh start)
         outer_steps: outer steps (syncs) to train for (default: the training module's)
         sync_every: H, inner steps between syncs (default: the training module's)
-        model: GPT preset nano, tiny, small or medium (default: the training module's)
+        model: GPT preset nano, tiny, small or medium, or package.module:factory returning an nn.Module
+            (its keyword arguments: --model-args JSON after `--`; default: the training module's)
         env: environment variables for every role (e.g. LOGLEVEL=INFO,TORCHX_DILOCO_LOGLEVEL=DEBUG)
         lighthouse_idle_exit: seconds every group must stay silent before the lighthouse exits 0 and the app
             ends; keep it above a group's restart time
@@ -217,7 +218,8 @@ def replica_group(
             (default: the training module's, checkpoints/diloco)
         outer_steps: outer steps (syncs) to train for (default: the training module's)
         sync_every: H, inner steps between syncs (default: the training module's)
-        model: GPT preset nano, tiny, small or medium (default: the training module's)
+        model: GPT preset nano, tiny, small or medium, or package.module:factory returning an nn.Module
+            (its keyword arguments: --model-args JSON after `--`; default: the training module's)
         run_id: the lighthouse's --run_id: the group refuses a lighthouse that serves another run
             (default: no check)
         env: environment variables for the group
