@@ -13,6 +13,7 @@ import torch
 
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.model import PRESETS
+from torchx_diloco.modeling import build_model, fingerprint
 from torchx_diloco.testing import free_port, train_once
 from torchx_diloco.train import main
 
@@ -56,6 +57,14 @@ def make_data(tmp: Path, kind: str) -> str:
 def shape_mismatch(tmp: Path) -> str:
     url = str(tmp / "ckpt")
     CheckpointStore(url).write_part(1, GLOBAL_PART, {"model_config": PRESETS["tiny"].to_dict()})
+    return url
+
+
+def fingerprint_mismatch(tmp: Path) -> str:
+    """A checkpoint of nano at --seq-len 32 (as written today: a structural fingerprint)."""
+    url = str(tmp / "ckpt-fingerprint")
+    model = build_model("nano", "{}", 32)
+    CheckpointStore(url).write_part(1, GLOBAL_PART, {"model_fingerprint": fingerprint(model, "nano", "{}")})
     return url
 
 
@@ -116,6 +125,8 @@ CASES = [
     (["--checkpoint-dir", "/proc/version/ckpt"], {}, "is not writable"),
     (["--checkpoint-dir", "nosuchprotocol://bucket/run"], {}, "is not a usable fsspec URL"),
     (["--checkpoint-dir", "{mismatch}"], {}, "is for a different model"),
+    (["--checkpoint-dir", "{fingerprint}", "--seq-len", "64"], {}, "pos_emb.weight: [32, 64] there, [64, 64] here"),
+    (["--checkpoint-dir", "{fingerprint}", "--model-args", '{{"dropout": 0.1}}'], {}, '--model-args {"dropout": 0.1}'),
 ]
 
 
@@ -133,6 +144,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
         "short": make_data(tmp_path, "short"),
         **{k: make_data(tmp_path, k) for k in ("emptydir", "npy2d", "shortbin", "metabad")},
         "mismatch": shape_mismatch(tmp_path),
+        "fingerprint": fingerprint_mismatch(tmp_path),
     }
     argv = [a.format(**subst) for a in argv]
     if not any(a == "--checkpoint-dir" for a in argv):
