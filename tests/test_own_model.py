@@ -70,3 +70,30 @@ def test_factory_seeded_by_group_still_starts_every_group_from_the_same_weights(
         sums[factory] = [committed_checksums(ckpt, g) for g in range(2)]
         assert list(sums[factory][0]) == [1, 2] and sums[factory][0] == sums[factory][1], sums
     assert sums["seeded_by_group"] == sums["seeded_alike"], "the groups took group 0's initial weights"
+
+
+@pytest.mark.timeout(300)
+def test_torchx_run_trains_a_transformers_llama(tmp_path, monkeypatch):
+    """`torchx run diloco.diloco -- --model torchx_diloco.hf:causal_lm --model-args ...` on local_cwd."""
+    from tests.test_run_e2e import OUTER, lighthouse_port, read, role_log, start_nano_run, stop
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = ["--model", "torchx_diloco.hf:causal_lm", "--model-args", json.dumps({"arch": "llama", "hidden_size": 32})]
+    proc = start_nano_run(
+        tmp_path,
+        None,
+        outer=2,
+        max_restarts=0,
+        idle_exit=3,
+        sync_every=5,
+        train_flags=[*model, "--min-replicas", "2", "--group-wait", "60"],
+    )
+    try:
+        rc = proc.wait(timeout=240)
+    finally:
+        stop(proc, lighthouse_port(tmp_path / "logs"))
+    assert rc == 0, read(tmp_path / "torchx.log")[-4000:]
+    for g in range(2):
+        assert OUTER.findall(read(role_log(tmp_path / "logs", f"replica_group_{g}"))) == ["1", "2"]
+    sums = [committed_checksums(tmp_path / "ckpt", g) for g in range(2)]
+    assert list(sums[0]) == [1, 2] and sums[0] == sums[1], sums
