@@ -6,7 +6,8 @@ The inner step exactly as the trainer takes it (train.py: forward and loss under
 the model wrapped by ``torch.compile`` for --compile, backward, gradient clipping, AdamW), without the
 lighthouse: DiLoCo's sync does not depend on these flags. Four settings, measured interleaved (A B C D A B C D
 ...) so that a slow spell of the machine hits all of them alike; each measurement is ``--steps`` inner steps
-after the warm-up, and the table gives the median tokens/s over the rounds and the ratio to fp32 eager.
+after the warm-up, and the table gives the median tokens/s over the rounds, its ratio to fp32 eager's, and the
+median of the per-round ratios (each round against fp32 eager of the same round: robust to a slow spell).
 The one-off cost of compiling (the first steps of a --compile run) is reported apart.
 
 One thread by default, as each replica group runs in tests and `make run` (testing.group_env).
@@ -86,24 +87,29 @@ def main() -> int:
             samples[name(s.dtype, s.compiled)].append(s.steps(a.steps))
         print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in samples.items()), flush=True)
 
-    base = median(samples[name("fp32", False)])
+    base = samples[name("fp32", False)]
     rows: List[List[Any]] = []
     results: Dict[str, Any] = {}
     for s in settings:
         key = name(s.dtype, s.compiled)
         med = median(samples[key])
-        rows.append([key, med, ratio(med, base), s.warmup_s])
+        # paired: each round against fp32 eager of the same round (a slow spell of the machine cancels out)
+        per_round = [ratio(x, b) for x, b in zip(samples[key], base, strict=True)]
+        rows.append([key, med, ratio(med, median(base)), median(per_round), s.warmup_s])
         results[key] = {
             "tokens_per_s": samples[key],
             "median_tokens_per_s": med,
-            "vs_fp32_eager": ratio(med, base),
+            "vs_fp32_eager": ratio(med, median(base)),
+            "vs_fp32_eager_per_round": per_round,
+            "median_vs_fp32_eager_per_round": median(per_round),
             "warmup_s": s.warmup_s,
         }
     print(
         f"\nmodel {a.model}, batch {a.batch_size} x seq {a.seq_len}, {a.threads} thread(s), "
         f"{a.rounds} interleaved rounds of {a.steps} inner steps (after {a.warmup} warm-up steps)"
     )
-    print(table(["setting", "median tokens/s", "vs fp32 eager", f"first {a.warmup} steps (s)"], rows))
+    headers = ["setting", "median tokens/s", "vs fp32 eager", "per-round ratio (median)", f"first {a.warmup} steps (s)"]
+    print(table(headers, rows))
     config = {k: getattr(a, k) for k in ("model", "threads", "rounds", "steps", "warmup", "batch_size", "seq_len")}
     default_model = "tiny" if a.full else "nano"
     name_ = "train_options" if a.model == default_model else f"train_options-{a.model}"
