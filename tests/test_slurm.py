@@ -334,6 +334,25 @@ def test_separate_jobs_lighthouse_and_groups_cancelling_one_group_keeps_the_rest
 
 @needs_slurm
 @pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_hugging_face_model_trains_on_slurm_with_identical_weights_in_both_groups(tmp_path, jobs):
+    """A transformers Llama built from a config (no download), its JSON args through sbatch, srun and torchrun."""
+    ckpt = tmp_path / "ckpt"
+    model_args = json.dumps({"arch": "llama", "hidden_size": 32})
+    component = f"--replica_groups 2 --outer_steps 2 --sync_every 5 --min_replicas 2 --checkpoint_dir {ckpt}"
+    train = "--batch-size 4 --seq-len 32 --eval-batches 0 --model torchx_diloco.hf:causal_lm --model-args"
+    handle = submit([COMPONENT + ":diloco", *component.split(), "--", *train.split(), model_args], tmp_path, jobs)
+    jid = job_id(handle)
+    assert wait_done(jid, 180) == "COMPLETED", group_log(tmp_path, jid, 0, "err").read_text()[-3000:]
+    sums = [
+        {r["outer_step"]: r["weights_sha"] for r in read_metrics(metrics_url(ckpt, g)) if r["committed"]}
+        for g in (0, 1)
+    ]
+    assert list(sums[0]) == [1, 2] and sums[0] == sums[1], sums
+
+
+@needs_slurm
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_an_error_no_restart_can_fix_ends_the_job_failed_within_seconds(tmp_path, jobs):
     """A missing data file, found by the groups on their nodes: torchrun retries nothing, the job ends FAILED
