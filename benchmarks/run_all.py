@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_vs_torchft", "bench_link", "bench_quality", "bench_durability"]
+BENCHMARKS = ["bench_vs_torchft", "bench_link", "bench_quality", "bench_durability", "bench_model_path"]
 
 
 def main() -> int:
