@@ -24,6 +24,7 @@ from torchx_diloco.presets import PRESETS
 PROG = "python -m torchx_diloco.train"
 IMPLEMENTATIONS = ("torchx_diloco", "torchft")
 DTYPES = ("fp32", "bf16")
+CODECS = ("fp32", "bf16", "int8", "int4")  # what a pseudo-gradient is sent as (torchx_diloco/codecs.py)
 DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
 
 # Run-level defaults shared by the lighthouse, the components and the tests: written here only.
@@ -62,6 +63,10 @@ def non_negative_float(text: str) -> float:
 
 def unit_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def closed_unit_float(text: str) -> float:
+    return _number(text, float, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def device_name(text: str) -> str:
@@ -213,14 +218,66 @@ class TrainConfig:
         None, local_dir, "also write the metrics as TensorBoard events to this local directory (extra: tb)"
     )
 
+    fragments: int = flag(
+        1,
+        positive_int,
+        "P: Streaming DiLoCo, the model split into P fragments of about equal size that sync in turn, one "
+        "every H/P inner steps (each fragment sync is one outer step); H must be a multiple of P",
+    )
+    overlap_steps: int = flag(
+        0,
+        non_negative_int,
+        "tau: a fragment's sync is sent tau inner steps before it is applied and its communication runs while "
+        "they train (0 = blocking); below H/P",
+    )
+    mix_alpha: float = flag(
+        0.0,
+        closed_unit_float,
+        "after a fragment's outer step, keep this share of the local weights: local = lerp(global, local, alpha)",
+    )
+    codec: str = flag(
+        "fp32",
+        str,
+        "what the pseudo-gradient crosses the link as: fp32, bf16, int8 or int4 (block-scaled; a quantized "
+        "reduce-scatter + all-gather on Gloo and NCCL)",
+        choices=CODECS,
+    )
+
     replica_group_id: int = from_env(0)
     num_replica_groups: int = from_env(1)
     lighthouse: str = from_env("")
     run_id: Optional[str] = from_env(None)
 
     @property
+    def steps_per_outer_step(self) -> int:
+        """Inner steps between two outer steps: H, or H/P when the model syncs in P fragments."""
+        return self.sync_every // self.fragments
+
+    @property
     def total_inner_steps(self) -> int:
-        return self.outer_steps * self.sync_every
+        return self.outer_steps * self.steps_per_outer_step
+
+
+def streaming_problem(
+    sync_every: int, fragments: int, overlap_steps: int, mix_alpha: float, codec: str
+) -> Optional[str]:
+    """What is wrong with a Streaming DiLoCo setting, as one line naming the fix; None if nothing.
+
+    The trainer's flags and ``DiLoCo``'s arguments are checked by this same function."""
+    if fragments < 1:
+        return f"fragments must be >= 1, got {fragments}"
+    if sync_every % fragments:
+        return f"--sync-every {sync_every} is not a multiple of --fragments {fragments}: make H a multiple of P"
+    if not 0 <= overlap_steps < sync_every // fragments:
+        return (
+            f"--overlap-steps {overlap_steps} must be below H/P = {sync_every // fragments} (a fragment's sync must "
+            "land before the next one starts): lower it or raise --sync-every"
+        )
+    if not 0.0 <= mix_alpha <= 1.0:
+        return f"--mix-alpha {mix_alpha} must be in [0, 1]"
+    if codec not in CODECS:
+        return f"unknown --codec {codec!r}: use one of {', '.join(CODECS)}"
+    return None
 
 
 def flag_fields() -> List[Any]:
@@ -261,6 +318,11 @@ def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Option
     """The flags alone (no environment): what the components check before launch."""
     args = build_parser().parse_args(None if argv is None else list(argv))
     cfg = TrainConfig(**vars(args))
+    problem = streaming_problem(cfg.sync_every, cfg.fragments, cfg.overlap_steps, cfg.mix_alpha, cfg.codec)
+    if problem is not None:
+        raise UserError(problem)
+    if cfg.impl == "torchft" and cfg.codec != "fp32":
+        raise UserError(f"--codec {cfg.codec} needs --impl torchx_diloco (torchft quantizes only on CUDA with Triton)")
     if num_replica_groups is not None and cfg.min_replicas > num_replica_groups:
         raise UserError(f"--min-replicas {cfg.min_replicas} exceeds the {num_replica_groups} replica groups: lower it")
     return cfg

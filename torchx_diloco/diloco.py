@@ -4,42 +4,145 @@ Every ``sync_every`` inner steps each group sends its pseudo-gradient ``global -
 groups that contributed becomes the gradient of an outer optimizer step (SGD with Nesterov momentum in the
 paper) taken from the last global weights. Between syncs the groups never talk, which is the point.
 
-Differences from ``torchft.local_sgd.DiLoCo`` (which gives the same weights when nothing fails):
-- one flat all-reduce per sync instead of one per parameter;
+Streaming DiLoCo (arXiv 2501.18512) is the same loop on ``fragments`` P: the parameters, in module order, cut
+into P contiguous parts of about equal size; one part syncs every H/P inner steps, each part every H, so the
+link carries 1/P of the model at a time. A fragment's sync can be sent ``overlap_steps`` (tau) inner steps
+before it is applied, its communication running while they train; after its outer step the fragment keeps
+``mix_alpha`` of its local weights. ``codec`` picks what the pseudo-gradient is sent as (fp32, bf16, int8,
+int4: see :mod:`torchx_diloco.codecs`).
+
+The schedule and the arithmetic are ``torchft.local_sgd.DiLoCo``'s (the same weights when nothing fails; a
+test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours differs in that:
+- each sync is one flat exchange per fragment, not one all-reduce per parameter, and any codec works on
+  Gloo as well as NCCL;
 - a group that healed from a peer at this sync contributes nothing (its own weights are stale, so its
   ``global - local`` is noise) and the average is over the groups that did contribute;
-- healing also resets the model to the global weights, not only the backup.
+- healing also resets the model to the global weights, not only the backup;
+- the global state (every fragment's weights and outer optimizer) is what durable checkpoints hold.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from typing import Any, Dict, List
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.distributed import ReduceOp
 
+from torchx_diloco.codecs import allreduce_sum, get_codec
+from torchx_diloco.config import streaming_problem
+from torchx_diloco.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "torchx_diloco"  # the name our global state is registered under with the manager
+
+# The header every exchange starts with, summed over the quorum (fp64: exact): who is in this round and why,
+# and a signature of the layout (fragments, codec, model size) with its square: sum(s)^2 == n sum(s^2) only
+# when the n members' signatures are equal, so groups started with different flags are told apart.
+CONTRIBUTORS, SYNCING, AGREEING, SIGNATURE, SIGNATURE_SQUARED = range(5)
 
 
 def _param_ids(optimizer: torch.optim.Optimizer) -> set:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
+def split_evenly(sizes: Sequence[int], parts: int) -> List[range]:
+    """``parts`` contiguous ranges over tensors of ``sizes`` whose totals are as equal as whole tensors allow."""
+    if parts > len(sizes):
+        raise ValueError(f"fragments={parts} exceeds the model's {len(sizes)} trainable parameter tensors")
+    cumulative = list(itertools.accumulate(sizes))
+    total, cuts = cumulative[-1], [0]
+    for k in range(1, parts):
+        lo, hi = cuts[-1] + 1, len(sizes) - (parts - k)  # leave at least one tensor to each later part
+        cuts.append(min(range(lo, hi + 1), key=lambda c: abs(cumulative[c - 1] - k * total / parts)))
+    cuts.append(len(sizes))
+    return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+class Fragment:
+    """Parameters that sync together: their global weights (the backup, as of this fragment's last commit)
+    and the outer optimizer that steps them."""
+
+    def __init__(
+        self,
+        index: int,
+        names: List[str],
+        params: List[nn.Parameter],
+        outer_optimizer: torch.optim.Optimizer,
+        backup_device: torch.device | str,
+    ) -> None:
+        self.index, self.names, self.params, self.outer_optimizer = index, names, params, outer_optimizer
+        self.numel = sum(p.numel() for p in params)
+        pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
+        self.backup = [torch.empty(p.shape, dtype=p.dtype, device=backup_device, pin_memory=pin) for p in params]
+
+    @torch.no_grad()
+    def save_backup(self) -> None:
+        for p, backup in zip(self.params, self.backup, strict=True):
+            backup.copy_(p.detach())  # blocking: a checkpoint writer may read the backup next
+
+    @torch.no_grad()
+    def restore_backup(self) -> None:
+        for p, backup in zip(self.params, self.backup, strict=True):
+            p.copy_(backup, non_blocking=False)
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> torch.Tensor:
+        """``global - local`` of every parameter, flat, in fp32."""
+        device = self.params[0].device
+        flat = torch.empty(self.numel, dtype=torch.float32, device=device)
+        offset = 0
+        for p, backup in zip(self.params, self.backup, strict=True):
+            n = p.numel()
+            torch.sub(backup.to(device, non_blocking=True).view(-1), p.view(-1), out=flat[offset : offset + n])
+            offset += n
+        return flat
+
+    @torch.no_grad()
+    def outer_step(self, average: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.grad = average[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self.save_backup()
+
+
+@dataclass
+class _InFlight:
+    """A fragment's sync between the moment it was sent and the moment it is applied."""
+
+    fragment: Fragment
+    payload: torch.Tensor
+    header: torch.Tensor
+    sent_bytes: "Future[int]"
+
+
 class DiLoCo:
-    """Counts inner steps; every ``sync_every``-th call to :meth:`step` averages pseudo-gradients and steps.
+    """Counts inner steps; syncs a fragment (the whole model by default) every ``sync_every / fragments``.
 
     Args:
         manager: a torchft ``Manager`` built with ``use_async_quorum=False`` (a group that heals must hold the
             global weights before it computes its pseudo-gradient).
         model: the module the inner optimizer trains.
         inner_optimizer: steps every batch (AdamW in the paper); only used here to check its parameters.
-        outer_optimizer: steps on the averaged pseudo-gradient (SGD, lr 0.7, momentum 0.9, Nesterov).
-        sync_every: H, inner steps between syncs.
+        outer_optimizer: steps on the averaged pseudo-gradient (SGD, lr 0.7, momentum 0.9, Nesterov); one for
+            the whole model, or one per fragment when ``fragments`` is a list of modules.
+        sync_every: H, inner steps between two syncs of the same parameters.
+        fragments: P, the number of fragments (contiguous, about equal size, in module order), or a list of
+            modules that together hold every trainable parameter once.
+        overlap_steps: tau, inner steps between sending a fragment's pseudo-gradient and applying the result.
+        mix_alpha: after a fragment's outer step, its weights are ``lerp(global, local, mix_alpha)``.
+        codec: what the pseudo-gradient crosses the link as: "fp32", "bf16", "int8" or "int4".
         backup_device: where the global weights are kept between syncs (host memory by default).
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
     """
@@ -49,46 +152,103 @@ class DiLoCo:
         manager: Any,
         model: nn.Module,
         inner_optimizer: torch.optim.Optimizer,
-        outer_optimizer: torch.optim.Optimizer,
+        outer_optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]],
         sync_every: int,
+        fragments: Union[int, Sequence[nn.Module]] = 1,
+        overlap_steps: int = 0,
+        mix_alpha: float = 0.0,
+        codec: str = "fp32",
         backup_device: torch.device | str = "cpu",
         quorum_retry_s: float = 60.0,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+        count = fragments if isinstance(fragments, int) else len(fragments)
+        problem = streaming_problem(sync_every, count, overlap_steps, mix_alpha, codec)
+        if problem is not None:
+            raise ValueError(problem.replace("--", "").replace("-", "_"))
         if getattr(manager, "_use_async_quorum", False):
             raise ValueError("DiLoCo needs a Manager built with use_async_quorum=False")
-        self._params: List[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
-        if not self._params:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
             raise ValueError("the model has no trainable parameters")
-        model_ids = {id(p) for p in self._params}
-        for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
-            if _param_ids(opt) != model_ids:
-                raise ValueError(f"{name} must optimise exactly the model's trainable parameters")
-        if inner_optimizer is outer_optimizer:
+        if _param_ids(inner_optimizer) != {id(p) for _, p in named}:
+            raise ValueError("inner_optimizer must optimise exactly the model's trainable parameters")
+        separate = isinstance(outer_optimizer, (list, tuple))  # one outer optimizer per fragment
+        outers = list(outer_optimizer) if separate else None
+        if any(inner_optimizer is o for o in (outers or [outer_optimizer])):
             raise ValueError("inner_optimizer and outer_optimizer must be different optimizers")
+
+        parts = self._parts(named, fragments)
+        if outers is None:
+            if _param_ids(outer_optimizer) != {id(p) for _, p in named}:  # type: ignore[arg-type]
+                raise ValueError("outer_optimizer must optimise exactly the model's trainable parameters")
+            outers = [outer_optimizer] * len(parts)
+        elif len(outers) != len(parts):
+            raise ValueError(f"{len(outers)} outer optimizers for {len(parts)} fragments: pass one per fragment")
+        self._fragments = [
+            Fragment(i, [named[j][0] for j in part], [named[j][1] for j in part], outer, backup_device)
+            for i, (part, outer) in enumerate(zip(parts, outers, strict=True))
+        ]
+        for f in self._fragments:
+            if separate and _param_ids(f.outer_optimizer) != {id(p) for p in f.params}:
+                raise ValueError(f"outer optimizer {f.index} must optimise exactly fragment {f.index}'s parameters")
+            f.save_backup()
 
         self.manager = manager
         self.model = model
-        self.outer_optimizer = outer_optimizer
+        self.outer_optimizers = outers
+        self._separate_outer = separate
+        self.outer_optimizer = outers[0]
         self.sync_every = sync_every
+        self.steps_per_sync = sync_every // len(parts)  # inner steps between two fragment syncs
+        self.overlap_steps = overlap_steps
+        self.mix_alpha = mix_alpha
+        self.codec = get_codec(codec)
         self.quorum_retry_s = quorum_retry_s
-        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
-        pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
-        self._backup = [torch.empty(p.shape, dtype=p.dtype, device=backup_device, pin_memory=pin) for p in self._params]
-        self._save_backup()
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        layout = f"{len(parts)}/{codec}/{sum(p.numel() for p in self._params)}"
+        self._signature = float(zlib.crc32(layout.encode()) % (1 << 20) + 1)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-sync") if overlap_steps > 0 else None
+        self._in_flight: Optional[_InFlight] = None
         self._healed = False
         self._step_at_sync = manager.current_step()
-        self.local_step = 0  # inner steps since the last sync
+        self.local_step = 0  # inner steps since the last outer step
+        self.last_sync: Dict[str, int] = {}  # the fragment and the bytes this group sent in the last outer step
         manager.register_state_dict_fn(STATE_KEY, self._load_healed_state, self.state_dict)
+
+    @staticmethod
+    def _parts(named: List[tuple], fragments: Union[int, Sequence[nn.Module]]) -> List[range] | List[List[int]]:
+        if isinstance(fragments, int):
+            return split_evenly([p.numel() for _, p in named], fragments)
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        parts = [[index.get(id(p), -1) for p in m.parameters() if p.requires_grad] for m in fragments]
+        flat = sorted(i for part in parts for i in part)
+        if flat != list(range(len(named))) or any(not part for part in parts):
+            raise ValueError("fragments must hold every trainable parameter of the model exactly once")
+        return parts
+
+    @property
+    def fragments(self) -> List[Fragment]:
+        return list(self._fragments)
+
+    @property
+    def local_differs_from_global(self) -> bool:
+        """Whether the model can hold weights other than the global ones right after an outer step (then a
+        checkpoint needs the local weights too, for a bit-identical resume)."""
+        return len(self._fragments) > 1 or self.mix_alpha > 0
 
     # --- the global state: what a healing peer receives and what durable checkpoints hold ---------------
     def state_dict(self) -> Dict[str, Any]:
-        """The global weights and the outer optimizer's state (the same in every group after a commit)."""
-        return {
-            "global_weights": dict(zip(self._names, self._backup, strict=True)),
-            "outer_optimizer": self.outer_optimizer.state_dict(),
-        }
+        """Every fragment's global weights and outer optimizer state (the same in every group after a commit)."""
+        weights = {n: b for f in self._fragments for n, b in zip(f.names, f.backup, strict=True)}
+        outer: Any = (
+            [o.state_dict() for o in self.outer_optimizers]
+            if self._separate_outer
+            else self.outer_optimizer.state_dict()
+        )
+        return {"global_weights": weights, "outer_optimizer": outer}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Adopt ``state`` as the global state and reset the model to those weights."""
@@ -96,16 +256,27 @@ class DiLoCo:
         missing = set(self._names) ^ set(weights)
         if missing:
             raise ValueError(f"global weights do not match the model: differing names {sorted(missing)[:5]}")
+        outer = state["outer_optimizer"]
+        separate = self._separate_outer
+        if separate != isinstance(outer, list) or (separate and len(outer) != len(self.outer_optimizers)):
+            raise ValueError("the saved outer optimizer state does not match: pass the same fragments and optimizers")
+        self._drop_in_flight()
         with torch.no_grad():
-            for name, backup in zip(self._names, self._backup, strict=True):
-                if weights[name].shape != backup.shape:
-                    raise ValueError(
-                        f"global weight {name} has shape {tuple(weights[name].shape)}, "
-                        f"the model has {tuple(backup.shape)}"
-                    )
-                backup.copy_(weights[name])
-        self.outer_optimizer.load_state_dict(state["outer_optimizer"])
-        self._restore_backup()
+            for f in self._fragments:
+                for name, backup in zip(f.names, f.backup, strict=True):
+                    if weights[name].shape != backup.shape:
+                        raise ValueError(
+                            f"global weight {name} has shape {tuple(weights[name].shape)}, "
+                            f"the model has {tuple(backup.shape)}"
+                        )
+                    backup.copy_(weights[name])
+        if separate:
+            for o, s in zip(self.outer_optimizers, outer, strict=True):
+                o.load_state_dict(s)
+        else:
+            self.outer_optimizer.load_state_dict(outer)
+        for f in self._fragments:
+            f.restore_backup()
 
     def _load_healed_state(self, state: Dict[str, Any]) -> None:
         """A peer's global state, received during the quorum of a sync (torchft sets the step first)."""
@@ -131,92 +302,167 @@ class DiLoCo:
         self._healed = True
 
     def global_weights(self) -> List[torch.Tensor]:
-        return list(self._backup)
+        """Every parameter's global weights, in the model's parameter order."""
+        return [b for f in self._fragments for b in f.backup]
 
     # --- the loop --------------------------------------------------------------------------------------
     @property
+    def quorum_due(self) -> bool:
+        """True when the next :meth:`step` starts a sync (a quorum; a group behind heals there)."""
+        return self.local_step + 1 == self.steps_per_sync - self.overlap_steps
+
+    @property
     def sync_due(self) -> bool:
-        """True when the next :meth:`step` syncs: the moment to finish anything that reads the global state."""
-        return self.local_step + 1 >= self.sync_every
+        """True when the next :meth:`step` changes the global state (a quorum or an outer step): the moment to
+        finish anything that reads it."""
+        return self.quorum_due or self.local_step + 1 >= self.steps_per_sync
 
     def step(self) -> bool:
         """Call after each inner optimizer step. Returns True when this call committed an outer step."""
         self.local_step += 1
-        if self.local_step < self.sync_every:
+        if self.local_step == self.steps_per_sync - self.overlap_steps:
+            self._send()
+        if self.local_step < self.steps_per_sync:
             return False
         self.local_step = 0
-        return self.sync()
+        return self._apply()
 
     def sync(self) -> bool:
-        """Average pseudo-gradients across groups and take the outer step; False if the round was dropped."""
-        self._step_at_sync = self.manager.current_step()
-        self._start_quorum()  # blocks; a group behind the others heals here (_load_healed_state)
-        return self._reduce_and_step(self._pseudo_gradient())
+        """Sync the next fragment now, blocking; False if the round was dropped. (``step`` calls it on time.)"""
+        self._send()
+        self.local_step = 0
+        return self._apply()
+
+    def close(self) -> None:
+        """Wait for a sync in flight and stop the thread that sends them."""
+        self._drop_in_flight()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _send(self, start_quorum: bool = True) -> None:
+        """The quorum (a group behind heals here), the fragment's pseudo-gradient, and its exchange started."""
+        if start_quorum:
+            self._step_at_sync = self.manager.current_step()
+            self._start_quorum()
+        fragment = self._fragments[self.manager.current_step() % len(self._fragments)]
+        header = self._header(SYNCING)
+        if self._healed:  # our local weights predate the global ones we just received
+            payload = torch.zeros(fragment.numel, dtype=torch.float32, device=header.device)
+            self._healed = False
+        else:
+            payload = fragment.pseudo_gradient()
+            header[CONTRIBUTORS] = 1.0
+        self._in_flight = _InFlight(fragment, payload, header, self._submit(self._exchange, payload, header))
+
+    def _header(self, kind: int) -> torch.Tensor:
+        header = torch.zeros(5, dtype=torch.float64, device=self._params[0].device)
+        header[kind] = 1.0
+        header[SIGNATURE], header[SIGNATURE_SQUARED] = self._signature, self._signature**2
+        return header
+
+    @staticmethod
+    def _layouts_differ(header: torch.Tensor) -> bool:
+        members = float(header[SYNCING] + header[AGREEING])
+        return float(header[SIGNATURE]) ** 2 != members * float(header[SIGNATURE_SQUARED])
+
+    def _check_layout(self, header: torch.Tensor) -> None:
+        if self._layouts_differ(header):
+            raise UserError(
+                "the groups of this run sync different layouts (--fragments, --codec or the model differ): "
+                "start every group with the same flags"
+            )
+
+    def _submit(self, fn: Any, *args: Any) -> "Future[int]":
+        if self._executor is not None:
+            return self._executor.submit(fn, *args)
+        done: Future[int] = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def _exchange(self, payload: torch.Tensor, header: torch.Tensor) -> int:
+        """The header, then the payload as the codec sends it; returns the bytes this group sent."""
+        self.manager.allreduce(header, reduce_op=ReduceOp.SUM).wait()
+        if self._layouts_differ(header):
+            self.manager.report_error(RuntimeError("the groups' sync layouts differ"))
+            return 0
+        if float(header[AGREEING]) > 0 and float(header[SYNCING]) > 0:
+            # a starting group's initial weights met this sync (agree_initial_weights): no average
+            self.manager.report_error(RuntimeError("a starting group's initial weights reached this sync"))
+            return 0
+        if float(header[AGREEING]) > 0:  # everyone is agreeing on initial weights: those travel exactly
+            return allreduce_sum(self.manager, payload, get_codec("fp32"))
+        return allreduce_sum(self.manager, payload, self.codec)
+
+    def _drop_in_flight(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight.sent_bytes.result()
+            self._in_flight = None
+
+    def _apply(self) -> bool:
+        """Wait for the fragment in flight; commit; take its outer step from its global weights; mix."""
+        assert self._in_flight is not None, "a sync is applied only after it was sent"
+        flight, self._in_flight = self._in_flight, None
+        sent_bytes = flight.sent_bytes.result()
+        self._check_layout(flight.header)
+        fragment = flight.fragment
+        local = [p.detach().clone() for p in fragment.params] if self.mix_alpha > 0 else None
+        fragment.restore_backup()
+        if not self.manager.should_commit():
+            logger.warning(
+                "outer step %d not committed: discarding fragment %d's last inner steps",
+                self.manager.current_step() + 1,
+                fragment.index,
+            )
+            return False
+        contributors = float(flight.header[CONTRIBUTORS])
+        if contributors > 0:
+            fragment.outer_step(flight.payload.div_(contributors))  # in place: no second copy
+        if local is not None:
+            with torch.no_grad():
+                for p, mine in zip(fragment.params, local, strict=True):
+                    p.lerp_(mine, self.mix_alpha)
+        self.last_sync = {"fragment": fragment.index, "sent_bytes": sent_bytes}
+        return True
 
     def agree_initial_weights(self, attempts: int = 3) -> None:
         """Before the first inner step of a fresh run: every group takes the initial weights of the quorum's
         first group (participating rank 0), whatever the model's factory did (unseeded, seeded per group).
 
-        One quorum and one all-reduce in which rank 0 sends its weights and the others zeros. The buffer has
-        the layout of a sync's, so a group that meets others in the middle of a sync joins it instead: it
-        heals to their step (at a later step) and contributes nothing; at step 0, its weights would spoil
-        their average, so the round is dropped for all, and everyone restores its global weights, which the
-        step-0 heal just made the quorum's primary's.
+        One quorum and one exchange in which rank 0 sends its weights and the others zeros. Its header says
+        it is an agreement, so a group that meets others in the middle of a sync joins that sync instead: it
+        heals to their step (at a later step) and contributes nothing; at step 0, the round is dropped for
+        all (its header has both kinds), and everyone restores its global weights, which the step-0 heal just
+        made the quorum's primary's.
         """
         for attempt in range(1, attempts + 1):
             self._step_at_sync = self.manager.current_step()
             self._start_quorum()
             if self.manager.current_step() > self._step_at_sync:  # healed: the others are syncing a later step
-                self._healed = False
-                self._reduce_and_step(self._empty_flat())
+                self._send(start_quorum=False)
+                self._apply()
                 return
-            flat = self._empty_flat()
+            header = self._header(AGREEING)
+            flat = torch.zeros(sum(p.numel() for p in self._params), dtype=torch.float32, device=header.device)
             if self.manager.participating_rank() == 0:
-                offset = 0
-                with torch.no_grad():
-                    for p in self._params:
-                        flat[offset : offset + p.numel()].copy_(p.detach().view(-1))
-                        offset += p.numel()
-                flat[-1] = 1.0
-            self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
-            if self.manager.errored() is None and float(flat[-2]) == 0 and float(flat[-1]) == 1:
+                torch.cat([p.detach().reshape(-1).float() for p in self._params], out=flat)
+            self._exchange(flat, header)
+            self._check_layout(header)
+            if self.manager.errored() is None and float(header[SYNCING]) == 0:
                 with torch.no_grad():  # everyone in the quorum is starting: take rank 0's weights
                     offset = 0
                     for p in self._params:
                         p.copy_(flat[offset : offset + p.numel()].view_as(p))
                         offset += p.numel()
-                self._save_backup()
+                for f in self._fragments:
+                    f.save_backup()
                 return
-            if self.manager.errored() is None and float(flat[-2]) > 0:  # met a sync at step 0: see above
-                self._commit_and_step(flat)
+            if float(header[SYNCING]) > 0:  # met a sync at step 0: everyone drops it (see above)
+                self.manager.should_commit()
+                for f in self._fragments:
+                    f.restore_backup()
                 return
             logger.warning("no agreement on the initial weights (attempt %d of %d)", attempt, attempts)
         raise RuntimeError(f"the groups did not agree on initial weights in {attempts} attempts")
-
-    def _empty_flat(self) -> torch.Tensor:
-        numel = sum(p.numel() for p in self._params)
-        return torch.zeros(numel + 2, dtype=torch.float32, device=self._params[0].device)
-
-    def _reduce_and_step(self, flat: torch.Tensor) -> bool:
-        """Sum ``flat`` (payload, contributors, initial weights sent) across the quorum; commit; step."""
-        self.manager.allreduce(flat, reduce_op=ReduceOp.SUM).wait()
-        return self._commit_and_step(flat)
-
-    def _commit_and_step(self, flat: torch.Tensor) -> bool:
-        if float(flat[-1]) > 0:
-            # a starting group sent its initial weights into this round (agree_initial_weights): no average
-            self.manager.report_error(RuntimeError("a starting group's initial weights reached this sync"))
-        if not self.manager.should_commit():
-            logger.warning(
-                "outer step %d not committed: discarding the last inner steps", self.manager.current_step() + 1
-            )
-            self._restore_backup()
-            return False
-        self._restore_backup()
-        contributors = float(flat[-2])
-        if contributors > 0:
-            self._apply_outer_step(flat[:-2].div_(contributors))  # in place: no second copy of the model
-        return True
 
     # --- pieces ------------------------------------------------------------------------------------------
     def _start_quorum(self) -> None:
@@ -237,43 +483,3 @@ class DiLoCo:
                     str(e).splitlines()[0][:200],
                 )
                 time.sleep(1.0)
-
-    @torch.no_grad()
-    def _pseudo_gradient(self) -> torch.Tensor:
-        """``global - local`` of every parameter in one flat buffer, plus two elements: 1 if it counts, and 0
-        (the count of initial weights sent, see :meth:`agree_initial_weights`)."""
-        device = self._params[0].device
-        numel = sum(p.numel() for p in self._params)
-        flat = torch.empty(numel + 2, dtype=torch.float32, device=device)
-        offset = 0
-        for p, backup in zip(self._params, self._backup, strict=True):
-            n = p.numel()
-            torch.sub(backup.to(device, non_blocking=True).view(-1), p.view(-1), out=flat[offset : offset + n])
-            offset += n
-        if self._healed:  # our local weights predate the global ones we just received
-            flat.zero_()
-            self._healed = False
-        else:
-            flat[-2], flat[-1] = 1.0, 0.0
-        return flat
-
-    @torch.no_grad()
-    def _apply_outer_step(self, avg: torch.Tensor) -> None:
-        offset = 0
-        for p in self._params:
-            n = p.numel()
-            p.grad = avg[offset : offset + n].view_as(p).to(p.dtype)
-            offset += n
-        self.outer_optimizer.step()
-        self.outer_optimizer.zero_grad(set_to_none=True)
-        self._save_backup()
-
-    @torch.no_grad()
-    def _save_backup(self) -> None:
-        for p, backup in zip(self._params, self._backup, strict=True):
-            backup.copy_(p.detach())  # blocking: a checkpoint writer may read the backup next
-
-    @torch.no_grad()
-    def _restore_backup(self) -> None:
-        for p, backup in zip(self._params, self._backup, strict=True):
-            p.copy_(backup, non_blocking=False)
