@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # PYTHON, committed and read_metrics are also the benchmark scripts' (bl.PYTHON, bl.committed, bl.read_metrics)
 from torchx_diloco import testing
+from torchx_diloco.netlab import HUB_ADDR, netns_prefix, read_samples
 from torchx_diloco.testing import PYTHON, Lighthouse, Proc, committed, read_metrics, train_module_args  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,14 +52,6 @@ def start_lighthouse(
         env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
     )
     return lighthouse, lighthouse.url
-
-
-def netns_prefix(netns: str, hostname: Optional[str]) -> List[str]:
-    """Run in ``netns`` with its own UTS namespace named ``hostname`` (peers find each other by name)."""
-    prefix = ["ip", "netns", "exec", netns]
-    if hostname:
-        prefix += ["unshare", "--uts", "sh", "-c", f'hostname {shlex.quote(hostname)} && exec "$@"', "_"]
-    return prefix
 
 
 def median(xs: Iterable[float]) -> Optional[float]:
@@ -170,9 +163,9 @@ class Run:
         self.lab = lab
         self.started = time.time()
         if lab is not None:
-            from netlab import HUB, HUB_ADDR
-
-            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups, netns=HUB, host=HUB_ADDR)
+            self.lighthouse, self.url = start_lighthouse(
+                self.workdir, min_replicas or groups, netns=lab.hub, host=HUB_ADDR
+            )
         else:
             self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups)
         self.samplers = [Proc(lab.sampler_argv(g), self.workdir / f"tx{g}.log") for g in range(groups)] if lab else []
@@ -221,6 +214,4 @@ class Run:
             p.kill()
 
     def tx_samples(self, g: int) -> List[tuple]:
-        from netlab import read_samples
-
         return read_samples(self.workdir / f"tx{g}.log")
