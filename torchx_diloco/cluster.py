@@ -298,3 +298,19 @@ def group_rank() -> int:
 
 def group_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank0_decides(value: int, device: "torch.device | str" = "cpu") -> int:
+    """Rank 0's ``value`` on every rank of this group (one broadcast over the group's default process group).
+
+    For decisions taken from what one process saw (storage, a clock): ranks that decided apart would part
+    ways (DDP hangs, weights drift). A one-rank group gets ``value`` back without any collective. ``device``:
+    where the group's backend takes tensors (NCCL: this rank's GPU).
+    """
+    if group_world_size() == 1:
+        return value
+    import torch.distributed as dist
+
+    decided = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(decided, src=0)
+    return int(decided.item())

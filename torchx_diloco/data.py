@@ -1,4 +1,4 @@
-"""Training data, one disjoint shard per replica group, batches addressable by index.
+"""Training data, one disjoint shard per replica group (split again among its ranks), batches addressable by index.
 
 Two kinds of ``--data``: UTF-8 text (``pydoc``, or files: their bytes are the tokens, vocab 256), and
 pre-tokenized token shards (``.bin``: raw ``uint16``/``uint32`` as nanoGPT writes them, or with llm.c's
@@ -8,7 +8,7 @@ Remote shards are first copied to a local cache (``simplecache::``, which a plai
 default). The files of a ``--data`` are one virtual token stream, in name order; a window may cross from one
 file into the next (as in one concatenated nanoGPT ``train.bin``).
 
-A batch is a pure function of (seed, group, batch index), so a group's position in its data is one integer:
+A batch is a pure function of (seed, group, rank, batch index), so a group's position in its data is one integer:
 resuming means restoring that integer, and no sampler state has to travel in a checkpoint.
 """
 
@@ -355,15 +355,20 @@ class Corpus:
             )
         return cls(train, held, vocab if vocab is not None else eval_vocab)
 
-    def shard(self, group: int, num_groups: int, seq_len: int) -> "Shard":
-        """Group ``group``'s contiguous, disjoint slice of the training part."""
+    def shard(self, group: int, num_groups: int, seq_len: int, rank: int = 0, ranks: int = 1) -> "Shard":
+        """Group ``group``'s contiguous, disjoint slice of the training part; with ``ranks`` ranks in the group,
+        rank ``rank``'s contiguous part of it, so that the ranks' batches never repeat each other's tokens
+        (one rank: the group's whole slice, as ever)."""
         size = len(self.train) // num_groups
-        if size < seq_len + 2:
+        part = size // ranks
+        if part < seq_len + 2:
+            of, fewer = (f" of {ranks} ranks", " or ranks") if ranks > 1 else ("", "")
             raise UserError(
-                f"the training data ({len(self.train)} tokens) is too short for {num_groups} groups of "
-                f"--seq-len {seq_len}: pass more data, fewer groups or a shorter --seq-len"
+                f"the training data ({len(self.train)} tokens) is too short for {num_groups} groups{of} of "
+                f"--seq-len {seq_len}: pass more data, fewer groups{fewer} or a shorter --seq-len"
             )
-        return Shard(self.train.view(group * size, (group + 1) * size))
+        start = group * size + rank * part
+        return Shard(self.train.view(start, start + part))
 
 
 class Shard:

@@ -204,7 +204,8 @@ class Group(Proc):
     """One replica group, ``python -m torchx_diloco.train ARGS`` in ``log_dir``, logging to ``group<g><tag>.log``.
 
     ``max_restarts``: run it under ``torchrun --standalone`` instead, which restarts a killed worker up to that
-    many times (what the TorchX component does); :meth:`worker` finds that worker.
+    many times (what the TorchX component does); :meth:`worker` finds that worker. ``nproc`` > 1: that many
+    ranks in the group (``torchrun --nproc_per_node``, restarts default 0), DDP between them over Gloo on CPU.
     """
 
     def __init__(
@@ -217,11 +218,21 @@ class Group(Proc):
         extra_env: Optional[Mapping[str, str]] = None,
         tag: str = "",
         max_restarts: Optional[int] = None,
+        nproc: int = 1,
     ) -> None:
-        self.group, self.lighthouse = group, lighthouse
-        self.torchrun = max_restarts is not None
+        self.group, self.lighthouse, self.nproc = group, lighthouse, nproc
+        self.torchrun = max_restarts is not None or nproc > 1
         launcher = (
-            [TORCHRUN, "--standalone", "--nnodes", "1", "--nproc_per_node", "1", "--max_restarts", str(max_restarts)]
+            [
+                TORCHRUN,
+                "--standalone",
+                "--nnodes",
+                "1",
+                "--nproc_per_node",
+                str(nproc),
+                "--max_restarts",
+                str(max_restarts or 0),
+            ]
             if self.torchrun
             else [PYTHON]
         )
@@ -234,15 +245,20 @@ class Group(Proc):
 
     def worker(self) -> Optional[int]:
         """The live training process under torchrun (torchrun's child), None between two of its lives."""
+        found = self.workers()
+        return found[0] if found else None
+
+    def workers(self) -> List[int]:
+        """The live training processes under torchrun (one per rank), lowest group rank first."""
         found = train_workers(REPLICA_GROUP_ID=str(self.group), TORCHFT_LIGHTHOUSE=self.lighthouse)
-        return int(found[0]["PID"]) if found else None
+        return [int(e["PID"]) for e in sorted(found, key=lambda e: int(e.get("RANK", "0")))]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        """The session; under torchrun first the agent (so it restarts nothing), then the worker, which torchrun
-        starts in a session of its own."""
-        worker = self.worker() if self.torchrun else None
+        """The session; under torchrun first the agent (so it restarts nothing), then the workers, which
+        torchrun starts in sessions of their own."""
+        workers = self.workers() if self.torchrun else []
         super().kill(sig)
-        if worker is not None:
+        for worker in workers:
             kill_pid(worker, sig)
 
 

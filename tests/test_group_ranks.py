@@ -1,0 +1,132 @@
+"""Replica groups of several ranks (DDP over Gloo on CPU, under torchrun): each rank reads its own data, the
+group's ranks take every decision together, and the groups still agree on the global weights."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+
+from tests.test_groups import SMALL
+from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
+from torchx_diloco.data import Corpus, read_corpus
+from torchx_diloco.model import build_model
+from torchx_diloco.testing import TORCHRUN, Group, Lighthouse, clean_env, committed, metrics_url, read_metrics
+from torchx_diloco.train import build_optimizers
+
+SEQ = 32
+ARGS = [*SMALL, "--device", "cpu", "--sync-every", "4", "--min-replicas", "2"]
+
+
+def test_ranks_of_a_group_read_disjoint_parts_of_its_shard():
+    """Rank r of G reads the r-th part of its group's shard; a one-rank group reads the whole shard, as before."""
+    corpus = Corpus.from_bytes(read_corpus("pydoc"), SEQ)
+    for group in range(2):
+        whole = corpus.shard(group, 2, SEQ)
+        alone = corpus.shard(group, 2, SEQ, rank=0, ranks=1)
+        assert (alone.tokens.start, len(alone.tokens)) == (whole.tokens.start, len(whole.tokens))
+        parts = [corpus.shard(group, 2, SEQ, rank=r, ranks=2) for r in range(2)]
+        spans = [(p.tokens.start, p.tokens.start + len(p.tokens)) for p in parts]
+        assert spans[0][1] <= spans[1][0], f"the ranks' parts overlap: {spans}"
+        assert whole.tokens.start <= spans[0][0] and spans[1][1] <= whole.tokens.start + len(whole.tokens)
+        # the same seed and index in both ranks (the trainer's data seed is the group's): different windows
+        (x0, _), (x1, _) = (p.batch(3, 4, SEQ, seed=7919 + group) for p in parts)
+        assert not torch.equal(x0, x1)
+
+
+def test_rank0_decides_for_the_group(tmp_path):
+    """Two Gloo ranks that saw different things leave with rank 0's decision; one rank needs no collective."""
+    script = tmp_path / "decide.py"
+    script.write_text(
+        "import os, torch.distributed as dist\n"
+        "from torchx_diloco.cluster import rank0_decides\n"
+        "dist.init_process_group('gloo')\n"
+        "rank = dist.get_rank()\n"
+        "print(f'rank {rank} decided {rank0_decides(10 + rank)}', flush=True)\n"
+    )
+    out = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script)],
+        env=clean_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 decided 10" in out.stdout and "rank 1 decided 10" in out.stdout, out.stdout
+    # a one-rank group: the value back, without a process group to broadcast over
+    from torchx_diloco.cluster import rank0_decides
+
+    assert rank0_decides(5) == 5
+
+
+def run_fleet(tmp_path: Path, nproc: int, outer_steps: int = 3) -> Dict[int, Dict[int, str]]:
+    """2 groups of ``nproc`` ranks to the end; outer step -> weights checksum, per group."""
+    lighthouse = Lighthouse(tmp_path, min_replicas=2)
+    ckpt = tmp_path / f"ckpt-{nproc}"
+    args = [*ARGS, "--outer-steps", str(outer_steps), "--checkpoint-dir", str(ckpt)]
+    groups = [Group(g, 2, lighthouse.url, args, tmp_path, tag=f"-x{nproc}", nproc=nproc) for g in range(2)]
+    for g in groups:
+        assert g.wait(120) == 0, g.output()[-3000:]
+    lighthouse.kill()
+    records = {g: committed(read_metrics(metrics_url(ckpt, g))) for g in range(2)}
+    for rs in records.values():
+        # the group's distinct tokens: every rank drew its own batches
+        assert all(r["tokens"] == r["inner_steps"] * 4 * SEQ * nproc for r in rs), rs
+    return {g: {r["outer_step"]: r["weights_sha"] for r in rs} for g, rs in records.items()}
+
+
+@pytest.mark.slow
+def test_two_groups_of_two_ranks_agree_and_their_ranks_train_on_different_batches(tmp_path):
+    """2 groups x 2 Gloo ranks through torchrun: the groups hold identical global weights at every outer step,
+    and the second rank of each group adds data of its own. Were its batches its rank 0's (as they once were),
+    DDP would average two equal gradients, and the run would end bit for bit where 2 groups of 1 rank end."""
+    two = run_fleet(tmp_path, nproc=2)
+    assert list(two[0]) == [1, 2, 3] and two[0] == two[1], two
+    assert len(set(two[0].values())) == 3, "the weights must change at every outer step"
+    one = run_fleet(tmp_path, nproc=1)
+    assert one[0] == one[1], one
+    assert all(two[0][k] != one[0][k] for k in one[0]), "the second ranks repeated their rank 0's batches"
+
+
+def write_newer_step(ckpt: Path, step: int) -> None:
+    """What the peers of a group left behind would have published: global weights at outer step ``step``."""
+    torch.manual_seed(0)
+    model = build_model("nano", block_size=SEQ)
+    _, outer = build_optimizers(model, 1e-3, 0.7, 0.9, 0.1)
+    weights = {name: torch.full_like(p, 0.01) for name, p in model.named_parameters()}
+    CheckpointStore(str(ckpt)).write_part(
+        step,
+        GLOBAL_PART,
+        {
+            "manager": {"step": step, "batches_committed": 2 * step},
+            "diloco": {"global_weights": weights, "outer_optimizer": outer.state_dict()},
+        },
+    )
+
+
+@pytest.mark.slow
+def test_a_group_of_two_ranks_catches_up_with_storage_as_one(tmp_path):
+    """A 2-rank group whose peers published outer step 5 after it started adopts that step at its next sync, on
+    rank 0's word (its log says so once), and both ranks train on from there to the end together."""
+    staging = tmp_path / "staging"
+    write_newer_step(staging, 5)
+    lighthouse = Lighthouse(tmp_path, min_replicas=1)
+    ckpt = tmp_path / "ckpt"
+    args = [*SMALL, "--device", "cpu", "--sync-every", "16", "--outer-steps", "7", "--group-wait", "2"]
+    group = Group(0, 2, lighthouse.url, [*args, "--checkpoint-dir", str(ckpt)], tmp_path, nproc=2)
+    # both ranks have looked for a checkpoint to resume from (they did before joining) and found none
+    deadline = time.monotonic() + 60
+    while group.output().count("groups reached the lighthouse") < 2:
+        assert time.monotonic() < deadline and group.proc.poll() is None, group.output()[-3000:]
+        time.sleep(0.05)
+    step_dir = CheckpointStore(str(staging)).step_dir(5)
+    Path(step_dir).rename(CheckpointStore(str(ckpt)).step_dir(5))  # published at once, complete
+    assert group.wait(120) == 0, group.output()[-3000:]
+    lighthouse.kill()
+    steps = [r["outer_step"] for r in committed(read_metrics(metrics_url(ckpt, 0)))]
+    assert 5 not in steps and steps[-2:] == [6, 7] and max(steps[:-2], default=0) < 5, steps
+    assert group.output().count("its peers published step 5: adopting it") == 1, group.output()[-3000:]
