@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,27 +23,27 @@ from torchx_diloco.testing import (
 pytestmark = pytest.mark.slow
 
 ARGS = [*SMALL, "--outer-steps", "6", "--sync-every", "20", "--min-replicas", "2"]
+# Streaming: every fragment sync is an outer step, the local weights differ from the global ones after it
+STREAMING = ["--fragments", "2", "--overlap-steps", "1", "--mix-alpha", "0.5", "--codec", "int8"]
 
 
-def final_checksum(ckpt: Path) -> str:
-    return committed_checksums(ckpt, 0)[6]
-
-
-def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("extra", [[], STREAMING], ids=["blocking", "streaming-int8"])
+def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path, extra):
+    args = [*ARGS, *extra]
     reference = tmp_path / "uninterrupted"
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
-    run_groups(2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(reference)], tmp_path)
+    run_groups(2, lighthouse.url, [*args, "--checkpoint-dir", str(reference)], tmp_path)
     lighthouse.kill()
 
     ckpt = tmp_path / "interrupted"
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
     groups = [
-        Group(g, 2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first") for g in range(2)
+        Group(g, 2, lighthouse.url, [*args, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first") for g in range(2)
     ]
     deadline = time.monotonic() + 120
     while (CheckpointStore(str(ckpt)).latest(0) or Checkpoint(0, {}, None)).step < 3:
         assert time.monotonic() < deadline, "no checkpoint of step 3 in time"
-        time.sleep(0.1)
+        time.sleep(0.05)
     for g in groups:
         g.kill()  # SIGKILL, no chance to flush anything
     lighthouse.kill()
@@ -52,14 +51,20 @@ def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrup
     assert 3 <= killed_at < 6
 
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
-    resumed = run_groups(2, lighthouse.url, [*ARGS, "--checkpoint-dir", str(ckpt)], tmp_path)
+    resumed = run_groups(2, lighthouse.url, [*args, "--checkpoint-dir", str(ckpt)], tmp_path)
     lighthouse.kill()
     for g in resumed:
         out = g.output().split("resumed from")[-1]
         assert f"[{killed_at + 1}] loss" in out
         assert f"[{killed_at}] loss" not in out, "nothing before the checkpoint is trained again"
-    assert final_checksum(ckpt) == final_checksum(reference)
-    assert committed_checksums(ckpt, 1)[6] == final_checksum(reference)
+    reference_sums = committed_checksums(reference, 0)
+    resumed_sums = committed_checksums(ckpt, 0)
+    # every step after the resume, not only the last: the local weights, momentum and data all came back
+    assert [resumed_sums[s] for s in range(killed_at + 1, 7)] == [reference_sums[s] for s in range(killed_at + 1, 7)]
+    assert committed_checksums(ckpt, 1)[6] == reference_sums[6]
+    if extra:
+        fragments = [r["fragment"] for r in committed(read_metrics(metrics_url(reference, 0)))]
+        assert fragments == [0, 1, 0, 1, 0, 1]  # outer step s syncs fragment (s - 1) % P
 
 
 def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable(tmp_path):

@@ -25,6 +25,7 @@ from torchx_diloco.cluster import (
     group_rank,
     group_world_size,
     pick_device,
+    rank0_decides,
     wait_for_groups,
     wait_for_lighthouse,
 )
@@ -101,7 +102,8 @@ class Trainer:
             self.store.check_writable()
 
         corpus = Corpus.load(cfg.data, cfg.seq_len, cfg.eval_data)
-        self.shard = corpus.shard(self.group, cfg.num_replica_groups, cfg.seq_len)
+        # each rank its own part of the group's shard: G ranks train on G times the tokens, none twice
+        self.shard = corpus.shard(self.group, cfg.num_replica_groups, cfg.seq_len, group_rank(), group_world_size())
         self.eval_tokens = corpus.eval
         self.data_seed = cfg.seed * 7919 + self.group
 
@@ -113,7 +115,7 @@ class Trainer:
         # --compile wraps the module: same parameters, so the optimizers and DiLoCo keep the originals
         self.forward_model = torch.compile(self.train_model) if cfg.compile else self.train_model
         self.tensorboard = (
-            TensorBoardLog(cfg.tensorboard, self.group, cfg.sync_every)
+            TensorBoardLog(cfg.tensorboard, self.group, cfg.steps_per_outer_step)
             if cfg.tensorboard and self.is_group_leader
             else None
         )
@@ -134,6 +136,8 @@ class Trainer:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
+        if self.device.type == "cuda":  # NCCL's own collectives (barrier, objects) use the current device
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -180,11 +184,22 @@ class Trainer:
                 self.inner_opt,
                 self.outer_opt,
                 sync_every=cfg.sync_every,
+                fragments=cfg.fragments,
+                overlap_steps=cfg.overlap_steps,
+                mix_alpha=cfg.mix_alpha,
+                codec=cfg.codec,
                 quorum_retry_s=cfg.lighthouse_timeout,
             )
         else:
             self.diloco = TorchftDiLoCo(
-                self.manager, self.model, self.inner_opt, self.outer_opt, sync_every=cfg.sync_every
+                self.manager,
+                self.model,
+                self.inner_opt,
+                self.outer_opt,
+                sync_every=cfg.sync_every,
+                fragments=cfg.fragments,
+                overlap_steps=cfg.overlap_steps,
+                mix_alpha=cfg.mix_alpha,
             )
         if self.resume_from is not None:
             self._restore(self.resume_from)
@@ -201,6 +216,12 @@ class Trainer:
             )
         else:
             self.inner_opt.load_state_dict(ckpt.group_state["inner_optimizer"])
+            local = ckpt.group_state.get("local_weights")
+            if local is not None:  # streaming or mixing: the model was not at the global weights then
+                with torch.no_grad():
+                    for name, p in self.model.named_parameters():
+                        if name in local:
+                            p.copy_(local[name])
             self.position = ckpt.group_state["data_position"]
             self.inner_steps = ckpt.group_state["inner_steps"]
             torch.set_rng_state(ckpt.group_state["rng"])
@@ -215,36 +236,42 @@ class Trainer:
             f"{cfg.checkpoint_dir.rstrip('/')}/metrics/{group_part(self.group)}.jsonl", self.tensorboard
         )
         bar = progress_bar(cfg.outer_steps, self.manager.current_step(), self.group)
-        loss_sum, window_start = torch.zeros((), device=self.device), time.perf_counter()
+        loss_sum, window_start, window_steps = torch.zeros((), device=self.device), time.perf_counter(), 0
+        sync_s = 0.0  # time the loop stood still for the sync this window (sending, then applying)
         while self.manager.current_step() < cfg.outer_steps:
-            step = self.manager.current_step() * cfg.sync_every + self.diloco.local_step
+            step = self.manager.current_step() * cfg.steps_per_outer_step + self.diloco.local_step
             for group in self.inner_opt.param_groups:
                 group["lr"] = inner_lr(step, cfg.inner_lr, cfg.total_inner_steps, cfg.warmup_steps)
             loss = self._accumulate_gradients()
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            syncing = self.diloco.sync_due
+            syncing, applying = self.diloco.sync_due, self.diloco.local_step + 1 >= self.diloco.steps_per_sync
             if syncing:
-                self._before_sync()
+                self._before_sync(starts_quorum=self.diloco.quorum_due)
                 if self.manager.current_step() >= cfg.outer_steps:
                     break  # the peers finished the run without us
             t0 = time.perf_counter()
             self.inner_opt.step()  # (torchft's implementation syncs inside this call)
             self.inner_opt.zero_grad(set_to_none=True)
             self.inner_steps += 1
+            window_steps += 1
             loss_sum += loss.detach()
             committed = self.diloco.step()
-            if not syncing:
+            if syncing:
+                sync_s += time.perf_counter() - t0
+            if not applying:
                 continue
-            sync_s = time.perf_counter() - t0
+            sync = {"sync_s": sync_s, **self.diloco.last_sync}
             if committed:
                 self._after_commit(
-                    float(loss_sum) / cfg.sync_every, cfg.sync_every, time.perf_counter() - window_start, sync_s
+                    float(loss_sum) / window_steps, window_steps, time.perf_counter() - window_start, sync
                 )
                 bar.update(1)
             else:
                 self._record({"outer_step": self.manager.current_step() + 1, "committed": False, "sync_s": sync_s})
-            loss_sum, window_start = torch.zeros((), device=self.device), time.perf_counter()
+            loss_sum, window_start, window_steps = torch.zeros((), device=self.device), time.perf_counter(), 0
+            sync_s = 0.0
+        self.diloco.close()
         bar.close()
         self.writer.close()
         self.metrics.close()
@@ -253,10 +280,13 @@ class Trainer:
             print(f"DiLoCo: group {self.group} finished at outer step {self.manager.current_step()}", flush=True)
         return 0
 
-    def _before_sync(self) -> None:
-        """What must happen just before a sync: the writer may be reading the global state the sync rewrites,
-        the lighthouse must still serve this run, and a group left behind catches up with storage."""
+    def _before_sync(self, starts_quorum: bool) -> None:
+        """What must happen just before a sync: the writer may be reading the global state the sync rewrites;
+        before its quorum, the lighthouse must still serve this run and a group left behind catches up with
+        storage (never while a fragment is in flight)."""
         self.writer.wait()
+        if not starts_quorum:
+            return
         check_lighthouse_serves_run(self.cfg.lighthouse, self.cfg.run_id)
         if self._catch_up_with_storage():
             # this step's gradient was computed on the weights just replaced: keep it out of AdamW's moments
@@ -267,19 +297,27 @@ class Trainer:
         alone from stale weights and overwrite their checkpoints: if storage holds a newer step, adopt it."""
         if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo):
             return False
-        if self.store.newest_published_step() <= self.manager.current_step():
+        # rank 0 looks at storage and the group's other ranks follow: ranks that saw storage at different
+        # moments would otherwise adopt different steps (or only some of them would) and part ways
+        ckpt, adopt = None, 0
+        if self.is_group_leader and self.store.newest_published_step() > self.manager.current_step():
+            ckpt = self.store.latest(self.group)
+            if ckpt is not None and ckpt.step > self.manager.current_step():
+                adopt = ckpt.step
+        adopt = rank0_decides(adopt, self.device)
+        if adopt == 0:
             return False
-        ckpt = self.store.latest(self.group)
-        if ckpt is None or ckpt.step <= self.manager.current_step():
-            return False
-        logger.warning(
-            "group %d is at outer step %d but its peers published step %d: adopting it",
-            self.group,
-            self.manager.current_step(),
-            ckpt.step,
-        )
-        self.manager.load_state_dict(ckpt.global_state["manager"])
-        self.diloco.adopt_newer_global_state(ckpt.global_state["diloco"])
+        # the other ranks read the very step rank 0 chose, verified as every read is
+        global_state = ckpt.global_state if ckpt is not None else self.store.read_part(adopt, GLOBAL_PART)
+        if self.is_group_leader:
+            logger.warning(
+                "group %d is at outer step %d but its peers published step %d: adopting it",
+                self.group,
+                self.manager.current_step(),
+                adopt,
+            )
+        self.manager.load_state_dict(global_state["manager"])
+        self.diloco.adopt_newer_global_state(global_state["diloco"])
         return True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -316,8 +354,9 @@ class Trainer:
         self.model.train()
         return sum(losses) / len(losses)
 
-    def _after_commit(self, loss: float, window_steps: int, window_s: float, sync_s: float) -> None:
+    def _after_commit(self, loss: float, window_steps: int, window_s: float, sync: Dict[str, Any]) -> None:
         cfg, step = self.cfg, self.manager.current_step()
+        # every rank of the group reads its own part of the group's shard: the group's distinct tokens
         tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len * group_world_size()
         record = {
             "outer_step": step,
@@ -328,7 +367,7 @@ class Trainer:
             "eval_loss": self.evaluate(),
             "participants": self.manager.num_participants(),
             "tokens_per_s": window_steps * tokens_per_step / window_s,
-            "sync_s": sync_s,
+            **sync,  # sync_s (the time training stood still for it), fragment, sent_bytes
         }
         if self.is_group_leader:
             print_outer_step(self.inner_steps, step, loss)
@@ -368,6 +407,8 @@ class Trainer:
             "inner_steps": self.inner_steps,
             "rng": torch.get_rng_state(),
         }
+        if self.diloco.local_differs_from_global:  # a resume must restore the local weights too
+            group_state["local_weights"] = _to_cpu(dict(self.model.named_parameters()))
         record = {**record, "group": self.group, "time": time.time()}
         weights = self.diloco.global_weights()
 
