@@ -41,6 +41,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--sync-every", type=int, default=40, help="H in part 1; part 2 uses H/2 (default 40)")
     p.add_argument("--outer-steps", type=int, default=None, help="part 1 length (default: 12 per kill + 40)")
     p.add_argument("--restart-steps", type=int, default=None, help="part 2 length (default: 5 per restart + 12)")
+    p.add_argument(
+        "--train-args",
+        default="",
+        help="more training flags for both parts, e.g. '--fragments 4 --overlap-steps 1 --codec int8' (H and H/2 "
+        "must be multiples of the fragments)",
+    )
     p.add_argument("--work", default=None, help="folder for checkpoints and logs (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep --work afterwards (always kept on failure)")
     p.add_argument(
@@ -106,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.pause_repro is not None:
         return pause_repro(work, args.groups, args.pause_repro)
+    extra = shlex.split(args.train_args)
     outer = args.outer_steps or 12 * args.kills + 40
     restart_steps = args.restart_steps or 5 * args.restarts + 12
     started = time.time()
@@ -115,14 +122,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     kill_audit = restart_audit = reference = chaos.Audit(0)
     t0 = time.monotonic()
     try:
-        kills, kill_audit = chaos.worker_kills(work, args.kills, rng, outer, args.sync_every, args.groups, timeout=3600)
+        kills, kill_audit = chaos.worker_kills(
+            work, args.kills, rng, outer, args.sync_every, args.groups, timeout=3600, extra=extra
+        )
     except Exception as e:  # noqa: BLE001 - reported with the rest; part 2 still runs
         problems.append(f"worker kills: the run failed: {type(e).__name__}: {e}")
     kills_s = time.monotonic() - t0
     t0 = time.monotonic()
     try:
         restarts, restart_audit, reference = chaos.whole_job_restarts(
-            work, args.restarts, rng, restart_steps, max(2, args.sync_every // 2), args.groups, timeout=3600
+            work,
+            args.restarts,
+            rng,
+            restart_steps,
+            max(2, args.sync_every // 2),
+            args.groups,
+            timeout=3600,
+            extra=extra,
         )
     except Exception as e:  # noqa: BLE001
         problems.append(f"restarts: the run failed: {type(e).__name__}: {e}")

@@ -19,17 +19,24 @@ pytestmark = pytest.mark.slow
 SEED = int(os.environ.get("CHAOS_SEED", "20261125"))
 
 
+# Streaming DiLoCo with overlap and int8 syncs: 4 fragment syncs (outer steps) per 40 inner steps
+STREAMING = ["--fragments", "4", "--overlap-steps", "1", "--codec", "int8"]
+
+
 @pytest.mark.timeout(300)
-def test_worker_kills_during_inner_steps_sync_and_checkpoint_leave_one_history(tmp_path):
+@pytest.mark.parametrize("extra, outer_steps", [([], 50), (STREAMING, 120)], ids=["blocking", "streaming-overlap-int8"])
+def test_worker_kills_during_inner_steps_sync_and_checkpoint_leave_one_history(tmp_path, extra, outer_steps):
     print(f"chaos seed {SEED} (set CHAOS_SEED to replay)")
-    kills, audit = chaos.worker_kills(tmp_path, kills=3, rng=random.Random(SEED), outer_steps=50, sync_every=40)
+    kills, audit = chaos.worker_kills(
+        tmp_path, kills=3, rng=random.Random(SEED), outer_steps=outer_steps, sync_every=40, extra=extra
+    )
     assert len(kills) == 3, "the run ended before three kills: give it more outer steps"
     assert {k.phase for k in kills} == set(chaos.PHASES)
     for k in kills:  # torchrun restarted every victim and it committed again, ahead of where it died
         assert k.recovered_step is not None and k.recovered_step >= k.step, k
         assert k.how in ("resumed", "resumed+healed", "healed"), k
     assert audit.problems == [], audit.problems
-    assert audit.committed_steps == 50 and audit.latest_checkpoint == 50
+    assert audit.committed_steps == outer_steps and audit.latest_checkpoint == outer_steps
     assert audit.mismatches == 0 and audit.lost == 0 and audit.recommitted == 0
     assert audit.checkpoints_checked >= 1
 

@@ -469,11 +469,20 @@ def train_args(outer_steps: int, sync_every: int, extra: Sequence[str] = ()) -> 
 
 
 def worker_kills(
-    work: Path, kills: int, rng: random.Random, outer_steps: int, sync_every: int, groups: int = 3, timeout: float = 600
+    work: Path,
+    kills: int,
+    rng: random.Random,
+    outer_steps: int,
+    sync_every: int,
+    groups: int = 3,
+    timeout: float = 600,
+    extra: Sequence[str] = (),
 ) -> tuple:
-    """Groups train with ``--min-replicas 1`` while their workers are SIGKILLed; returns (kills, audit)."""
+    """Groups train with ``--min-replicas 1`` while their workers are SIGKILLed; returns (kills, audit).
+
+    ``extra``: more training flags (e.g. ``--fragments 4 --overlap-steps 1 --codec int8``)."""
     ckpt = str(work / "worker-kills")
-    job = Job(work, ckpt, groups, train_args(outer_steps, sync_every), min_replicas=1, tag="-kills")
+    job = Job(work, ckpt, groups, train_args(outer_steps, sync_every, extra), min_replicas=1, tag="-kills")
     try:
         for g in range(groups):
             wait_for_commit(ckpt, g, 0, 120, job)
@@ -486,14 +495,21 @@ def worker_kills(
 
 
 def whole_job_restarts(
-    work: Path, count: int, rng: random.Random, outer_steps: int, sync_every: int, groups: int = 3, timeout: float = 600
+    work: Path,
+    count: int,
+    rng: random.Random,
+    outer_steps: int,
+    sync_every: int,
+    groups: int = 3,
+    timeout: float = 600,
+    extra: Sequence[str] = (),
 ) -> tuple:
     """An uninterrupted run, then the same run killed whole ``count`` times; returns (restarts, audit, reference).
 
     Checkpoints every second step, so some kills fall after a commit that has no checkpoint yet: that step is
     trained again after the restart and must come out bit-identical (the audit's one-result-per-step rule).
     """
-    args = train_args(outer_steps, sync_every, RESTART_EXTRA)
+    args = train_args(outer_steps, sync_every, [*RESTART_EXTRA, *extra])
     ref_ckpt = str(work / "uninterrupted")
     reference = Job(work, ref_ckpt, groups, args, min_replicas=groups, tag="-uninterrupted")
     ref_logs = finish(reference, timeout)
