@@ -106,8 +106,12 @@ def wait_for_step(metrics: Path, step: int, timeout: float = 120) -> None:
     raise AssertionError(f"{metrics} did not reach outer step {step}")
 
 
-def test_late_group_heals_from_peer_and_matches(tmp_path):
-    """A group that starts while the other is at outer step >= 3 gets the global state from its peer."""
+@pytest.mark.parametrize(
+    "extra", [[], ["--fragments", "4", "--overlap-steps", "2", "--codec", "int4"]], ids=["blocking", "streaming"]
+)
+def test_late_group_heals_from_peer_and_matches(tmp_path, extra):
+    """A group that starts while the other is at outer step >= 3 gets the global state from its peer (streaming:
+    mid-schedule, and it rejoins at the fragment the others are syncing)."""
     lighthouse = Lighthouse(tmp_path, min_replicas=1)
     ckpt = tmp_path / "ckpt"  # shared, but only the last step is checkpointed: the late group finds nothing
     args = [
@@ -122,6 +126,7 @@ def test_late_group_heals_from_peer_and_matches(tmp_path):
         "1000",
         "--checkpoint-dir",
         str(ckpt),
+        *extra,
     ]
     g0 = Group(0, 2, lighthouse.url, args, tmp_path)
     wait_for_step(ckpt / "metrics" / "replica_group_0.jsonl", 3)
@@ -136,6 +141,10 @@ def test_late_group_heals_from_peer_and_matches(tmp_path):
     assert len(common) >= 2, (s0, s1)
     assert all(s0[k] == s1[k] for k in common), (s0, s1)
     assert "healed from a peer" in g1.output()
+    if extra:  # every group synced fragment (s - 1) % 4 at outer step s, the late one included
+        for g in range(2):
+            records = committed(read_metrics(ckpt / "metrics" / f"replica_group_{g}.jsonl"))
+            assert all(r["fragment"] == (r["outer_step"] - 1) % 4 for r in records), records
     # and quietly: without the two harmless library messages a heal prints (train.configure_logging)
     assert "NCCL flight recorder" not in g1.output() and "buffer is not writable" not in g1.output()
 
