@@ -122,7 +122,23 @@ def _quorum_future(request: pytest.FixtureRequest) -> None:
         assert _failed_quorum(m) is not first, "resetting _quorum_future no longer makes start_quorum ask again"
 
 
-@checks("torchft.local_sgd.DiLoCo._fragments[0].original_parameters / .restore_parameters()")
+@checks("torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced)")
+def _manager_pg(request: pytest.FixtureRequest) -> None:
+    """The collectives codecs.py calls, on a real Manager's configured process group (a world of one)."""
+    from torch.distributed.distributed_c10d import AllgatherOptions, AllToAllOptions
+
+    with lighthouse() as url, manager(url) as m:
+        m.start_quorum()
+        pg = m._pg
+        assert pg.size() == 1, f"a one-group quorum's process group has size {pg.size()}"
+        sent, received = torch.arange(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
+        pg.alltoall_base(received, sent, [4], [4], AllToAllOptions()).wait()
+        gathered = torch.zeros(4, dtype=torch.uint8)
+        pg.allgather_into_tensor_coalesced([gathered], [sent], AllgatherOptions()).wait()
+        assert torch.equal(received, sent) and torch.equal(gathered, sent)
+
+
+@checks("torchft.local_sgd.DiLoCo._fragments[i].original_parameters / .restore_parameters()")
 def _torchft_diloco_fragments(request: pytest.FixtureRequest) -> None:
     """Through our wrapper, which is what reads and writes them."""
     from torchx_diloco.torchft_diloco import TorchftDiLoCo

@@ -46,9 +46,15 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         ("torchx_diloco/diloco.py",),
     ),
     PrivateUse(
-        "torchft.local_sgd.DiLoCo._fragments[0].original_parameters / .restore_parameters()",
-        "read and load torchft DiLoCo's global weights (--impl torchft: checkpoints, the equivalence test, "
-        "the benchmark against torchft)",
+        "torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced)",
+        "send low-bit pseudo-gradients as a reduce-scatter (all-to-all) then an all-gather through the "
+        "manager's reconfigurable process group (torchft's own quantized path needs Triton and CUDA)",
+        ("torchx_diloco/codecs.py",),
+    ),
+    PrivateUse(
+        "torchft.local_sgd.DiLoCo._fragments[i].original_parameters / .restore_parameters()",
+        "read and load torchft DiLoCo's global weights, fragment by fragment (--impl torchft: checkpoints, "
+        "the equivalence test, the benchmark against torchft)",
         ("torchx_diloco/torchft_diloco.py",),
     ),
     # --- TorchX --------------------------------------------------------------------------------------------
