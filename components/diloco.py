@@ -85,6 +85,9 @@ def diloco(
     Usage: ``torchx run -s local_cwd diloco.diloco --replica_groups 2 -- --batch-size 8``
     (arguments after ``--`` go to ``python -m torchx_diloco.train``; see its ``--help``), or your own loop:
     ``torchx run diloco.diloco --script my_train.py -- --my-flag 1`` (``--m my_pkg.train`` for a module).
+    Fewer bytes on a slow link: ``-- --fragments 4 --overlap-steps 1 --codec int8`` (Streaming DiLoCo: the
+    model syncs a quarter at a time, each sync overlapped with an inner step, pseudo-gradients sent as int8;
+    ``--codec int4`` halves that again, ``--mix-alpha`` keeps part of the local weights after a sync).
 
     Args:
         script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones

@@ -298,6 +298,8 @@ def test_a_model_factory_and_its_args_reach_every_group(no_gpus):
         (dict(script_args=("--bogus-flag", "1")), r"unrecognized arguments: --bogus-flag 1"),
         (dict(script_args=("--batch-size", "eight")), r"argument --batch-size: 'eight' is not a number"),
         (dict(script_args=("--min-replicas", "3")), r"--min-replicas 3 exceeds the 2 replica groups"),
+        (dict(sync_every=10, script_args=("--fragments", "4")), r"--sync-every 10 is not a multiple of --fragments 4"),
+        (dict(script_args=("--codec", "fp8")), r"--codec: invalid choice: 'fp8'"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_fix(eight_gpus, kwargs, message):
