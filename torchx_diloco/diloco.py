@@ -174,16 +174,18 @@ class DiLoCo:
             raise ValueError("the model has no trainable parameters")
         if _param_ids(inner_optimizer) != {id(p) for _, p in named}:
             raise ValueError("inner_optimizer must optimise exactly the model's trainable parameters")
-        separate = isinstance(outer_optimizer, (list, tuple))  # one outer optimizer per fragment
-        outers = list(outer_optimizer) if separate else None
-        if any(inner_optimizer is o for o in (outers or [outer_optimizer])):
+        separate = not isinstance(outer_optimizer, torch.optim.Optimizer)  # one outer optimizer per fragment
+        outers: List[torch.optim.Optimizer] = (
+            list(outer_optimizer) if not isinstance(outer_optimizer, torch.optim.Optimizer) else [outer_optimizer]
+        )
+        if any(inner_optimizer is o for o in outers):
             raise ValueError("inner_optimizer and outer_optimizer must be different optimizers")
 
         parts = self._parts(named, fragments)
-        if outers is None:
-            if _param_ids(outer_optimizer) != {id(p) for _, p in named}:  # type: ignore[arg-type]
+        if not separate:
+            if _param_ids(outers[0]) != {id(p) for _, p in named}:
                 raise ValueError("outer_optimizer must optimise exactly the model's trainable parameters")
-            outers = [outer_optimizer] * len(parts)
+            outers = outers * len(parts)
         elif len(outers) != len(parts):
             raise ValueError(f"{len(outers)} outer optimizers for {len(parts)} fragments: pass one per fragment")
         self._fragments = [
