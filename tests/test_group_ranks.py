@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List, Sequence
 
 import pytest
 import torch
@@ -63,12 +63,18 @@ def test_rank0_decides_for_the_group(tmp_path):
     assert rank0_decides(5) == 5
 
 
-def run_fleet(tmp_path: Path, nproc: int, outer_steps: int = 3) -> Dict[int, Dict[int, str]]:
-    """2 groups of ``nproc`` ranks to the end; outer step -> weights checksum, per group."""
+def checksums(records: Dict[int, List[dict]]) -> Dict[int, Dict[int, str]]:
+    """Outer step -> global weights checksum, per group."""
+    return {g: {r["outer_step"]: r["weights_sha"] for r in rs} for g, rs in records.items()}
+
+
+def fleet_records(tmp_path: Path, nproc: int, outer_steps: int = 3, extra: Sequence[str] = ()) -> Dict[int, List[dict]]:
+    """2 groups of ``nproc`` ranks to the end; each group's committed metrics records."""
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
-    ckpt = tmp_path / f"ckpt-{nproc}"
-    args = [*ARGS, "--outer-steps", str(outer_steps), "--checkpoint-dir", str(ckpt)]
-    groups = [Group(g, 2, lighthouse.url, args, tmp_path, tag=f"-x{nproc}", nproc=nproc) for g in range(2)]
+    tag = f"-x{nproc}{''.join(extra).replace('-', '')}"
+    ckpt = tmp_path / f"ckpt{tag}"
+    args = [*ARGS, "--outer-steps", str(outer_steps), "--checkpoint-dir", str(ckpt), *extra]
+    groups = [Group(g, 2, lighthouse.url, args, tmp_path, tag=tag, nproc=nproc) for g in range(2)]
     for g in groups:
         assert g.wait(120) == 0, g.output()[-3000:]
     lighthouse.kill()
@@ -76,7 +82,7 @@ def run_fleet(tmp_path: Path, nproc: int, outer_steps: int = 3) -> Dict[int, Dic
     for rs in records.values():
         # the group's distinct tokens: every rank drew its own batches
         assert all(r["tokens"] == r["inner_steps"] * 4 * SEQ * nproc for r in rs), rs
-    return {g: {r["outer_step"]: r["weights_sha"] for r in rs} for g, rs in records.items()}
+    return records
 
 
 @pytest.mark.slow
@@ -84,12 +90,32 @@ def test_two_groups_of_two_ranks_agree_and_their_ranks_train_on_different_batche
     """2 groups x 2 Gloo ranks through torchrun: the groups hold identical global weights at every outer step,
     and the second rank of each group adds data of its own. Were its batches its rank 0's (as they once were),
     DDP would average two equal gradients, and the run would end bit for bit where 2 groups of 1 rank end."""
-    two = run_fleet(tmp_path, nproc=2)
+    two_records, one_records = fleet_records(tmp_path, nproc=2), fleet_records(tmp_path, nproc=1)
+    two, one = (
+        {g: {r["outer_step"]: r["weights_sha"] for r in rs} for g, rs in recs.items()}
+        for recs in (two_records, one_records)
+    )
     assert list(two[0]) == [1, 2, 3] and two[0] == two[1], two
     assert len(set(two[0].values())) == 3, "the weights must change at every outer step"
-    one = run_fleet(tmp_path, nproc=1)
     assert one[0] == one[1], one
     assert all(two[0][k] != one[0][k] for k in one[0]), "the second ranks repeated their rank 0's batches"
+    # each rank sends its half of the pseudo-gradient to the other group: the link carries the model once
+    # per group, not once per rank (rank 0's count; rank 1 sends the other half)
+    assert {r["sent_bytes"] for r in two_records[0]} == {one_records[0][0]["sent_bytes"] // 2}, two_records[0]
+
+
+@pytest.mark.slow
+def test_fsdp_groups_shard_the_model_and_agree(tmp_path):
+    """--parallel fsdp: 2 groups x 2 ranks, FSDP2 over each group's ranks; each rank syncs its own shard with
+    the same rank of the other group (half the bytes each) and the groups agree at every outer step."""
+    records = fleet_records(tmp_path, nproc=2, extra=["--parallel", "fsdp"])
+    sums = checksums(records)
+    assert list(sums[0]) == [1, 2, 3] and sums[0] == sums[1], sums
+    assert len(set(sums[0].values())) == 3
+    torch.manual_seed(0)
+    model_bytes = 4 * sum(p.numel() for p in build_model("nano", block_size=SEQ).parameters())
+    sent = {r["sent_bytes"] for r in records[0]}  # rank 0's shard: about half the model (FSDP pads rows)
+    assert len(sent) == 1 and 0.4 * model_bytes < sent.pop() < 0.6 * model_bytes, (sent, model_bytes)
 
 
 def write_newer_step(ckpt: Path, step: int) -> None:

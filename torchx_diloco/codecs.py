@@ -147,9 +147,7 @@ def allreduce_sum(manager: Any, payload: torch.Tensor, codec: Codec) -> int:
 def _reduce_scatter_all_gather(pg: Any, payload: torch.Tensor, codec: Codec) -> int:
     from torch.distributed.distributed_c10d import AllgatherOptions, AllToAllOptions
 
-    n = pg.size()
-    if n == 1:
-        return 0
+    n = pg.size()  # a world of one runs the same collectives (and the same rounding) as any other
     padded = _pad(payload, n * BLOCK)
     chunk = padded.numel() // n
     size = codec.encoded_bytes(chunk)

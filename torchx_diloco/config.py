@@ -24,7 +24,8 @@ from torchx_diloco.presets import PRESETS
 PROG = "python -m torchx_diloco.train"
 IMPLEMENTATIONS = ("torchx_diloco", "torchft")
 DTYPES = ("fp32", "bf16")
-CODECS = ("fp32", "bf16", "int8", "int4")  # what a pseudo-gradient is sent as (torchx_diloco/codecs.py)
+CODECS = ("fp32", "bf16", "int8", "int4")
+PARALLEL = ("ddp", "fsdp")  # how the ranks of one group share the work
 DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
 
 # Run-level defaults shared by the lighthouse, the components and the tests: written here only.
@@ -241,6 +242,14 @@ class TrainConfig:
         "what the pseudo-gradient crosses the link as: fp32, bf16, int8 or int4 (block-scaled; a quantized "
         "reduce-scatter + all-gather on Gloo and NCCL)",
         choices=CODECS,
+    )
+
+    parallel: str = flag(
+        "ddp",
+        str,
+        "a group of several ranks trains as ddp (replicas; each rank sends 1/G of the pseudo-gradient to other "
+        "groups) or fsdp (FSDP2 over the group's ranks: parameters, global weights and outer momentum sharded)",
+        choices=PARALLEL,
     )
 
     replica_group_id: int = from_env(0)

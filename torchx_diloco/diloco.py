@@ -53,6 +53,13 @@ def _param_ids(optimizer: torch.optim.Optimizer) -> set:
     return {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local shard of an FSDP2 (DTensor) parameter, else the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def split_evenly(sizes: Sequence[int], parts: int) -> List[range]:
     """``parts`` contiguous ranges over tensors of ``sizes`` whose totals are as equal as whole tensors allow."""
     if parts > len(sizes):
@@ -79,38 +86,46 @@ class Fragment:
         backup_device: torch.device | str,
     ) -> None:
         self.index, self.names, self.params, self.outer_optimizer = index, names, params, outer_optimizer
-        self.numel = sum(p.numel() for p in params)
+        self.numel = sum(t.numel() for t in self.locals())  # this rank's share (a shard under FSDP)
         pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
-        self.backup = [torch.empty(p.shape, dtype=p.dtype, device=backup_device, pin_memory=pin) for p in params]
+        self.backup = [torch.empty(t.shape, dtype=t.dtype, device=backup_device, pin_memory=pin) for t in self.locals()]
+
+    def locals(self) -> List[torch.Tensor]:
+        return [local_tensor(p) for p in self.params]
 
     @torch.no_grad()
     def save_backup(self) -> None:
-        for p, backup in zip(self.params, self.backup, strict=True):
-            backup.copy_(p.detach())  # blocking: a checkpoint writer may read the backup next
+        for t, backup in zip(self.locals(), self.backup, strict=True):
+            backup.copy_(t.detach())  # blocking: a checkpoint writer may read the backup next
 
     @torch.no_grad()
     def restore_backup(self) -> None:
-        for p, backup in zip(self.params, self.backup, strict=True):
-            p.copy_(backup, non_blocking=False)
+        for t, backup in zip(self.locals(), self.backup, strict=True):
+            t.copy_(backup, non_blocking=False)
 
     @torch.no_grad()
     def pseudo_gradient(self) -> torch.Tensor:
-        """``global - local`` of every parameter, flat, in fp32."""
+        """``global - local`` of every parameter (this rank's shards), flat, in fp32."""
         device = self.params[0].device
         flat = torch.empty(self.numel, dtype=torch.float32, device=device)
         offset = 0
-        for p, backup in zip(self.params, self.backup, strict=True):
-            n = p.numel()
-            torch.sub(backup.to(device, non_blocking=True).view(-1), p.view(-1), out=flat[offset : offset + n])
+        for t, backup in zip(self.locals(), self.backup, strict=True):
+            n = t.numel()
+            torch.sub(backup.to(device, non_blocking=True).view(-1), t.reshape(-1), out=flat[offset : offset + n])
             offset += n
         return flat
 
     @torch.no_grad()
     def outer_step(self, average: torch.Tensor) -> None:
+        from torch.distributed.tensor import DTensor
+
         offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.grad = average[offset : offset + n].view_as(p).to(p.dtype)
+        for p, t in zip(self.params, self.locals(), strict=True):
+            n = t.numel()
+            grad = average[offset : offset + n].view_as(t).to(t.dtype)
+            if isinstance(p, DTensor):  # FSDP2: the shard's gradient, as the DTensor the optimizer expects
+                grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            p.grad = grad
             offset += n
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
@@ -145,6 +160,9 @@ class DiLoCo:
         codec: what the pseudo-gradient crosses the link as: "fp32", "bf16", "int8" or "int4".
         backup_device: where the global weights are kept between syncs (host memory by default).
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
+        split_group: a ``torch.distributed`` process group of this replica group's ranks when they hold the
+            same weights (DDP): each sends 1/G of the pseudo-gradient to other groups, so the slow link carries
+            the model once per group, not G times. Not for FSDP, whose ranks already hold disjoint shards.
     """
 
     def __init__(
@@ -160,6 +178,7 @@ class DiLoCo:
         codec: str = "fp32",
         backup_device: torch.device | str = "cpu",
         quorum_retry_s: float = 60.0,
+        split_group: Optional[Any] = None,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -210,8 +229,10 @@ class DiLoCo:
         self.quorum_retry_s = quorum_retry_s
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        layout = f"{len(parts)}/{codec}/{sum(p.numel() for p in self._params)}"
+        # this rank's layout: groups of a run must cut and shard the model alike (checked at every exchange)
+        layout = f"{len(parts)}/{codec}/{sum(f.numel for f in self._fragments)}"
         self._signature = float(zlib.crc32(layout.encode()) % (1 << 20) + 1)
+        self._split_group = split_group if split_group is not None and split_group.size() > 1 else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-sync") if overlap_steps > 0 else None
         self._in_flight: Optional[_InFlight] = None
         self._healed = False
@@ -230,6 +251,9 @@ class DiLoCo:
         if flat != list(range(len(named))) or any(not part for part in parts):
             raise ValueError("fragments must hold every trainable parameter of the model exactly once")
         return parts
+
+    def _locals(self) -> List[torch.Tensor]:
+        return [t for f in self._fragments for t in f.locals()]
 
     @property
     def fragments(self) -> List[Fragment]:
@@ -285,11 +309,11 @@ class DiLoCo:
         if self.manager.current_step() == self._step_at_sync:
             # Same step (torchft re-syncs everyone at step 0): our inner steps started from these very
             # weights, so they still count; adopt the peer's copy of the global state and keep them.
-            local = [p.detach().clone() for p in self._params]
+            local = [t.detach().clone() for t in self._locals()]
             self.load_state_dict(state)
             with torch.no_grad():
-                for p, mine in zip(self._params, local, strict=True):
-                    p.copy_(mine)
+                for t, mine in zip(self._locals(), local, strict=True):
+                    t.copy_(mine)
             return
         self.adopt_newer_global_state(state)
         logger.info("healed from a peer: now at outer step %d", self.manager.current_step())
@@ -382,7 +406,25 @@ class DiLoCo:
         return done
 
     def _exchange(self, payload: torch.Tensor, header: torch.Tensor) -> int:
-        """The header, then the payload as the codec sends it; returns the bytes this group sent."""
+        """The header, then the payload as the codec sends it; returns the bytes this rank sent to other groups.
+
+        With ``split_group`` (the group's ranks hold the same weights), rank r sends only the r-th slice of the
+        payload across groups, and the group's ranks then all-gather the summed slices over their own links.
+        """
+        if self._split_group is None:
+            return self._exchange_across_groups(header, payload, payload)
+        import torch.distributed as dist
+
+        ranks, rank = self._split_group.size(), self._split_group.rank()
+        padded = torch.cat([payload, payload.new_zeros(-payload.numel() % ranks)])
+        share = padded.numel() // ranks
+        sent = self._exchange_across_groups(header, padded, padded[rank * share : (rank + 1) * share])
+        # always, whatever the round turned out to be, so no rank of the group waits for another in vain
+        dist.all_gather_into_tensor(padded, padded[rank * share : (rank + 1) * share].clone(), group=self._split_group)
+        payload.copy_(padded[: payload.numel()])
+        return sent
+
+    def _exchange_across_groups(self, header: torch.Tensor, payload: torch.Tensor, share: torch.Tensor) -> int:
         self.manager.allreduce(header, reduce_op=ReduceOp.SUM).wait()
         if self._layouts_differ(header):
             self.manager.report_error(RuntimeError("the groups' sync layouts differ"))
@@ -393,7 +435,7 @@ class DiLoCo:
             return 0
         if float(header[AGREEING]) > 0:  # everyone is agreeing on initial weights: those travel exactly
             return allreduce_sum(self.manager, payload, get_codec("fp32"))
-        return allreduce_sum(self.manager, payload, self.codec)
+        return allreduce_sum(self.manager, share, self.codec)
 
     def _drop_in_flight(self) -> None:
         if self._in_flight is not None:
@@ -407,7 +449,7 @@ class DiLoCo:
         sent_bytes = flight.sent_bytes.result()
         self._check_layout(flight.header)
         fragment = flight.fragment
-        local = [p.detach().clone() for p in fragment.params] if self.mix_alpha > 0 else None
+        local = [t.detach().clone() for t in fragment.locals()] if self.mix_alpha > 0 else None
         fragment.restore_backup()
         if not self.manager.should_commit():
             logger.warning(
@@ -421,8 +463,8 @@ class DiLoCo:
             fragment.outer_step(flight.payload.div_(contributors))  # in place: no second copy
         if local is not None:
             with torch.no_grad():
-                for p, mine in zip(fragment.params, local, strict=True):
-                    p.lerp_(mine, self.mix_alpha)
+                for t, mine in zip(fragment.locals(), local, strict=True):
+                    t.lerp_(mine, self.mix_alpha)
         self.last_sync = {"fragment": fragment.index, "sent_bytes": sent_bytes}
         return True
 
@@ -444,17 +486,17 @@ class DiLoCo:
                 self._apply()
                 return
             header = self._header(AGREEING)
-            flat = torch.zeros(sum(p.numel() for p in self._params), dtype=torch.float32, device=header.device)
+            flat = torch.zeros(sum(f.numel for f in self._fragments), dtype=torch.float32, device=header.device)
             if self.manager.participating_rank() == 0:
-                torch.cat([p.detach().reshape(-1).float() for p in self._params], out=flat)
+                torch.cat([t.detach().reshape(-1).float() for t in self._locals()], out=flat)
             self._exchange(flat, header)
             self._check_layout(header)
             if self.manager.errored() is None and float(header[SYNCING]) == 0:
                 with torch.no_grad():  # everyone in the quorum is starting: take rank 0's weights
                     offset = 0
-                    for p in self._params:
-                        p.copy_(flat[offset : offset + p.numel()].view_as(p))
-                        offset += p.numel()
+                    for t in self._locals():
+                        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                        offset += t.numel()
                 for f in self._fragments:
                     f.save_backup()
                 return

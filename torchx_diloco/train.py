@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import warnings
+from datetime import timedelta
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -76,6 +77,19 @@ def build_optimizers(
     return inner, outer
 
 
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2 over the group's ranks: each repeated block (a child of an ``nn.ModuleList``: a GPT's or a Hugging
+    Face model's layers) is one unit, the rest (embeddings, head) the root's. Returns the same module."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def _to_cpu(obj: Any) -> Any:
     """A detached CPU copy of a (nested) state dict, safe to serialise while training goes on."""
     if isinstance(obj, torch.Tensor):
@@ -130,16 +144,22 @@ class Trainer:
             self._check_shape(self.resume_from)
 
     def _wrap_for_group(self, model: nn.Module) -> nn.Module:
-        """Several ranks in one group (e.g. one per GPU) train as ordinary DDP between syncs."""
+        """Several ranks in one group (e.g. one per GPU) train as DDP, or FSDP2, between syncs."""
+        self.split_group = None  # ddp: the group's ranks split the pseudo-gradient over this process group
         if group_world_size() == 1:
             return model
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":  # NCCL's own collectives (barrier, objects) use the current device
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            dist.init_process_group(backend)
+        if self.cfg.parallel == "fsdp":
+            return shard_model(model)
+        # DiLoCo's all-gather runs beside DDP's all-reduces (overlapped syncs): a process group of its own
+        self.split_group = dist.new_group(backend=backend, timeout=timedelta(seconds=self.cfg.collective_timeout))
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def _check_shape(self, ckpt: Checkpoint) -> None:
@@ -189,6 +209,7 @@ class Trainer:
                 mix_alpha=cfg.mix_alpha,
                 codec=cfg.codec,
                 quorum_retry_s=cfg.lighthouse_timeout,
+                split_group=self.split_group,
             )
         else:
             self.diloco = TorchftDiLoCo(
