@@ -146,7 +146,7 @@ class Trainer:
     def _wrap_for_group(self, model: nn.Module) -> nn.Module:
         """Several ranks in one group (e.g. one per GPU) train as DDP, or FSDP2, between syncs."""
         self.split_group = None  # ddp: the group's ranks split the pseudo-gradient over this process group
-        if group_world_size() == 1:
+        if group_world_size() == 1 and self.cfg.parallel == "ddp":
             return model
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
@@ -155,7 +155,10 @@ class Trainer:
         if self.device.type == "cuda":  # NCCL's own collectives (barrier, objects) use the current device
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
-            dist.init_process_group(backend)
+            if "MASTER_ADDR" in os.environ:  # torchrun's
+                dist.init_process_group(backend)
+            else:  # fsdp in a one-rank group started by hand: a world of one needs no rendezvous
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         if self.cfg.parallel == "fsdp":
             return shard_model(model)
         # DiLoCo's all-gather runs beside DDP's all-reduces (overlapped syncs): a process group of its own
