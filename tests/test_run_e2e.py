@@ -142,9 +142,10 @@ def test_make_run_in_a_fresh_clone(tmp_path):
     command = shlex.split(next(line for line in dry.splitlines() if "torchx run" in line))
     assert command[1:3] == ["run", "diloco.diloco"], command
     args = dict(zip(command[3::2], command[4::2], strict=False))
-    # the Makefile's command with 2 outer steps instead of 6: the same path, a minute less of the suite
-    command[command.index("--outer_steps") + 1] = "2"
-    groups, outer, sync = 2, 2, int(args["--sync_every"])
+    # the Makefile's command, 2 outer steps of H=20 instead of 6 of H=50: the same path, a minute less of the suite
+    assert "--outer_steps" in args and "--sync_every" in args, command
+    command[command.index("--outer_steps") + 1], command[command.index("--sync_every") + 1] = "2", "20"
+    groups, outer, sync = 2, 2, 20
 
     out = subprocess.run(
         [str(BIN / "torchx"), *command[1:]], cwd=clone, env=run_env(), capture_output=True, text=True, timeout=360
