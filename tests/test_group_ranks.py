@@ -15,7 +15,16 @@ from tests.test_groups import SMALL
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.data import Corpus, read_corpus
 from torchx_diloco.model import build_model
-from torchx_diloco.testing import TORCHRUN, Group, Lighthouse, clean_env, committed, metrics_url, read_metrics
+from torchx_diloco.testing import (
+    TORCHRUN,
+    Group,
+    Lighthouse,
+    clean_env,
+    committed,
+    kill_pid,
+    metrics_url,
+    read_metrics,
+)
 from torchx_diloco.train import build_optimizers
 
 SEQ = 32
@@ -156,3 +165,35 @@ def test_a_group_of_two_ranks_catches_up_with_storage_as_one(tmp_path):
     steps = [r["outer_step"] for r in committed(read_metrics(metrics_url(ckpt, 0)))]
     assert 5 not in steps and steps[-2:] == [6, 7] and max(steps[:-2], default=0) < 5, steps
     assert group.output().count("its peers published step 5: adopting it") == 1, group.output()[-3000:]
+
+
+@pytest.mark.slow
+def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
+    """2 groups x 2 ranks (ddp, the pseudo-gradient split across ranks) with 2 fragments, overlap 1 and int8:
+    rank 1 of group 1 is SIGKILLed mid-run; torchrun restarts the group's ranks, which come back (from their
+    checkpoint or a peer) and train to the end; both groups hold one set of global weights at every common step.
+    """
+    lighthouse = Lighthouse(tmp_path, min_replicas=1)
+    ckpt = tmp_path / "ckpt"
+    streaming = ["--fragments", "2", "--overlap-steps", "1", "--codec", "int8"]
+    args = [*SMALL, "--device", "cpu", "--sync-every", "8", "--outer-steps", "40", "--min-replicas", "1"]
+    args += ["--checkpoint-dir", str(ckpt), *streaming]
+    groups = [Group(g, 2, lighthouse.url, args, tmp_path, nproc=2, max_restarts=2) for g in range(2)]
+    victim_metrics = metrics_url(ckpt, 1)
+    deadline = time.monotonic() + 90
+    while not (Path(victim_metrics).exists() and len(committed(read_metrics(victim_metrics))) >= 5):
+        assert time.monotonic() < deadline, groups[1].output()[-3000:]
+        time.sleep(0.1)
+    workers = groups[1].workers()
+    assert len(workers) == 2, workers
+    kill_pid(workers[1])  # group 1's rank 1, in the middle of whatever it was doing
+    for g in groups:
+        assert g.wait(150) == 0, g.output()[-3000:]
+    lighthouse.kill()
+    sums = checksums({g: committed(read_metrics(metrics_url(ckpt, g))) for g in range(2)})
+    assert max(sums[0]) == max(sums[1]) == 40, (sorted(sums[0])[-3:], sorted(sums[1])[-3:])
+    common = sorted(set(sums[0]) & set(sums[1]))
+    assert len(common) >= 10 and all(sums[0][s] == sums[1][s] for s in common), (sums[0], sums[1])
+    out = groups[1].output()
+    assert "failed (exitcode: -9) local_rank: 1" in out, out[-3000:]  # torchrun saw it die, and restarted:
+    assert "group 1 resumed from" in out or "healed from a peer" in out, out[-3000:]

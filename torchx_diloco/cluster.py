@@ -189,13 +189,27 @@ def build_manager(
 
     timeout = timedelta(seconds=timeout_s)
     store_kwargs: dict = {}
-    if "MASTER_ADDR" not in os.environ:  # launched by hand, not by torchrun: a one-rank group
+    store = None
+    life = torchrun_store()
+    if "MASTER_ADDR" not in os.environ or life is not None:
         from torch.distributed import TCPStore
 
-        # the quorum hands this address to the other groups: it must be reachable from their hosts
+        # The group's rank 0 hosts a store for torchft (the quorum hands its address to the other groups: it
+        # must be reachable from their hosts). Under torchrun a fresh one per life: torchrun's own store keeps
+        # an earlier life's keys, and a restarted rank would read its dead predecessor's manager address.
         host = socket.gethostname()
-        store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
-        store_kwargs = dict(store_addr=host, store_port=store.port, rank=0, world_size=1)
+        if group_rank() == 0:
+            store = TCPStore(host, 0, is_master=True, wait_for_workers=False)
+            address = f"{host}:{store.port}"
+            if life is not None:
+                life.set("torchft_store", address)
+        else:
+            assert life is not None
+            address = life.get("torchft_store").decode()
+        store_host, store_port = address.rsplit(":", 1)
+        store_kwargs = dict(store_addr=store_host, store_port=int(store_port))
+        if life is None:
+            store_kwargs.update(rank=0, world_size=1)
     manager = Manager(
         pg=process_group(device, timeout),
         load_state_dict=None,
@@ -209,7 +223,7 @@ def build_manager(
         connect_timeout=timedelta(seconds=quorum_timeout_s),
         **store_kwargs,
     )
-    if store_kwargs:
+    if store is not None:
         manager._torchx_diloco_store = store  # keep the store alive as long as the manager
     return manager
 
@@ -289,6 +303,43 @@ def pick_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {requested}: no CUDA device is visible; use --device cpu or auto")
     return device
+
+
+_LIFE_STORE: Any = None
+
+
+def torchrun_store() -> Any:
+    """This life's keys in torchrun's store (None outside torchrun, or where the workers host it).
+
+    torchrun (``--standalone``, c10d rendezvous) keeps one store and one MASTER_PORT across the restarts of a
+    group's workers, so keys an earlier life wrote are still there: a restarted rank 0 then connects to its dead
+    peer's Gloo address, and the restart fails (measured with torch 2.13). A prefix per restart gives every
+    life its own keys; :func:`init_group_process_group` and :func:`build_manager` use it.
+    """
+    global _LIFE_STORE
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if _LIFE_STORE is None:
+        from torch.distributed import PrefixStore, TCPStore
+
+        agent = TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timedelta(minutes=5)
+        )
+        _LIFE_STORE = PrefixStore(f"torchx_diloco/life_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", agent)
+    return _LIFE_STORE
+
+
+def init_group_process_group(backend: str) -> None:
+    """The process group of this replica group's ranks (DDP, FSDP), on this life's keys of torchrun's store."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    life = torchrun_store()
+    if life is None:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=life, rank=group_rank(), world_size=group_world_size())
 
 
 def group_rank() -> int:

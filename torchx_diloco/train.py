@@ -25,6 +25,7 @@ from torchx_diloco.cluster import (
     end_run_on_user_error,
     group_rank,
     group_world_size,
+    init_group_process_group,
     pick_device,
     rank0_decides,
     wait_for_groups,
@@ -154,11 +155,10 @@ class Trainer:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.device.type == "cuda":  # NCCL's own collectives (barrier, objects) use the current device
             torch.cuda.set_device(self.device)
-        if not dist.is_initialized():
-            if "MASTER_ADDR" in os.environ:  # torchrun's
-                dist.init_process_group(backend)
-            else:  # fsdp in a one-rank group started by hand: a world of one needs no rendezvous
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        if "MASTER_ADDR" in os.environ:  # torchrun's
+            init_group_process_group(backend)
+        elif not dist.is_initialized():  # fsdp in a one-rank group started by hand: a world of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         if self.cfg.parallel == "fsdp":
             return shard_model(model)
         # DiLoCo's all-gather runs beside DDP's all-reduces (overlapped syncs): a process group of its own
