@@ -68,6 +68,7 @@ def diloco(
     memMB: int = 4096,
     h: Optional[str] = None,
     max_restarts: int = 3,
+    nodes_per_group: int = 1,
     lighthouse_port: Optional[int] = None,
     min_replicas: int = MIN_REPLICAS,
     checkpoint_dir: Optional[str] = None,
@@ -102,6 +103,8 @@ def diloco(
         memMB: memory per group in MB (Slurm --mem)
         h: a registered TorchX named resource for each group (wins over cpu, gpus_per_group and memMB)
         max_restarts: times torchrun restarts a group's crashed workers; a restarted group heals from a peer
+        nodes_per_group: nodes per group (Slurm only): each group runs ``torchrun --nnodes N`` as N replicas of
+            its role, with a c10d rendezvous on the group's first node
         lighthouse_port: port of the torchft lighthouse on the first role's host (default: a free port picked
             when the app is built, so runs on one machine never share a lighthouse)
         min_replicas: groups needed to commit an outer step (the others may be down or restarting)
@@ -123,6 +126,7 @@ def diloco(
         name: the app's name
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
+    _check_nodes(nodes_per_group)
     port = _pick_port() if lighthouse_port is None else _check_port(lighthouse_port)
     resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
     train_args = _program(
@@ -143,6 +147,8 @@ def diloco(
             train_args,
             run_id=macros.app_id,
             min_replicas=min_replicas,
+            nodes=nodes_per_group,
+            first_het_group=1 + g * nodes_per_group,  # het group 0 is the lighthouse
         )
         for g in range(replica_groups)
     ]
@@ -189,6 +195,7 @@ def replica_group(
     memMB: int = 4096,
     h: Optional[str] = None,
     max_restarts: int = 3,
+    nodes_per_group: int = 1,
     min_replicas: int = MIN_REPLICAS,
     checkpoint_dir: Optional[str] = None,
     outer_steps: Optional[int] = None,
@@ -216,6 +223,7 @@ def replica_group(
         memMB: memory in MB (Slurm --mem)
         h: a registered TorchX named resource (wins over cpu, gpus and memMB)
         max_restarts: times torchrun restarts the group's crashed workers
+        nodes_per_group: nodes for this group (Slurm only), as in ``diloco.diloco``
         min_replicas: groups needed to commit an outer step
         checkpoint_dir: fsspec URL of the durable checkpoints; every group of a run must use the same one
             (default: the training module's, checkpoints/diloco)
@@ -236,6 +244,7 @@ def replica_group(
         raise ComponentError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
         raise ComponentError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
+    _check_nodes(nodes_per_group)
     resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
     train_args = _program(
         script, m, replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
@@ -252,6 +261,7 @@ def replica_group(
         train_args,
         run_id,
         min_replicas=min_replicas,
+        nodes=nodes_per_group,
     )
     return specs.AppDef(name=name, roles=[role])
 
@@ -270,6 +280,15 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
         raise ComponentError(f"--max_restarts {max_restarts} must be >= 0")
     if cpu < 1:
         raise ComponentError(f"--cpu {cpu} must be >= 1 (cores per group)")
+
+
+RDZV_PORT = 29400  # + the group: a group's c10d rendezvous port (fake Slurm nodes share one host)
+
+
+def _check_nodes(nodes: int) -> None:
+    """A group needs at least one node; more than one is a multi-node torchrun (Slurm only)."""
+    if nodes < 1:
+        raise ComponentError(f"--nodes_per_group {nodes} must be >= 1 (nodes per group)")
 
 
 def _check_port(port: int) -> int:
@@ -455,6 +474,8 @@ def _group_role(
     program: List[str],
     run_id: Optional[str] = None,
     min_replicas: int = MIN_REPLICAS,
+    nodes: int = 1,
+    first_het_group: int = 0,
 ) -> specs.Role:
     """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'`` (``program``:
     what follows torchrun's own flags, see :func:`_program`).
@@ -472,11 +493,20 @@ def _group_role(
         role_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
     elif resource.gpu == 0:
         role_env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU group stays on CPU even on a GPU machine
+    if nodes > 1:  # the group's own first het component hosts the rendezvous (rank0_env names the lighthouse's)
+        var = f"SLURM_JOB_NODELIST_HET_GROUP_{first_het_group}"
+        need = f"--nodes_per_group {nodes} needs Slurm (one het component per node; {var} is unset): use -s slurm"
+        rdzv_host = f'[ -n "$${{{var}:-}}" ] || {{ echo {shlex.quote(need)} >&2; exit 2; }}; '
+        rdzv_host += f'host=$$(scontrol show hostnames "$${var}" | head -n1); '
+        endpoint = f"$$host:{RDZV_PORT + group}"
+        rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", f"diloco-group-{group}"]
+    else:
+        rdzv_host, rendezvous = "", ["--standalone"]
     torchrun = [
         "torchrun",
-        "--standalone",
+        *rendezvous,
         "--nnodes",
-        "1",
+        str(nodes),
         "--nproc_per_node",
         str(nproc),
         "--max_restarts",
@@ -487,7 +517,8 @@ def _group_role(
     unset = "" if "TORCHFT_MANAGER_PORT" in role_env else "unset TORCHFT_MANAGER_PORT; "
     # the run id is a macro TorchX expands in args (on Slurm into "$SLURM_JOB_ID"), so it is set in the command
     run = f"export {RUN_ID_ENV}={run_id if run_id == macros.app_id else shlex.quote(run_id)}; " if run_id else ""
-    cmd = f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; exec {' '.join(shlex.quote(a) for a in torchrun)}"
+    line = " ".join(a if a.startswith("$$host") else shlex.quote(a) for a in torchrun)  # bash expands $host
+    cmd = f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; {rdzv_host}exec {line}"
     return specs.Role(
         name=f"replica_group_{group}",
         image=os.getcwd(),
@@ -495,4 +526,5 @@ def _group_role(
         args=["-c", cmd],
         env=role_env,
         resource=resource,
+        num_replicas=nodes,
     )
