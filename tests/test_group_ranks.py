@@ -125,6 +125,9 @@ def test_fsdp_groups_shard_the_model_and_agree(tmp_path):
     model_bytes = 4 * sum(p.numel() for p in build_model("nano", block_size=SEQ).parameters())
     sent = {r["sent_bytes"] for r in records[0]}  # rank 0's shard: about half the model (FSDP pads rows)
     assert len(sent) == 1 and 0.4 * model_bytes < sent.pop() < 0.6 * model_bytes, (sent, model_bytes)
+    # rank 0 holds half the global state: it must not pass for a whole checkpoint (sharded ones: not yet)
+    assert not list(tmp_path.glob("ckpt*/step_*")), "an FSDP group wrote a checkpoint of rank 0's shards"
+    assert "no durable checkpoints" in (tmp_path / "group0-x2parallelfsdp.log").read_text()
 
 
 def write_newer_step(ckpt: Path, step: int) -> None:

@@ -140,7 +140,23 @@ class Trainer:
         self.position = 0  # batches this group has drawn from its shard
         self.inner_steps = 0  # inner steps this group has taken
 
-        self.resume_from = self.store.latest(self.group)
+        # FSDP groups of several ranks hold the global state in shards, which our checkpoint parts (one file per
+        # group, written by rank 0) cannot hold yet: no durable checkpoints then, and none is read
+        self.durable = not (cfg.parallel == "fsdp" and group_world_size() > 1)
+        if not self.durable:
+            if self.store.steps():
+                raise UserError(
+                    f"--parallel fsdp with {group_world_size()} ranks per group cannot resume from the checkpoints in "
+                    f"{cfg.checkpoint_dir} (sharded checkpoints are not implemented yet): pass a new --checkpoint-dir "
+                    "or use --parallel ddp"
+                )
+            if self.is_group_leader:
+                logger.warning(
+                    "--parallel fsdp with %d ranks per group: no durable checkpoints (sharded checkpoints are not "
+                    "implemented yet); a restarted group heals from a live peer",
+                    group_world_size(),
+                )
+        self.resume_from = self.store.latest(self.group) if self.durable else None
         if self.resume_from is not None:
             self._check_shape(self.resume_from)
 
@@ -319,7 +335,7 @@ class Trainer:
     def _catch_up_with_storage(self) -> bool:
         """A group left behind (frozen, or back after its peers moved on or even finished) must not train on
         alone from stale weights and overwrite their checkpoints: if storage holds a newer step, adopt it."""
-        if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo):
+        if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo) or not self.durable:
             return False
         # rank 0 looks at storage and the group's other ranks follow: ranks that saw storage at different
         # moments would otherwise adopt different steps (or only some of them would) and part ways
@@ -415,6 +431,9 @@ class Trainer:
 
     def _checkpoint(self, step: int, record: Dict[str, Any]) -> None:
         """Queue this step's durable state; the global part is written by the quorum's first group only."""
+        if not self.durable:
+            self._record(record)
+            return
         if not self.is_group_leader:
             return
         writes_global = self.manager.participating_rank() == 0
