@@ -168,8 +168,9 @@ def _reset_hwm() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak-RSS counter (Linux >= 4.0)
 
 
-def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
-    """Runs in a fresh process: model + optimizers (with state) first, then the Manager, then DiLoCo."""
+def memory_probe(preset: str, seq_len: int, H: int, fragments: int = 1, overlap: int = 0) -> Dict[str, Any]:
+    """Runs in a fresh process: model + optimizers (with state) first, then the Manager, then DiLoCo (with
+    ``fragments`` P, a sync's flat buffer holds 1/P of the model; with ``overlap`` tau, it lives tau steps)."""
     import torch
 
     from torchx_diloco.cluster import build_manager
@@ -193,17 +194,14 @@ def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
     manager = build_manager(0, torch.device("cpu"), 1, 60, 60, os.environ["TORCHFT_LIGHTHOUSE"])
     inner_step()
     rss_manager = _rss()
-    diloco = DiLoCo(manager, model, inner, outer, sync_every=H)
+    diloco = DiLoCo(manager, model, inner, outer, sync_every=H, fragments=fragments, overlap_steps=overlap)
     rss_built = _rss()
     commits, peak_sync = 0, 0
-    for _ in range(2):  # two outer steps: the second shows nothing more accumulates
-        for _ in range(H - 1):
-            inner_step()
-            commits += diloco.step()
+    for _ in range(2 * H + overlap):  # every fragment twice: the second round shows nothing more accumulates
         inner_step()
         before = _rss()
         _reset_hwm()
-        commits += diloco.step()  # the sync: pseudo-gradient, all-reduce, outer step
+        commits += diloco.step()  # a sync starts (pseudo-gradient, all-reduce) or lands (outer step) here
         peak_sync = max(peak_sync, _hwm() - before)
     rss_after = _rss()
     manager.shutdown(wait=False)
@@ -213,6 +211,8 @@ def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
     )
     return {
         "preset": preset,
+        "fragments": fragments,
+        "overlap_steps": overlap,
         "param_bytes": param_bytes,
         "outer_steps_committed": commits,
         "manager_bytes": rss_manager - rss_model,
@@ -227,12 +227,12 @@ def memory_probe(preset: str, seq_len: int, H: int) -> Dict[str, Any]:
 
 def memory(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
     out = []
-    for preset in cfg["memory_models"]:
+    for preset, (fragments, overlap) in ((p, f) for p in cfg["memory_models"] for f in ((1, 0), (4, 0), (4, 1))):
         lighthouse, url = bl.start_lighthouse(work, 1)
         try:
             env = bl.group_env(0, 1, url)
             r = subprocess.run(
-                [bl.PYTHON, __file__, "--memory-probe", preset, str(cfg["seq_len"])],
+                [bl.PYTHON, __file__, "--memory-probe", preset, str(cfg["seq_len"]), str(fragments), str(overlap)],
                 env=env,
                 capture_output=True,
                 text=True,
@@ -245,6 +245,31 @@ def memory(cfg: Dict[str, Any], work: Path) -> Dict[str, Any]:
         finally:
             lighthouse.kill()
     return {"models": out}
+
+
+def memory_only(cfg: Dict[str, Any], work: Path, started: float) -> int:
+    """The memory part alone: a table and benchmarks/results/memory.json."""
+    try:
+        mem = memory(cfg, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    rows = [
+        [
+            m["preset"],
+            m["fragments"],
+            m["overlap_steps"],
+            m["diloco_over_params"],
+            m["backup_over_params"],
+            m["tensors_held_over_params"],
+            m["peak_over_params"],
+            m["peak_during_sync_bytes"] / 1e6,
+        ]
+        for m in mem["models"]
+    ]
+    heads = ["model", "P", "tau", "DiLoCo adds (x params)", "backup", "tensors held", "sync peak", "sync peak MB"]
+    print(bl.table(heads, rows, digits=2))
+    bl.write_result("memory", {"config": cfg, **mem}, started)
+    return 0
 
 
 # --- 4. recovery -------------------------------------------------------------------------------------------
@@ -327,12 +352,14 @@ def recovery(cfg: Dict[str, Any], work: Path, from_checkpoint: bool) -> Dict[str
 
 
 def main() -> int:
-    if len(sys.argv) == 4 and sys.argv[1] == "--memory-probe":
-        print(json.dumps(memory_probe(sys.argv[2], int(sys.argv[3]), H=2)))
+    if len(sys.argv) == 6 and sys.argv[1] == "--memory-probe":
+        fragments, overlap = int(sys.argv[4]), int(sys.argv[5])
+        print(json.dumps(memory_probe(sys.argv[2], int(sys.argv[3]), H=8, fragments=fragments, overlap=overlap)))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the short version (default)")
     p.add_argument("--full", action="store_true", help="more repetitions, a larger model for memory")
+    p.add_argument("--memory-only", action="store_true", help="just the host memory part (P=1, P=4, P=4 tau=1)")
     a = p.parse_args()
     started = time.time()
     cfg = dict(
@@ -350,6 +377,8 @@ def main() -> int:
         cfg.update(outer_steps=30, reps=2, write_reps=10, memory_models=["small", "medium"], kills=5)
     print(f"benchmark 4: durability and recovery costs (model {cfg['model']})")
     work = Path(tempfile.mkdtemp(prefix="bench_durability-"))
+    if a.memory_only:
+        return memory_only(cfg, work, started)
     try:
         slow = slowdown(cfg, work)
         print(f"  slowdown: {slow['median_on']:.0f} vs {slow['median_off']:.0f} tok/s")
@@ -380,7 +409,8 @@ def main() -> int:
     for m in mem["models"]:
         rows.append(
             [
-                f"host memory DiLoCo adds ({m['preset']}, {m['param_bytes'] / 1e6:.0f} MB params)",
+                f"host memory DiLoCo adds ({m['preset']}, {m['param_bytes'] / 1e6:.0f} MB params, "
+                f"P={m.get('fragments', 1)} tau={m.get('overlap_steps', 0)})",
                 f"{m['diloco_over_params']:.2f}x params",
                 f"backup alone {m['backup_over_params']:.2f}x; tensors held {m['tensors_held_over_params']:.2f}x; "
                 f"a sync transiently adds {m['peak_over_params']:.2f}x; Manager {m['manager_bytes'] / 1e6:.0f} MB",

@@ -15,12 +15,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # noqa: E402
 
 IMPLS = ("torchx_diloco", "torchft")
+STREAM_P = 2  # fragments of the streaming comparison
 
 
 def final_global_weights(ckpt: Path, step: int):
@@ -32,6 +34,35 @@ def final_global_weights(ckpt: Path, step: int):
 def max_abs_diff(a, b) -> float:
     assert set(a) == set(b), "the two runs saved different parameter names"
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def compare(work: Path, args: List[str], cfg: Dict[str, Any], fragments: int) -> tuple:
+    """``cfg['reps']`` runs of each implementation, interleaved; per-round and per-sync seconds, the final
+    weights' largest difference per pair of runs, and the runs."""
+    outer = cfg["outer_steps"] * fragments
+    args = [*args, "--outer-steps", str(outer)]
+    rounds: Dict[str, List[float]] = {impl: [] for impl in IMPLS}
+    syncs: Dict[str, List[float]] = {impl: [] for impl in IMPLS}
+    diffs, runs = [], []
+    tag = f"p{fragments}"
+    for rep in range(cfg["reps"]):
+        finals = {}
+        for impl in IMPLS if rep % 2 == 0 else IMPLS[::-1]:  # A B, B A, ...: no side always goes first
+            run = bl.Run(work / f"{impl}-{tag}-{rep}", 2, [*args, "--impl", impl]).wait(timeout=900)
+            tokens = cfg["H"] // fragments * cfg["batch_size"] * cfg["seq_len"]
+            shas = set()
+            for g, records in enumerate(run.metrics):
+                done = bl.committed(records)
+                assert len(done) == outer, f"{impl} group {g}: {len(done)} commits"
+                for r in done[fragments:]:  # the first round(s) include warm-up (allocation, first Gloo connect)
+                    rounds[impl].append(tokens / r["tokens_per_s"])
+                    syncs[impl].append(r["sync_s"])
+                shas.add(done[-1]["weights_sha"])
+            finals[impl] = final_global_weights(run.workdir / "ckpt", outer)
+            runs.append({"impl": impl, "rep": rep, "wall_s": round(run.wall_s, 2), "groups_agree": len(shas) == 1})
+            print(f"  {tag} run {rep} {impl:14s} wall {run.wall_s:6.1f}s  groups agree: {len(shas) == 1}")
+        diffs.append(max_abs_diff(finals["torchx_diloco"], finals["torchft"]))
+    return rounds, syncs, diffs, runs
 
 
 def main() -> int:
@@ -57,8 +88,6 @@ def main() -> int:
         str(cfg["batch_size"]),
         "--sync-every",
         str(cfg["H"]),
-        "--outer-steps",
-        str(cfg["outer_steps"]),
         "--eval-batches",
         "0",
         "--checkpoint-every",
@@ -75,29 +104,43 @@ def main() -> int:
     )
 
     work = Path(tempfile.mkdtemp(prefix="bench_vs_torchft-"))
-    rounds = {impl: [] for impl in IMPLS}
-    syncs = {impl: [] for impl in IMPLS}
-    diffs, runs = [], []
     try:
-        for rep in range(cfg["reps"]):
-            finals = {}
-            for impl in IMPLS if rep % 2 == 0 else IMPLS[::-1]:  # A B, B A, ...: no side always goes first
-                run = bl.Run(work / f"{impl}-{rep}", 2, [*args, "--impl", impl]).wait(timeout=900)
-                tokens = cfg["H"] * cfg["batch_size"] * cfg["seq_len"]
-                shas = set()
-                for g, records in enumerate(run.metrics):
-                    done = bl.committed(records)
-                    assert len(done) == cfg["outer_steps"], f"{impl} group {g}: {len(done)} commits"
-                    for r in done[1:]:  # the first round includes warm-up (allocation, first Gloo connect)
-                        rounds[impl].append(tokens / r["tokens_per_s"])
-                        syncs[impl].append(r["sync_s"])
-                    shas.add(done[-1]["weights_sha"])
-                finals[impl] = final_global_weights(run.workdir / "ckpt", cfg["outer_steps"])
-                runs.append({"impl": impl, "rep": rep, "wall_s": round(run.wall_s, 2), "groups_agree": len(shas) == 1})
-                print(f"  run {rep} {impl:14s} wall {run.wall_s:6.1f}s  groups agree: {len(shas) == 1}")
-            diffs.append(max_abs_diff(finals["torchx_diloco"], finals["torchft"]))
+        rounds, syncs, diffs, runs = compare(work, args, cfg, fragments=1)
+        # Streaming DiLoCo: 2 fragments, each sync overlapped with one inner step (fp32: torchft's own path)
+        streaming = ["--fragments", str(STREAM_P), "--overlap-steps", "1"]
+        s_rounds, s_syncs, s_diffs, s_runs = compare(work, [*args, *streaming], cfg, fragments=STREAM_P)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    s_med = {impl: (bl.median(s_rounds[impl]), bl.median(s_syncs[impl])) for impl in IMPLS}
+    print(f"streaming P={STREAM_P} tau=1:")
+    print(
+        bl.table(
+            ["", "torchx_diloco", "torchft", "ours / torchft"],
+            [
+                [
+                    "seconds per fragment round (median)",
+                    s_med["torchx_diloco"][0],
+                    s_med["torchft"][0],
+                    bl.ratio(s_med["torchx_diloco"][0], s_med["torchft"][0]),
+                ],
+                [
+                    "seconds stalled per sync (median)",
+                    s_med["torchx_diloco"][1],
+                    s_med["torchft"][1],
+                    bl.ratio(s_med["torchx_diloco"][1], s_med["torchft"][1]),
+                ],
+            ],
+        )
+    )
+    print(f"streaming: max |global weights ours - torchft's|: {', '.join(f'{d:.2e}' for d in s_diffs)}")
+    streaming_result = {
+        "flags": streaming,
+        "median_round_s": {impl: s_med[impl][0] for impl in IMPLS},
+        "median_sync_s": {impl: s_med[impl][1] for impl in IMPLS},
+        "round_ratio": bl.ratio(s_med["torchx_diloco"][0], s_med["torchft"][0]),
+        "max_abs_weight_diff": s_diffs,
+        "runs": s_runs,
+    }
 
     med = {impl: (bl.median(rounds[impl]), bl.median(syncs[impl])) for impl in IMPLS}
     rows = [
@@ -131,7 +174,9 @@ def main() -> int:
             "sync_ratio": rows[1][3],
             "max_abs_weight_diff": diffs,
             "runs": runs,
+            "streaming": streaming_result,
             "goals": {
+                "streaming_weights_within_1e-5": max(s_diffs) <= 1e-5,
                 "round_ratio<=1": rows[0][3] is not None and rows[0][3] <= 1.0,
                 "sync_ratio<=1": rows[1][3] is not None and rows[1][3] <= 1.0,
                 "weights_within_1e-5": max(diffs) <= 1e-5,

@@ -40,6 +40,30 @@ def vs_torchft(d) -> str:
         + "\n\nLargest difference between the two runs' final global weights (from the checkpoints): "
         + ", ".join(f"{x:.1e}" for x in d["max_abs_weight_diff"])
         + "."
+        + _vs_torchft_streaming(d.get("streaming"))
+    )
+
+
+def _vs_torchft_streaming(s) -> str:
+    """The Streaming DiLoCo comparison (results from before it existed have none)."""
+    if not s:
+        return ""
+    med_r, med_s = s["median_round_s"], s["median_sync_s"]
+    rows = [
+        ["seconds per fragment round (median)", med_r["torchx_diloco"], med_r["torchft"], s["round_ratio"]],
+        [
+            "seconds stalled per sync (median)",
+            med_s["torchx_diloco"],
+            med_s["torchft"],
+            bl.ratio(med_s["torchx_diloco"], med_s["torchft"]),
+        ],
+    ]
+    return (
+        f"\n\nStreaming DiLoCo (`{' '.join(s['flags'])}`, fp32), same runs otherwise:\n\n"
+        + bl.table(["", "torchx_diloco", "torchft.local_sgd.DiLoCo", "ours / torchft"], rows)
+        + "\n\nLargest difference between the final global weights: "
+        + ", ".join(f"{x:.1e}" for x in s["max_abs_weight_diff"])
+        + "."
     )
 
 
@@ -55,7 +79,10 @@ def link(d) -> str:
             f"{100 * r['utilisation']:.0f}%",
             f"{1e3 * _wait(r, c):.1f}",
             f"{r['bytes_per_inner_step'] / 1e3:.0f}" if r["bytes_per_inner_step"] else "-",
-            f"{r['expected_bytes_per_inner_step'] / 1e3:.0f}",
+            f"{r['expected_bytes_per_inner_step'] / 1e3:.1f}",
+            f"{r['bytes_per_inner_step'] / r['expected_bytes_per_inner_step']:.3f}"
+            if r["bytes_per_inner_step"]
+            else "-",
         ]
         for r in d["results"]
     ]
@@ -70,7 +97,8 @@ def link(d) -> str:
                 "compute utilisation",
                 "ms waiting per inner step",
                 "kB sent per inner step",
-                "model kB / H",
+                "expected kB (payload + scales) / H",
+                "measured / expected",
             ],
             rows,
         )
@@ -127,7 +155,7 @@ def durability(d) -> str:
     for m in d["memory"]["models"]:
         rows.append(
             [
-                f"host memory DiLoCo adds (`{m['preset']}`, {m['param_bytes'] / 1e6:.0f} MB of parameters)",
+                f"host memory DiLoCo adds (`{m['preset']}`, {m['param_bytes'] / 1e6:.0f} MB of parameters{_pt(m)})",
                 f"{m['diloco_over_params']:.2f}x parameters",
                 f"a sync adds {m['peak_over_params']:.2f}x more while it runs",
                 "~2x",
@@ -148,8 +176,37 @@ def durability(d) -> str:
     )
 
 
+def _pt(m) -> str:
+    return f", P={m['fragments']} tau={m.get('overlap_steps', 0)}" if "fragments" in m else ""
+
+
+def memory(d) -> str:
+    """``bench_durability.py --memory-only``: host memory with fragments and overlap."""
+    rows = [
+        [
+            f"`{m['preset']}`",
+            m["fragments"],
+            m.get("overlap_steps", 0),
+            f"{m['diloco_over_params']:.2f}x",
+            f"{m['tensors_held_over_params']:.2f}x",
+            f"{m['peak_over_params']:.2f}x",
+            f"{m['peak_during_sync_bytes'] / 1e6:.0f}",
+        ]
+        for m in d["models"]
+    ]
+    heads = ["model", "P", "tau", "DiLoCo adds", "tensors held", "a sync adds (peak)", "sync peak MB"]
+    return f"Host memory, in parameters' bytes ({d['date'][:10]}):\n\n" + bl.table(heads, rows)
+
+
 def main() -> int:
-    for name, fn in (("vs_torchft", vs_torchft), ("link", link), ("quality", quality), ("durability", durability)):
+    sections = (
+        ("vs_torchft", vs_torchft),
+        ("link", link),
+        ("quality", quality),
+        ("durability", durability),
+        ("memory", memory),
+    )
+    for name, fn in sections:
         d = load(name)
         print(f"### {name}\n")
         print(fn(d) if d else "(no results yet)")
