@@ -26,6 +26,8 @@ from torchx_diloco import netlab  # noqa: E402
 
 SETTLE_S = 0.2  # > the tx sampling period
 DP_WORKER = str(Path(__file__).resolve().parent / "dp_worker.py")
+STREAM_P = 5  # fragments of the streaming rows: H=10 must be a multiple of P (P=4 is refused), H/P = 2
+STREAM_TAU = 1  # inner steps a fragment's exchange runs behind
 
 
 def dp_stats(run: bl.Run, cfg: Dict[str, Any], skip: int) -> Dict[str, Any]:
@@ -49,7 +51,9 @@ def dp_stats(run: bl.Run, cfg: Dict[str, Any], skip: int) -> Dict[str, Any]:
 
 
 def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int) -> Dict[str, Any]:
-    """Steady state of a DiLoCo run: the rounds after the first (whose sync also heals the late group)."""
+    """Steady state of a DiLoCo run: the rounds after the first (whose sync also heals the late group).
+
+    ``H`` here is the inner steps per outer step: H/P for Streaming DiLoCo (one record per fragment sync)."""
     per_group = []
     tokens = H * cfg["batch_size"] * cfg["seq_len"]
     for g, records in enumerate(run.metrics):
@@ -103,6 +107,26 @@ def main() -> int:
     else:
         cfg = dict(model="tiny", seq_len=128, batch_size=8, steps=150, H=[10, 50], dp_skip=5)
     rates = a.rate or ["100mbit", "none"]
+    # Streaming DiLoCo and the codecs at H=10 over the shaped link: (name, flags, fragments, bits per value)
+    overlap = STREAM_TAU
+    streaming = [
+        ("DiLoCo H=10 int8", ["--codec", "int8"], 1, 8),
+        (
+            f"stream P={STREAM_P} tau={overlap} fp32",
+            ["--fragments", str(STREAM_P), "--overlap-steps", str(overlap)],
+            STREAM_P,
+            32,
+        ),
+        *(
+            (
+                f"stream P={STREAM_P} tau={overlap} {c}",
+                ["--fragments", str(STREAM_P), "--overlap-steps", str(overlap), "--codec", c],
+                STREAM_P,
+                bits,
+            )
+            for c, bits in (("bf16", 16), ("int8", 8), ("int4", 4))
+        ),
+    ]
     params = bl.model_params(cfg["model"], cfg["seq_len"])
     model_bytes = 4 * params
     common = ["--model", cfg["model"], "--seq-len", str(cfg["seq_len"]), "--batch-size", str(cfg["batch_size"])]
@@ -115,9 +139,11 @@ def main() -> int:
     results: List[Dict[str, Any]] = []
     try:
         with netlab.Lab(2) as lab:
-            configs = [("data-parallel", None)] + [(f"DiLoCo H={H}", H) for H in cfg["H"]]
-            for name, H in configs:
-                for rate in rates:  # the links alternate run by run, so load from others hits both alike
+            configs: List[tuple] = [("data-parallel", None, [], 1, 32)]
+            configs += [(f"DiLoCo H={H}", H, [], 1, 32) for H in cfg["H"]]
+            configs += [(name, 10, flags, p, bits) for name, flags, p, bits in streaming]
+            for name, H, extra, fragments, bits in configs:
+                for rate in rates if not extra else [r for r in rates if r != "none"]:  # the slow link only
                     lab.shape(None if rate == "none" else rate)
                     tag = f"{rate}-{name.replace(' ', '').replace('=', '')}"
                     if H is None:
@@ -127,7 +153,7 @@ def main() -> int:
                         stats = dp_stats(run, cfg, cfg["dp_skip"])
                         expected = model_bytes  # a 2-member ring all-reduce sends the buffer once per step
                     else:
-                        outer = cfg["steps"] // H
+                        outer = cfg["steps"] // H * fragments
                         run = bl.Run(
                             work / tag,
                             2,
@@ -143,15 +169,19 @@ def main() -> int:
                                 "1000000",
                                 "--min-replicas",
                                 "2",
+                                *extra,
                             ],
                             lab=lab,
                         ).wait(timeout=900)
-                        stats = diloco_stats(run, cfg, H)
-                        expected = model_bytes / H
+                        stats = diloco_stats(run, cfg, H // fragments)
+                        # the codec's payload (+ fp32 scales per 128 values for int8/int4) once per H steps
+                        scales = model_bytes / 128 if bits in (4, 8) else 0
+                        expected = (model_bytes * bits / 32 + scales) / H
                     row = {
                         "link": rate,
                         "method": name,
                         "H": H,
+                        "flags": extra,
                         "wall_s": run.wall_s,
                         "expected_bytes_per_inner_step": expected,
                         **stats,
@@ -165,7 +195,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    results.sort(key=lambda r: (rates.index(r["link"]), 0 if r["H"] is None else r["H"]))
+    results.sort(key=lambda r: (rates.index(r["link"]), 0 if r["H"] is None else r["H"], len(r["flags"])))
     rows = [
         [
             r["link"],
@@ -188,7 +218,7 @@ def main() -> int:
                 "compute util %",
                 "ms waiting per inner step",
                 "kB sent per inner step",
-                "model kB / H",
+                "expected kB (payload+scales)/H",
                 "measured / expected",
             ],
             rows,
@@ -199,10 +229,16 @@ def main() -> int:
     goals = {}
     for rate in {r["link"] for r in shaped}:
         dp = next(r for r in shaped if r["link"] == rate and r["H"] is None)
-        best = max((r for r in shaped if r["link"] == rate and r["H"]), key=lambda r: r["utilisation"])
+        plain = [r for r in shaped if r["link"] == rate and r["H"] and not r["flags"]]
+        best = max(plain, key=lambda r: r["utilisation"])
         goals[f"{rate}: DiLoCo H={best['H']} util >= 90% (DP {100 * dp['utilisation']:.0f}%)"] = (
             best["utilisation"] >= 0.9
         )
+        for r in shaped:
+            if r["link"] == rate and r["flags"] and "stream" in r["method"]:
+                goals[f"{rate}: {r['method']} at H=10 util >= 95%"] = r["utilisation"] >= 0.95
+                ratio = (r["bytes_per_inner_step"] or 0) / r["expected_bytes_per_inner_step"]
+                goals[f"{rate}: {r['method']} bytes within 5% of expected ({ratio:.3f})"] = abs(ratio - 1) <= 0.05
     bl.write_result(
         "link",
         {
