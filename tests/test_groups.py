@@ -56,8 +56,10 @@ def test_groups_end_every_outer_step_with_identical_weights(tmp_path, groups):
         assert (ckpt / "step_00000003" / f"MANIFEST.replica_group_{g}.json").exists()
 
 
-def test_same_global_weights_as_torchft_diloco(tmp_path):
-    """Our outer loop and torchft.local_sgd.DiLoCo, same model, data and optimizers: same global weights."""
+@pytest.mark.parametrize("extra", [[], ["--fragments", "2", "--overlap-steps", "1"]], ids=["blocking", "streaming"])
+def test_same_global_weights_as_torchft_diloco(tmp_path, extra):
+    """Our outer loop and torchft.local_sgd.DiLoCo, same model, data and optimizers: same global weights (and,
+    streaming, the same fragments: torchft's sharing one outer optimizer once made its own groups part ways)."""
     results = {}
     for impl in ("torchft", "torchx_diloco"):
         lighthouse = Lighthouse(tmp_path, min_replicas=2)
@@ -68,15 +70,16 @@ def test_same_global_weights_as_torchft_diloco(tmp_path):
             [
                 *SMALL,
                 "--outer-steps",
-                "3",
+                "3" if not extra else "6",
                 "--sync-every",
-                "5",
+                "5" if not extra else "6",
                 "--min-replicas",
                 "2",
                 "--impl",
                 impl,
                 "--checkpoint-dir",
                 url,
+                *extra,
             ],
             tmp_path / "",
             timeout=240,
