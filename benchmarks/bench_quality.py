@@ -87,6 +87,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the short version (default)")
     p.add_argument("--full", action="store_true", help="a longer run at the default sequence length")
+    p.add_argument("--only", action="append", help="only the rows whose name contains this (repeatable)")
     a = p.parse_args()
     started = time.time()
     cfg = (
@@ -127,6 +128,8 @@ def main() -> int:
             ("DiLoCo H=50 int4", GROUPS, 50, ["--codec", "int4"], 1),
             ("DiLoCo H=100 int4", GROUPS, 100, ["--codec", "int4"], 1),
         ]
+        if a.only:  # a subset (data-parallel always runs: every row is compared with it)
+            plan = [row for row in plan if row[0].startswith("data-parallel") or any(o in row[0] for o in a.only)]
         for name, groups, H, extra, fragments in plan:
             t = time.time()
             if H is None:
@@ -141,8 +144,9 @@ def main() -> int:
                 curve = curve_dp(records, step_tokens)
                 sent = 0 if groups == 1 else cfg["steps"] * ring * buffer_bytes
             else:
+                # a folder per row: rows that share H must not resume from each other's checkpoints
                 run = bl.Run(
-                    work / f"diloco{H}",
+                    work / "".join(c if c.isalnum() else "-" for c in name),
                     groups,
                     [
                         *common,
@@ -176,8 +180,8 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    dp_loss = rows[1][1]
-    dp_bytes = rows[1][2]
+    dp_row = next(r for r in rows if r[0].startswith("data-parallel"))
+    dp_loss, dp_bytes = dp_row[1], dp_row[2]
     table_rows = [
         [name, loss, bl.ratio(loss, dp_loss) and 100 * (loss / dp_loss - 1), mb, bl.ratio(dp_bytes, mb) if mb else None]
         for name, loss, mb in rows
@@ -187,7 +191,8 @@ def main() -> int:
             ["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"], table_rows, digits=3
         )
     )
-    png = bl.RESULTS / ("loss_vs_tokens-full.png" if a.full else "loss_vs_tokens.png")
+    suffix = "-full" if a.full else ("-only" if a.only else "")  # a subset does not replace the whole table
+    png = bl.RESULTS / f"loss_vs_tokens{suffix}.png"
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(
         curves,
@@ -197,14 +202,14 @@ def main() -> int:
     )
     print(f"wrote {bl.rel(str(png))}")
     goals = {}
-    for name, loss, mb in rows[2:]:
+    for name, loss, mb in (r for r in rows if "DiLoCo" in r[0] or "Streaming" in r[0]):
         goals[f"{name}: within 2% of DP eval loss"] = (
             loss is not None and dp_loss is not None and loss <= 1.02 * dp_loss
         )
         wanted = 400 if "int4" in name else 50
         goals[f"{name}: >= {wanted}x fewer bytes than DP"] = bool(mb) and dp_bytes / mb >= wanted
     bl.write_result(
-        "quality",
+        f"quality{'-only' if a.only else ''}",
         {
             "config": {
                 **cfg,
