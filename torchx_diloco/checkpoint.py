@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,20 +121,23 @@ class CheckpointStore:
         with self.fs.open(manifest, "wb") as f:
             f.write(body)
 
-    def wait_for_group_parts(self, step: int, count: int, timeout_s: float) -> bool:
-        """Wait until ``count`` groups have published their part of ``step`` (the global part goes last)."""
+    def wait_for_group_parts(
+        self, step: int, count: int, timeout_s: float, stop: Optional[threading.Event] = None
+    ) -> bool:
+        """Wait until ``count`` groups have published their part of ``step`` (the global part goes last), for
+        at most ``timeout_s``, or until ``stop`` is set (the training loop needs the writer: its next sync)."""
         if "memory" in self.fs.protocol:  # memory:// lives in one process: other groups' parts are elsewhere
             return True
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
         pattern = f"{self.step_dir(step)}/MANIFEST.replica_group_*.json"
         while len(self._fresh_glob(pattern)) < count:
-            if time.monotonic() > deadline:
+            if time.monotonic() > started + timeout_s or (stop is not None and stop.is_set()):
                 logger.warning(
-                    "step %d: only %d of %d group parts after %gs; publishing it without the rest",
+                    "step %d: only %d of %d group parts after %.1fs; publishing it without the rest",
                     step,
                     len(self._fresh_glob(pattern)),
                     count,
-                    timeout_s,
+                    time.monotonic() - started,
                 )
                 return False
             time.sleep(0.05)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 from datetime import timedelta
@@ -272,6 +273,7 @@ class Trainer:
         cfg = self.cfg
         self.join()
         self.writer = AsyncWriter()
+        self.publish_now = threading.Event()  # set while the loop waits for the writer (see _before_sync)
         self.metrics = MetricsLog(
             f"{cfg.checkpoint_dir.rstrip('/')}/metrics/{group_part(self.group)}.jsonl", self.tensorboard
         )
@@ -324,7 +326,11 @@ class Trainer:
         """What must happen just before a sync: the writer may be reading the global state the sync rewrites;
         before its quorum, the lighthouse must still serve this run and a group left behind catches up with
         storage (never while a fragment is in flight)."""
+        # A group part that never comes (its group died or did not commit) must not hold this loop back: peers
+        # behind would meanwhile form a quorum of their own and commit the same step differently
+        self.publish_now.set()
         self.writer.wait()
+        self.publish_now.clear()
         if not starts_quorum:
             return
         check_lighthouse_serves_run(self.cfg.lighthouse, self.cfg.run_id)
@@ -463,7 +469,7 @@ class Trainer:
                 if writes_global:
                     # peers write their parts at the same time as ours; one that died meanwhile never will
                     patience = max(10.0, 5 * (time.perf_counter() - started))
-                    self.store.wait_for_group_parts(step, participants, patience)
+                    self.store.wait_for_group_parts(step, participants, patience, stop=self.publish_now)
                     self.store.write_part(step, GLOBAL_PART, global_state)
                     self.store.prune()
                 record["checkpoint"] = self.store.step_dir(step)
