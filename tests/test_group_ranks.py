@@ -176,10 +176,12 @@ def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
     rank 1 of group 1 is SIGKILLed mid-run; torchrun restarts the group's ranks, which come back (from their
     checkpoint or a peer) and train to the end; both groups hold one set of global weights at every common step.
     """
-    lighthouse = Lighthouse(tmp_path, min_replicas=1)
+    # min 2 groups per step: group 0 waits for group 1's return instead of racing alone to the end (a loaded
+    # machine once took longer to restart group 1 than group 0 took to finish)
+    lighthouse = Lighthouse(tmp_path, min_replicas=2)
     ckpt = tmp_path / "ckpt"
     streaming = ["--fragments", "2", "--overlap-steps", "1", "--codec", "int8"]
-    args = [*SMALL, "--device", "cpu", "--sync-every", "8", "--outer-steps", "40", "--min-replicas", "1"]
+    args = [*SMALL, "--device", "cpu", "--sync-every", "8", "--outer-steps", "40", "--min-replicas", "2"]
     args += ["--checkpoint-dir", str(ckpt), *streaming]
     groups = [Group(g, 2, lighthouse.url, args, tmp_path, nproc=2, max_restarts=2) for g in range(2)]
     victim_metrics = metrics_url(ckpt, 1)
