@@ -217,31 +217,17 @@ class Trainer:
         wait_for_groups(
             cfg.lighthouse, cfg.num_replica_groups if cfg.group_wait > 0 else 1, cfg.group_wait, self.group, cfg.run_id
         )
+        # the outer loop's schedule, the same for ours and torchft's
+        parts = (self.manager, self.model, self.inner_opt, self.outer_opt)
+        schedule: Dict[str, Any] = dict(
+            sync_every=cfg.sync_every, fragments=cfg.fragments, overlap_steps=cfg.overlap_steps, mix_alpha=cfg.mix_alpha
+        )
         if cfg.impl == "torchx_diloco":
             self.diloco = DiLoCo(
-                self.manager,
-                self.model,
-                self.inner_opt,
-                self.outer_opt,
-                sync_every=cfg.sync_every,
-                fragments=cfg.fragments,
-                overlap_steps=cfg.overlap_steps,
-                mix_alpha=cfg.mix_alpha,
-                codec=cfg.codec,
-                quorum_retry_s=cfg.lighthouse_timeout,
-                split_group=self.split_group,
+                *parts, **schedule, codec=cfg.codec, quorum_retry_s=cfg.lighthouse_timeout, split_group=self.split_group
             )
         else:
-            self.diloco = TorchftDiLoCo(
-                self.manager,
-                self.model,
-                self.inner_opt,
-                self.outer_opt,
-                sync_every=cfg.sync_every,
-                fragments=cfg.fragments,
-                overlap_steps=cfg.overlap_steps,
-                mix_alpha=cfg.mix_alpha,
-            )
+            self.diloco = TorchftDiLoCo(*parts, **schedule)
         if self.resume_from is not None:
             self._restore(self.resume_from)
         elif isinstance(self.diloco, DiLoCo) and cfg.num_replica_groups > 1:
