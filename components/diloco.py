@@ -29,6 +29,7 @@ from torchx.specs.finder import ComponentValidationException
 from torchx_diloco.config import LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT, RUN_ID_ENV, TrainConfig, parse_flags
 from torchx_diloco.errors import UserError
 from torchx_diloco.gpus import GPUS_ENV, check_devices_exist
+from torchx_diloco.local import NODES_METADATA  # the local_cwd scheduler refuses groups of several nodes
 
 __all__ = ["diloco", "lighthouse", "replica_group", "GPUS_ENV"]
 
@@ -282,7 +283,12 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
         raise ComponentError(f"--cpu {cpu} must be >= 1 (cores per group)")
 
 
-RDZV_PORT = 29400  # + the group: a group's c10d rendezvous port (fake Slurm nodes share one host)
+# A multi-node group's c10d rendezvous port: RDZV_PORT + (the job id of the group's first het component) modulo
+# RDZV_PORTS, worked out by the group's shell at run time. Slurm gives every het component a job id of its own, so
+# two groups, of one job or of two, get different ports unless their ids are RDZV_PORTS apart; the range stays
+# below Linux's ephemeral ports (32768 and up), which the OS hands out for bind(0) and outgoing connections.
+RDZV_PORT = 20000
+RDZV_PORTS = 12000
 
 
 def _check_nodes(nodes: int) -> None:
@@ -498,7 +504,8 @@ def _group_role(
         need = f"--nodes_per_group {nodes} needs Slurm (one het component per node; {var} is unset): use -s slurm"
         rdzv_host = f'[ -n "$${{{var}:-}}" ] || {{ echo {shlex.quote(need)} >&2; exit 2; }}; '
         rdzv_host += f'host=$$(scontrol show hostnames "$${var}" | head -n1); '
-        endpoint = f"$$host:{RDZV_PORT + group}"
+        rdzv_host += f"port={_rdzv_port_shell(first_het_group)}; "
+        endpoint = "$$host:$$port"
         rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", f"diloco-group-{group}"]
     else:
         rdzv_host, rendezvous = "", ["--standalone"]
@@ -517,7 +524,7 @@ def _group_role(
     unset = "" if "TORCHFT_MANAGER_PORT" in role_env else "unset TORCHFT_MANAGER_PORT; "
     # the run id is a macro TorchX expands in args (on Slurm into "$SLURM_JOB_ID"), so it is set in the command
     run = f"export {RUN_ID_ENV}={run_id if run_id == macros.app_id else shlex.quote(run_id)}; " if run_id else ""
-    line = " ".join(a if a.startswith("$$host") else shlex.quote(a) for a in torchrun)  # bash expands $host
+    line = " ".join(a if a.startswith("$$host") else shlex.quote(a) for a in torchrun)  # bash expands $host:$port
     cmd = f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; {rdzv_host}exec {line}"
     return specs.Role(
         name=f"replica_group_{group}",
@@ -527,4 +534,11 @@ def _group_role(
         env=role_env,
         resource=resource,
         num_replicas=nodes,
+        metadata={NODES_METADATA: nodes},
     )
+
+
+def _rdzv_port_shell(first_het_group: int) -> str:
+    """Bash arithmetic (TorchX-escaped ``$$``) for the rendezvous port of the group whose first het component is
+    ``first_het_group``: from that component's own Slurm job id (see RDZV_PORT)."""
+    return f"$$(( {RDZV_PORT} + $${{SLURM_JOB_ID_HET_GROUP_{first_het_group}:?}} % {RDZV_PORTS} ))"
