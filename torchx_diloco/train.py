@@ -34,7 +34,7 @@ from torchx_diloco.cluster import (
 )
 from torchx_diloco.config import TrainConfig, parse_config
 from torchx_diloco.data import Corpus, eval_batches
-from torchx_diloco.diloco import DiLoCo
+from torchx_diloco.diloco import DiLoCo, local_tensor
 from torchx_diloco.errors import UserError
 from torchx_diloco.metrics import MetricsLog, TensorBoardLog, print_outer_step, progress_bar, weights_checksum
 from torchx_diloco.modeling import (
@@ -92,6 +92,22 @@ def shard_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def state_bytes(model: nn.Module, inner: Any, outer: Any, backups: List[torch.Tensor]) -> Dict[str, int]:
+    """Bytes of training state this rank holds (its own shards under FSDP): parameters, the global weights' backup,
+    the outer momentum and the AdamW moments (the metrics' ``state_bytes``; benchmarks/bench_groups.py)."""
+    size = lambda ts: sum(local_tensor(t).numel() * t.element_size() for t in ts)  # noqa: E731
+    held = lambda o: [v for s in o.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]  # noqa: E731
+    return {
+        "params": size(model.parameters()),
+        "backups": size(backups),
+        "outer_momentum": size(held(outer)),
+        "adamw_moments": size(held(inner)),
+    }
+
+
+_CHECKPOINT_TIMEOUT_S = 1800  # a sharded write waits for the slowest rank's storage, and the global part for peers
+
+
 def _to_cpu(obj: Any) -> Any:
     """A detached CPU copy of a (nested) state dict, safe to serialise while training goes on."""
     if isinstance(obj, torch.Tensor):
@@ -141,29 +157,27 @@ class Trainer:
         self.position = 0  # batches this group has drawn from its shard
         self.inner_steps = 0  # inner steps this group has taken
 
-        # FSDP groups of several ranks hold the global state in shards, which our checkpoint parts (one file per
-        # group, written by rank 0) cannot hold yet: no durable checkpoints then, and none is read
-        self.durable = not (cfg.parallel == "fsdp" and group_world_size() > 1)
-        if not self.durable:
-            if self.store.steps():
-                raise UserError(
-                    f"--parallel fsdp with {group_world_size()} ranks per group cannot resume from the checkpoints in "
-                    f"{cfg.checkpoint_dir} (sharded checkpoints are not implemented yet): pass a new --checkpoint-dir "
-                    "or use --parallel ddp"
-                )
-            if self.is_group_leader:
-                logger.warning(
-                    "--parallel fsdp with %d ranks per group: no durable checkpoints (sharded checkpoints are not "
-                    "implemented yet); a restarted group heals from a live peer",
-                    group_world_size(),
-                )
-        self.resume_from = self.store.latest(self.group) if self.durable else None
+        if cfg.impl == "torchft" and group_world_size() > 1:
+            raise UserError("--impl torchft runs groups of one rank here: use --impl torchx_diloco for several ranks")
+        # rank 0 picks the step to resume from (verifying it), the group's other ranks read that very step
+        newest = self.store.latest(self.group) if self.is_group_leader else None
+        step = rank0_decides(newest.step if newest is not None else 0, self.device)
+        if not self.is_group_leader:
+            newest = self.store.at(step, self.group, verify=False) if step else None
+        self.resume_from = newest
         if self.resume_from is not None:
             self._check_shape(self.resume_from)
+            if self.cfg.parallel == "fsdp" and GLOBAL_PART not in self.resume_from.sharded and group_world_size() > 1:
+                raise UserError(
+                    f"the checkpoint at {self.store.step_dir(step)} was written by one-rank groups (one file): an fsdp "
+                    "group of several ranks resumes only from a sharded one; resume it once with --parallel ddp "
+                    "(its checkpoints are sharded from then on) or pass a new --checkpoint-dir"
+                )
 
     def _wrap_for_group(self, model: nn.Module) -> nn.Module:
         """Several ranks in one group (e.g. one per GPU) train as DDP, or FSDP2, between syncs."""
         self.split_group = None  # ddp: the group's ranks split the pseudo-gradient over this process group
+        self.checkpoint_group = None  # several ranks: they write and read sharded checkpoints over this one
         if group_world_size() == 1 and self.cfg.parallel == "ddp":
             return model
         import torch.distributed as dist
@@ -176,6 +190,8 @@ class Trainer:
             init_group_process_group(backend)
         elif not dist.is_initialized():  # fsdp in a one-rank group started by hand: a world of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        if group_world_size() > 1:  # the checkpoint writer's collectives run beside training's: a group of their own
+            self.checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=_CHECKPOINT_TIMEOUT_S))
         if self.cfg.parallel == "fsdp":
             return shard_model(model)
         # DiLoCo's all-gather runs beside DDP's all-reduces (overlapped syncs): a process group of its own
@@ -235,12 +251,13 @@ class Trainer:
             self.diloco.agree_initial_weights()
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        self.manager.load_state_dict(ckpt.global_state["manager"])
-        self.diloco.load_state_dict(ckpt.global_state["diloco"])
+        self._load_global_state(ckpt.step, ckpt.global_state, GLOBAL_PART in ckpt.sharded, newer=False)
         if ckpt.group_state is None:
             logger.warning(
                 "checkpoint step %d has no part for group %d: its inner optimizer starts afresh", ckpt.step, self.group
             )
+        elif group_part(self.group) in ckpt.sharded:
+            self._load_group_shards(ckpt.step, ckpt.group_state)
         else:
             self.inner_opt.load_state_dict(ckpt.group_state["inner_optimizer"])
             local = ckpt.group_state.get("local_weights")
@@ -252,7 +269,51 @@ class Trainer:
             self.position = ckpt.group_state["data_position"]
             self.inner_steps = ckpt.group_state["inner_steps"]
             torch.set_rng_state(ckpt.group_state["rng"])
-        logger.info("group %d resumed from %s (outer step %d)", self.group, self.store.step_dir(ckpt.step), ckpt.step)
+        if self.is_group_leader:
+            logger.info(
+                "group %d resumed from %s (outer step %d)", self.group, self.store.step_dir(ckpt.step), ckpt.step
+            )
+
+    def _load_global_state(self, step: int, values: Dict[str, Any], sharded: bool, newer: bool) -> None:
+        """The manager's and DiLoCo's state of ``step``: from one file, or every rank its shards (resharded)."""
+        self.manager.load_state_dict(values["manager"])
+        if sharded:
+            target = self._ours().distributed_state_dict()
+            self.store.load_sharded_part(step, GLOBAL_PART, target, self.checkpoint_group)
+            self._ours().load_distributed_state_dict(target, newer=newer)
+        elif newer:
+            self._ours().adopt_newer_global_state(values["diloco"])
+        else:
+            self.diloco.load_state_dict(values["diloco"])
+
+    def _ours(self) -> DiLoCo:
+        assert isinstance(self.diloco, DiLoCo), "only --impl torchx_diloco catches up with storage or shards its state"
+        return self.diloco
+
+    def _group_shards(self, local_weights: bool) -> Dict[str, Any]:
+        """This group's state that DCP holds: the inner optimizer (keyed by parameter name: any layout loads it),
+        the RNG, and the local weights when they differ from the global ones."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        shards: Dict[str, Any] = {
+            "inner_optimizer": get_optimizer_state_dict(self.model, self.inner_opt),
+            "rng": torch.get_rng_state(),
+        }
+        if local_weights:
+            shards["local_weights"] = get_model_state_dict(self.model)
+        return shards
+
+    def _load_group_shards(self, step: int, values: Dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        shards = self._group_shards(bool(values.get("local_weights")))
+        self.store.load_sharded_part(step, group_part(self.group), shards, self.checkpoint_group)
+        set_optimizer_state_dict(self.model, self.inner_opt, shards["inner_optimizer"])
+        if "local_weights" in shards:
+            set_model_state_dict(self.model, shards["local_weights"])
+        torch.set_rng_state(shards["rng"])
+        self.position = values["data_position"]
+        self.inner_steps = values["inner_steps"]
 
     # --- training ----------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -299,6 +360,8 @@ class Trainer:
                 self._record({"outer_step": self.manager.current_step() + 1, "committed": False, "sync_s": sync_s})
             loss_sum, window_start, window_steps = torch.zeros((), device=self.device), time.perf_counter(), 0
             sync_s = 0.0
+        held = state_bytes(self.model, self.inner_opt, self.outer_opt, self.diloco.global_weights())
+        logger.info("group %d rank %d holds training state of %s bytes", self.group, group_rank(), held)
         self.diloco.close()
         bar.close()
         self.writer.close()
@@ -327,7 +390,7 @@ class Trainer:
     def _catch_up_with_storage(self) -> bool:
         """A group left behind (frozen, or back after its peers moved on or even finished) must not train on
         alone from stale weights and overwrite their checkpoints: if storage holds a newer step, adopt it."""
-        if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo) or not self.durable:
+        if self.cfg.num_replica_groups == 1 or not isinstance(self.diloco, DiLoCo):
             return False
         # rank 0 looks at storage and the group's other ranks follow: ranks that saw storage at different
         # moments would otherwise adopt different steps (or only some of them would) and part ways
@@ -339,8 +402,8 @@ class Trainer:
         adopt = rank0_decides(adopt, self.device)
         if adopt == 0:
             return False
-        # the other ranks read the very step rank 0 chose, verified as every read is
-        global_state = ckpt.global_state if ckpt is not None else self.store.read_part(adopt, GLOBAL_PART)
+        # the other ranks read the very step rank 0 chose (and verified)
+        at = ckpt if ckpt is not None else self.store.at(adopt, self.group, verify=False)
         if self.is_group_leader:
             logger.warning(
                 "group %d is at outer step %d but its peers published step %d: adopting it",
@@ -348,8 +411,7 @@ class Trainer:
                 self.manager.current_step(),
                 adopt,
             )
-        self.manager.load_state_dict(global_state["manager"])
-        self.diloco.adopt_newer_global_state(global_state["diloco"])
+        self._load_global_state(adopt, at.global_state, GLOBAL_PART in at.sharded, newer=True)
         return True
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -400,6 +462,7 @@ class Trainer:
             "participants": self.manager.num_participants(),
             "tokens_per_s": window_steps * tokens_per_step / window_s,
             **sync,  # sync_s (the time training stood still for it), fragment, sent_bytes
+            "state_bytes": state_bytes(self.model, self.inner_opt, self.outer_opt, self.diloco.global_weights()),
         }
         if self.is_group_leader:
             print_outer_step(self.inner_steps, step, loss)
@@ -423,8 +486,8 @@ class Trainer:
 
     def _checkpoint(self, step: int, record: Dict[str, Any]) -> None:
         """Queue this step's durable state; the global part is written by the quorum's first group only."""
-        if not self.durable:
-            self._record(record)
+        if self.checkpoint_group is not None:
+            self._checkpoint_sharded(step, record)
             return
         if not self.is_group_leader:
             return
@@ -461,6 +524,44 @@ class Trainer:
                 record["checkpoint"] = self.store.step_dir(step)
             finally:  # the metrics line is written even when storage failed (then without "checkpoint")
                 self.metrics.write(record)
+
+        self.writer.submit(job, f"checkpoint of outer step {step}")
+
+    def _checkpoint_sharded(self, step: int, record: Dict[str, Any]) -> None:
+        """A group of several ranks: every rank writes its shards (torch.distributed.checkpoint), in the background,
+        over the group's checkpoint process group; rank 0 writes the manifests, last."""
+        writes_global = bool(rank0_decides(int(self.manager.participating_rank() == 0), self.device))
+        participants, leader = self.manager.num_participants(), self.is_group_leader
+        global_values = {
+            "outer_step": step,
+            "model_fingerprint": self.fingerprint,
+            "manager": self.manager.state_dict(),
+        }
+        global_shards = self._ours().distributed_state_dict()  # references: the writer is waited for before a sync
+        local_weights = self.diloco.local_differs_from_global
+        group_shards = _to_cpu(self._group_shards(local_weights))  # copies: the inner steps go on meanwhile
+        group_values = {"data_position": self.position, "inner_steps": self.inner_steps, "local_weights": local_weights}
+        record = {**record, "group": self.group, "time": time.time()}
+        weights = self.diloco.global_weights()
+        pg = self.checkpoint_group
+
+        def job() -> None:
+            try:
+                if leader:
+                    record["weights_sha"] = weights_checksum(weights)
+                started = time.perf_counter()
+                self.store.write_sharded_part(step, group_part(self.group), group_shards, group_values, pg)
+                if writes_global:
+                    if leader:  # the group's other ranks wait for it inside the next write's barrier
+                        patience = max(10.0, 5 * (time.perf_counter() - started))
+                        self.store.wait_for_group_parts(step, participants, patience, stop=self.publish_now)
+                    self.store.write_sharded_part(step, GLOBAL_PART, global_shards, global_values, pg)
+                    if leader:
+                        self.store.prune()
+                record["checkpoint"] = self.store.step_dir(step)
+            finally:
+                if leader:
+                    self.metrics.write(record)
 
         self.writer.submit(job, f"checkpoint of outer step {step}")
 
