@@ -1,4 +1,4 @@
-"""torchrun helper for test_sharded_checkpoint: save or load a part as fsdp (FSDP2) or plain, any world size."""
+"""torchrun helper for test_sharded_checkpoint: save or load a sharded part as fsdp (FSDP2) or plain, any world size."""
 
 import sys
 
@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from torchx_diloco.sharded import load_sharded, save_sharded
+from torchx_diloco.checkpoint import CheckpointStore
 
 
 def main() -> None:
@@ -24,17 +24,20 @@ def main() -> None:
         for block in model:
             fully_shard(block)
         fully_shard(model)
-    state = {"model": model.state_dict(), "step": 0 if action == "load" else 5}
+    state = {"model": model.state_dict()}
+    store = CheckpointStore(url)
     if action == "save":
-        save_sharded(url, state, pg)
+        store.write_sharded_part(3, "global", state, {"outer_step": 5, "manager": {}}, pg)
     else:
-        load_sharded(url, state, pg)
+        ckpt = store.latest(0)  # verifies every file of the part against the manifest
+        assert ckpt is not None and ckpt.step == 3 and ckpt.sharded == {"global"}, ckpt
+        store.load_sharded_part(3, "global", state, pg)
         torch.manual_seed(0)
         ref = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4)).state_dict()
         for k, v in state["model"].items():
             full = v.full_tensor() if isinstance(v, DTensor) else v
             assert torch.equal(full, ref[k]), k
-        assert state["step"] == 5, state["step"]
+        assert ckpt.global_state["outer_step"] == 5, ckpt.global_state
         print("LOADED OK")
     if dist.is_initialized():
         dist.destroy_process_group()

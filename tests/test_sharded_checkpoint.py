@@ -1,26 +1,52 @@
 """Sharded DCP parts: round trip, manifest verification, and a malicious .metadata pickle refused."""
 
+import hashlib
+import json
 import pickle
 
 import pytest
 import torch
 
-from torchx_diloco.checkpoint import CorruptCheckpoint
-from torchx_diloco.sharded import load_sharded, safe_load_metadata, save_sharded
+from torchx_diloco.checkpoint import CheckpointStore, CorruptCheckpoint
+from torchx_diloco.sharded import HashingStream, safe_load_metadata
 
 
-def test_round_trip_and_damage(tmp_path):
-    url = str(tmp_path / "part")
-    save_sharded(url, {"w": torch.arange(10.0), "opt": {"m": torch.ones(3)}, "step": 7})
-    state = {"w": torch.zeros(10), "opt": {"m": torch.zeros(3)}, "step": 0}
-    load_sharded(url, state)
-    assert torch.equal(state["w"], torch.arange(10.0)) and state["step"] == 7
-    victim = next(p for p in (tmp_path / "part").iterdir() if p.suffix == ".distcp")
+def _write(store, step, value):
+    state = {"w": torch.full((10,), float(value)), "opt": {"m": torch.ones(3), "lr": 0.5}}
+    store.write_sharded_part(step, "global", state, {"outer_step": step, "manager": {"step": step}}, None)
+
+
+def test_round_trip_checksums_written_as_hashed_and_damage_falls_back(tmp_path):
+    store = CheckpointStore(str(tmp_path))
+    _write(store, 1, 1)
+    _write(store, 2, 2)
+    manifest = json.loads((tmp_path / "step_00000002" / "MANIFEST.global.json").read_text())
+    assert manifest["format"] == 2 and manifest["layout"] == "dcp" and ".metadata" in manifest["files"]
+    for name, entry in manifest["files"].items():  # the checksums taken while writing are those of the files
+        data = (tmp_path / "step_00000002" / "global" / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    ckpt = store.latest(0)
+    assert ckpt.step == 2 and ckpt.sharded == {"global"} and ckpt.global_state["outer_step"] == 2
+    state = {"w": torch.zeros(10), "opt": {"m": torch.zeros(3), "lr": 0.0}}
+    store.load_sharded_part(2, "global", state, None)
+    assert torch.equal(state["w"], torch.full((10,), 2.0)) and state["opt"]["lr"] == 0.5
+    victim = next(p for p in (tmp_path / "step_00000002" / "global").iterdir() if p.suffix == ".distcp")
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte, size unchanged: only the checksum sees it
     victim.write_bytes(bytes(data))
     with pytest.raises(CorruptCheckpoint):
-        load_sharded(url, state)
+        store.read_part(2, "global")
+    assert store.latest(0).step == 1  # the damaged step is skipped for the one before
+
+
+def test_hashing_stream_checksums_large_and_small_writes_in_order(tmp_path):
+    chunks = [b"a" * 10, bytes(range(256)) * 8192, b"z", memoryview(torch.arange(1 << 19).numpy()).cast("B")]
+    with open(tmp_path / "f", "wb") as f:
+        stream = HashingStream(f)
+        for chunk in chunks:
+            stream.write(chunk)
+    data = (tmp_path / "f").read_bytes()
+    assert stream.bytes == len(data) and stream.hexdigest() == hashlib.sha256(data).hexdigest()
 
 
 class _Evil:
@@ -56,6 +82,6 @@ def _run(args, world):
     ids=["fsdp2ranks-to-plain1", "plain1-to-fsdp2ranks"],
 )
 def test_reshard_across_layouts(tmp_path, save, load):
-    url = str(tmp_path / "part")
+    url = str(tmp_path / "ckpt")
     _run(["save", save[0], url], save[1])
     assert "LOADED OK" in _run(["load", load[0], url], load[1])

@@ -12,7 +12,12 @@ after every group of the quorum has published its part, so a step with a global 
 crash at any instant leaves the previous complete step loadable. Loading checks sizes and checksums and unpickles with
 ``weights_only=True``: a checkpoint from a shared bucket cannot run code.
 
-Every manifest carries ``FORMAT_VERSION``, stamped here (callers write no version of their own). A part of a newer
+A group of several ranks writes its parts with torch.distributed.checkpoint instead (``write_sharded_part``: a
+folder ``<part>/`` with each rank's shard, format 2): the manifest then lists every file with its size and sha256,
+and carries the part's few plain values (step, data position, the model's fingerprint) as JSON. Such a part loads
+into any number of ranks, ddp or fsdp (see ``sharded.py``).
+
+Every manifest carries a format version, stamped here (callers write no version of their own). A part of a newer
 format (a newer torchx-diloco wrote it) stops the load with one line: skipping it as corrupt would resume
 silently from an older step, and reading it as ours could misload it.
 """
@@ -29,7 +34,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, FrozenSet, List, Optional
 
 import fsspec
 import torch
@@ -38,7 +43,8 @@ from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when a manifest or a part changes in a way older readers would misread
+FORMAT_VERSION = 2  # bump when a manifest or a part changes in a way older readers would misread
+_TORCH_FORMAT = 1  # a part written by torch.save: what format 1 readers read (a sharded part is format 2)
 _UNVERSIONED = 1  # the format of a manifest without a "format" field
 GLOBAL_PART = "global"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
@@ -65,9 +71,13 @@ def check_format(folder: str, fmt: object) -> None:
 
 @dataclass
 class Checkpoint:
+    """A verified step. For a sharded part (its name in ``sharded``) the state holds the manifest's plain values
+    only; its tensors are loaded with :meth:`CheckpointStore.load_sharded_part` by every rank of the group."""
+
     step: int
     global_state: Dict[str, Any]
     group_state: Optional[Dict[str, Any]]  # None when this group wrote no part at that step
+    sharded: FrozenSet[str] = frozenset()
 
 
 class CheckpointStore:
@@ -117,9 +127,46 @@ class CheckpointStore:
         with self.fs.open(f"{folder}/{part}.pt", "wb") as f:
             f.write(data)
         entry = {"file": f"{part}.pt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        body = json.dumps({"format": FORMAT_VERSION, "step": step, "part": part, **entry}).encode()
+        body = json.dumps({"format": _TORCH_FORMAT, "step": step, "part": part, **entry}).encode()
         with self.fs.open(manifest, "wb") as f:
             f.write(body)
+
+    def write_sharded_part(
+        self, step: int, part: str, state: Dict[str, Any], values: Dict[str, Any], pg: Optional[Any]
+    ) -> None:
+        """Every rank of ``pg`` writes its shard of ``state`` (DCP, hashed as written); rank 0 then writes the
+        manifest, last: the files' sizes and checksums, and ``values`` (JSON: the part's plain values)."""
+        import torch.distributed as dist
+
+        from torchx_diloco.sharded import save_sharded
+
+        folder, leader = self.step_dir(step), pg is None or dist.get_rank(pg) == 0
+        manifest = f"{folder}/MANIFEST.{part}.json"
+        if leader:
+            self.fs.makedirs(f"{folder}/{part}", exist_ok=True)
+            if self.fs.exists(manifest):  # rewriting a step (after a resume): unpublish the old part first
+                self.fs.rm_file(manifest)
+        if pg is not None:
+            dist.barrier(group=pg)
+        files = save_sharded(f"{self._url_of(folder)}/{part}", state, pg)
+        if leader:
+            assert files is not None
+            body = {"format": FORMAT_VERSION, "step": step, "part": part, "layout": "dcp", "folder": part}
+            body.update(files=files, values=values)
+            with self.fs.open(manifest, "wb") as f:
+                f.write(json.dumps(body).encode())
+
+    def load_sharded_part(self, step: int, part: str, state: Dict[str, Any], pg: Optional[Any]) -> None:
+        """Every rank of ``pg``: load ``part`` of ``step`` in place into ``state`` (its layout decides the
+        resharding). The part was verified by whoever chose the step (:meth:`latest` on rank 0)."""
+        from torchx_diloco.sharded import load_sharded
+
+        load_sharded(f"{self._url_of(self.step_dir(step))}/{part}", state, pg)
+
+    def _url_of(self, path: str) -> str:
+        """``path`` (inside this store) as a URL DCP's fsspec reader and writer open."""
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
     def wait_for_group_parts(
         self, step: int, count: int, timeout_s: float, stop: Optional[threading.Event] = None
@@ -163,11 +210,34 @@ class CheckpointStore:
         found = (_STEP_DIR.search(n.rstrip("/")) for n in names)
         return sorted(int(m.group(1)) for m in found if m)
 
-    def read_part(self, step: int, part: str) -> Dict[str, Any]:
+    def read_manifest(self, step: int, part: str) -> Dict[str, Any]:
         folder = self.step_dir(step)
         try:
             manifest = json.loads(self.fs.cat_file(f"{folder}/MANIFEST.{part}.json"))
             check_format(folder, manifest.get("format", _UNVERSIONED))  # before any field a new format may lack
+        except FileNotFoundError as e:
+            raise CorruptCheckpoint(f"{folder}: {part} is missing ({e})") from e
+        except (ValueError, TypeError, AttributeError) as e:
+            raise CorruptCheckpoint(f"{folder}: the manifest of {part} is malformed ({e})") from e
+        return manifest
+
+    def is_sharded(self, step: int, part: str) -> bool:
+        return self.read_manifest(step, part).get("layout") == "dcp"
+
+    def read_part(self, step: int, part: str) -> Dict[str, Any]:
+        """A part's state, verified. A sharded part: its manifest's plain values, after its files are verified
+        (its tensors are for :meth:`load_sharded_part`)."""
+        folder = self.step_dir(step)
+        manifest = self.read_manifest(step, part)
+        if manifest.get("layout") == "dcp":
+            from torchx_diloco.sharded import verify_sharded
+
+            verify_sharded(f"{self._url_of(folder)}/{part}", manifest.get("files") or {})
+            values = manifest.get("values")
+            if not isinstance(values, dict):
+                raise CorruptCheckpoint(f"{folder}: the manifest of {part} is malformed (no values)")
+            return values
+        try:
             data = self.fs.cat_file(f"{folder}/{manifest['file']}")
         except FileNotFoundError as e:
             raise CorruptCheckpoint(f"{folder}: {part} is missing ({e})") from e
@@ -209,14 +279,30 @@ class CheckpointStore:
                 logger.warning("checkpoint %s is incomplete (no manifest): skipping it", self.step_dir(step))
                 continue
             try:
-                global_state = self.read_part(step, GLOBAL_PART)
-                part = group_part(group_id)
-                group_state = self.read_part(step, part) if self.has_part(step, part) else None
+                return self.at(step, group_id)
             except CorruptCheckpoint as e:
                 logger.warning("checkpoint skipped: %s", e)
-                continue
-            return Checkpoint(step, global_state, group_state)
         return None
+
+    def at(self, step: int, group_id: int, verify: bool = True) -> Checkpoint:
+        """Step ``step`` with this group's part if it has one. ``verify=False``: sharded parts are not read back
+        (the group's rank 0 verified the step it chose for all its ranks)."""
+        found: Dict[str, Optional[Dict[str, Any]]] = {}
+        sharded = set()
+        for part in (GLOBAL_PART, group_part(group_id)):
+            if part != GLOBAL_PART and not self.has_part(step, part):
+                found[part] = None
+                continue
+            manifest = self.read_manifest(step, part)
+            if manifest.get("layout") == "dcp":
+                sharded.add(part)
+                if not verify:
+                    found[part] = manifest.get("values") or {}
+                    continue
+            found[part] = self.read_part(step, part)
+        global_state = found[GLOBAL_PART]
+        assert global_state is not None
+        return Checkpoint(step, global_state, found[group_part(group_id)], frozenset(sharded))
 
 
 class AsyncWriter:

@@ -23,13 +23,14 @@ test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours d
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -58,6 +59,20 @@ def local_tensor(p: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return p.to_local() if isinstance(p, DTensor) else p
+
+
+@contextlib.contextmanager
+def _grads_set_aside(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Parameters without gradients for a moment: torch's optimizer state-dict helpers initialise an optimizer
+    that has no state yet (so a checkpoint has somewhere to load into) only when no parameter has a gradient."""
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
 
 
 def split_evenly(sizes: Sequence[int], parts: int) -> List[range]:
@@ -275,6 +290,48 @@ class DiLoCo:
             else self.outer_optimizer.state_dict()
         )
         return {"global_weights": weights, "outer_optimizer": outer}
+
+    def distributed_state_dict(self) -> Dict[str, Any]:
+        """The global state for torch.distributed.checkpoint: each rank's global weights as DTensors where the
+        model is sharded (plain tensors otherwise) and the outer optimizers keyed by parameter name, so a
+        checkpoint written by one layout (ranks per group, ddp or fsdp) loads into another. Loading in place into
+        this very dict, then :meth:`load_distributed_state_dict`, restores it."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+        from torch.distributed.tensor import DTensor
+
+        weights = {}
+        for f in self._fragments:
+            for name, p, backup in zip(f.names, f.params, f.backup, strict=True):
+                weights[name] = (
+                    DTensor.from_local(backup, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    if isinstance(p, DTensor)
+                    else backup
+                )
+        with _grads_set_aside(self._params):  # so that an optimizer without state yet gets (zero) state to load
+            outer = get_optimizer_state_dict(self.model, self._unique_outers())
+        return {"global_weights": weights, "outer_optimizer": outer}
+
+    def load_distributed_state_dict(self, state: Dict[str, Any], newer: bool) -> None:
+        """Adopt a :meth:`distributed_state_dict` that DCP loaded in place: reset the model to it (``newer``: as
+        :meth:`adopt_newer_global_state`, this group's inner steps then count for nothing)."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        self._drop_in_flight()
+        with torch.no_grad():
+            for f in self._fragments:
+                for name, backup in zip(f.names, f.backup, strict=True):
+                    loaded = local_tensor(state["global_weights"][name])
+                    if loaded.data_ptr() != backup.data_ptr():
+                        backup.copy_(loaded)
+        with _grads_set_aside(self._params):
+            set_optimizer_state_dict(self.model, self._unique_outers(), state["outer_optimizer"])
+        for f in self._fragments:
+            f.restore_backup()
+        if newer:
+            self._healed = True
+
+    def _unique_outers(self) -> List[torch.optim.Optimizer]:
+        return list({id(o): o for o in self.outer_optimizers}.values())
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Adopt ``state`` as the global state and reset the model to those weights."""

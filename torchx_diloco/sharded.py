@@ -1,13 +1,13 @@
-"""Sharded checkpoint parts through torch.distributed.checkpoint (DCP) on fsspec URLs (work in progress).
+"""Sharded checkpoint parts through torch.distributed.checkpoint (DCP) on fsspec URLs.
 
-Who calls what:
-- ``save_sharded(url, state, pg)``: every rank of a group (a collective over ``pg``; ``pg=None`` for a single
-  process). Each rank writes its own shard files with DCP's ``FsspecWriter``; after a barrier rank 0 lists the
-  folder and writes ``MANIFEST.json`` (every file, its size and sha256, the format) LAST: the part exists only then.
-- ``load_sharded(url, state, pg)``: every rank; verifies the manifest's sizes and checksums, then loads in place
-  into ``state`` (its tensors/DTensors give the target layout, so DCP reshards 2 ranks <-> 1, FSDP <-> plain).
-  DCP's ``.metadata`` is a pickle: it is read with an unpickler that allows only DCP's metadata classes and a
-  few builtins, so a checkpoint from a shared bucket cannot run code.
+A group of several ranks (ddp or fsdp) writes each part of a step as a DCP folder: every rank writes its own
+shard (DCP spreads replicated tensors over the ranks), hashing each file as it writes it; rank 0 gathers the
+sizes and checksums and the caller's manifest is written LAST (see ``CheckpointStore.write_sharded_part``).
+
+Loading reshards: the target state's tensors/DTensors give the layout, so a part written by 2 FSDP ranks loads into
+one plain rank, or 2 DDP ranks into FSDP. Nothing loaded can run code: DCP's ``.metadata`` (a pickle) is read with
+an unpickler that allows only DCP's metadata dataclasses and a few builtins, tensors are read with
+``weights_only=True`` by DCP itself, and the few non-tensor values (optimizer hyper-parameters) are too.
 """
 
 from __future__ import annotations
@@ -16,20 +16,25 @@ import dataclasses
 import enum
 import hashlib
 import io
-import json
+import os
 import pickle
-from typing import Any, Dict, Optional
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, Dict, Generator, Optional
 
 import fsspec
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from torchx_diloco.checkpoint import CorruptCheckpoint
 
-SHARDED_FORMAT = 2
-MANIFEST = "MANIFEST.json"
+FileDigests = Dict[str, Dict[str, Any]]  # file name (relative to the part's folder) -> {"bytes", "sha256"}
+
 _ALLOWED_MODULES = (
     "torch.distributed.checkpoint.",
     "torch.distributed._shard.",
@@ -95,54 +100,147 @@ class _SafeReader(FsspecReader):
         return meta
 
 
+class _SafePlanner(DefaultLoadPlanner):
+    """DCP's planner, but non-tensor values (optimizer hyper-parameters) are unpickled with ``weights_only``."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unpickling errors have many types; all mean "refuse"
+            raise CorruptCheckpoint(f"a checkpoint value refused by the safe loader ({str(e).splitlines()[0]})") from e
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class HashingStream:
+    """A write stream that checksums what passes through it. A large write is hashed on another thread while this
+    one writes it (hashlib and file writes release the GIL): the checksum overlaps the write instead of adding
+    to it. Each write returns only once both are done, so the caller may reuse its buffer."""
+
+    _OVERLAP_FROM = 1 << 20  # smaller writes are hashed inline: a thread hand-off would cost more
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes < self._OVERLAP_FROM:
+            self._sha.update(view)
+            written = self._stream.write(view)
+        else:
+            hashed = _hasher().submit(self._sha.update, view)
+            written = self._stream.write(view)
+            hashed.result()
+        self.bytes += view.nbytes
+        return view.nbytes if written is None else written
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+_HASHER: Optional[ThreadPoolExecutor] = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256")
+    return _HASHER
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's fsspec file system, recording each written file's size and sha256 as it is written."""
+
+    def __init__(self, digests: FileDigests) -> None:
+        super().__init__()
+        self.digests = digests
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[Any, None, None]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            hashing = HashingStream(stream)
+            yield hashing
+        self.digests[os.path.basename(os.fspath(path))] = {"bytes": hashing.bytes, "sha256": hashing.hexdigest()}
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:  # .metadata is renamed last
+        super().rename(path, new_path)
+        old = self.digests.pop(os.path.basename(os.fspath(path)), None)
+        if old is not None:
+            self.digests[os.path.basename(os.fspath(new_path))] = old
+
+
+class _HashingWriter(FsspecWriter):
+    def __init__(self, url: str) -> None:
+        super().__init__(url, sync_files=False)
+        self.digests: FileDigests = {}
+        self.fs = _HashingFileSystem(self.digests)  # type: ignore[assignment]
+        self.path = self.fs.init_path(url)
+
+
 def _rank(pg: Optional[dist.ProcessGroup]) -> int:
     return dist.get_rank(pg) if pg is not None else 0
 
 
-def save_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup] = None) -> None:
-    """Every rank writes its shard; rank 0 writes the manifest last, after all ranks are done."""
-    fs, root = fsspec.core.url_to_fs(url)
-    root = root.rstrip("/")
-    if _rank(pg) == 0 and fs.exists(f"{root}/{MANIFEST}"):
-        fs.rm_file(f"{root}/{MANIFEST}")  # unpublish a rewritten part first
-    if pg is not None:
-        dist.barrier(group=pg)
-    dcp.save(state, storage_writer=FsspecWriter(url, sync_files=False), process_group=pg, no_dist=pg is None)
-    if pg is not None:
-        dist.barrier(group=pg)
-    if _rank(pg) == 0:
-        fs.invalidate_cache(root)
-        files = {}
-        for path in sorted(fs.find(root)):
-            name = path[len(root) + 1 :]
-            if name == MANIFEST:
-                continue
-            data = fs.cat_file(path)
-            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        body = json.dumps({"format": SHARDED_FORMAT, "layout": "dcp", "files": files}).encode()
-        fs.pipe_file(f"{root}/{MANIFEST}", body)
-    if pg is not None:
-        dist.barrier(group=pg)
+def save_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup] = None) -> Optional[FileDigests]:
+    """Every rank of ``pg`` (a collective; ``None``: this process alone) writes its shard of ``state`` into the
+    folder ``url``. Returns, on rank 0 only, every file written (all ranks') with its size and sha256."""
+    writer = _HashingWriter(url)
+    dcp.save(state, storage_writer=writer, process_group=pg, no_dist=pg is None)
+    if pg is None:
+        return dict(writer.digests)
+    gathered: list = [None] * dist.get_world_size(pg) if _rank(pg) == 0 else []
+    dist.gather_object(dict(writer.digests), gathered if _rank(pg) == 0 else None, dst=_global_rank0(pg), group=pg)
+    if _rank(pg) != 0:
+        return None
+    return {name: entry for digests in gathered for name, entry in digests.items()}
 
 
-def verify_sharded(url: str) -> None:
+def _global_rank0(pg: dist.ProcessGroup) -> int:
+    return dist.get_global_rank(pg, 0)
+
+
+def verify_sharded(url: str, files: FileDigests) -> None:
     """Sizes and checksums of every file of the part against its manifest (CorruptCheckpoint if not)."""
     fs, root = fsspec.core.url_to_fs(url)
     root = root.rstrip("/")
+    if ".metadata" not in files:
+        raise CorruptCheckpoint(f"{root}: the manifest lists no .metadata")
     try:
-        manifest = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
-        files = manifest["files"]
         for name, entry in files.items():
             data = fs.cat_file(f"{root}/{name}")
             if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise CorruptCheckpoint(f"{root}/{name} does not match its manifest")
     except FileNotFoundError as e:
         raise CorruptCheckpoint(f"{root}: missing ({e})") from e
-    except (ValueError, KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise CorruptCheckpoint(f"{root}: malformed manifest ({e})") from e
 
 
 def load_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup] = None) -> None:
-    """Every rank: verify, then load in place into ``state`` (its layout decides the resharding)."""
-    verify_sharded(url)
-    dcp.load(state, storage_reader=_SafeReader(url), process_group=pg, no_dist=pg is None)
+    """Every rank of ``pg``: load the folder ``url`` in place into ``state`` (its layout decides the resharding).
+    Verify first (:func:`verify_sharded`): this only refuses what is unsafe to unpickle."""
+    try:
+        dcp.load(state, storage_reader=_SafeReader(url), planner=_SafePlanner(), process_group=pg, no_dist=pg is None)
+    except CorruptCheckpoint:
+        raise
+    except Exception as e:  # noqa: BLE001 - DCP wraps a rank's error in its own types
+        if "CorruptCheckpoint" in str(e) or "safe loader" in str(e):
+            raise CorruptCheckpoint(str(e).splitlines()[0]) from e
+        raise
+
+
+def sharded_bytes(files: FileDigests) -> int:
+    return sum(int(entry["bytes"]) for entry in files.values())
+
+
+__all__ = ["FileDigests", "HashingStream", "load_sharded", "save_sharded", "safe_load_metadata", "verify_sharded"]
