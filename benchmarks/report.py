@@ -198,6 +198,40 @@ def memory(d) -> str:
     return f"Host memory, in parameters' bytes ({d['date'][:10]}):\n\n" + bl.table(heads, rows)
 
 
+def groups(d) -> str:
+    """``bench_groups.py``: 2 groups of 1 or 2 ranks, bytes across groups per sync and memory per rank."""
+    if "skipped" in d:
+        return f"Skipped: {d['skipped']}"
+    c = d["config"]
+    base = d["results"][0]
+    rows = [
+        [
+            r["layout"],
+            f"{r['bytes_per_sync'] / 1e6:.2f}",
+            f"{r['over_model_bytes']:.3f}",
+            f"{r['sent_bytes_rank0'] / c['model_bytes']:.2f}",
+            f"{r['state_bytes_max'] / 1e6:.0f}",
+            f"{r['peak_rss_bytes_max'] / 1e6:.0f}",
+            f"{r['peak_rss_bytes_max'] / base['peak_rss_bytes_max']:.2f}",
+        ]
+        for r in d["results"]
+    ]
+    heads = [
+        "layout (2 groups)",
+        "MB sent per group per sync",
+        "/ model bytes",
+        "rank 0 sends / model",
+        "state MB per rank",
+        "peak RSS MB per rank",
+        "RSS vs 1 rank",
+    ]
+    return (
+        f"GPT `{c['model']}` {c['model_args']} ({c['params'] / 1e6:.1f}M parameters, {c['model_bytes'] / 1e6:.1f} MB), "
+        f"H={c['H']}, {c['outer_steps']} outer steps, batch {c['batch_size']} x {c['seq_len']} per rank "
+        f"({d['date'][:10]}):\n\n" + bl.table(heads, rows)
+    )
+
+
 def main() -> int:
     sections = (
         ("vs_torchft", vs_torchft),
@@ -205,6 +239,7 @@ def main() -> int:
         ("quality", quality),
         ("durability", durability),
         ("memory", memory),
+        ("groups", groups),
     )
     for name, fn in sections:
         d = load(name)
