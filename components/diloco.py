@@ -506,6 +506,11 @@ def _group_role(
         rdzv_host += f'host=$$(scontrol show hostnames "$${var}" | head -n1); '
         rdzv_host += f"port={_rdzv_port_shell(first_het_group)}; "
         endpoint = "$$host:$$port"
+        # torchrun's agents share one store across restarts, and a restart bumps TORCHELASTIC_RESTART_COUNT only on
+        # the node whose worker failed, so the trainer's per-life keys (cluster.torchrun_store) would differ between
+        # the group's nodes and a restarted group hang or fail to connect (seen on the test Slurm). Without the
+        # shared store each rendezvous round gets a fresh MASTER_PORT that the group's rank 0 hosts.
+        role_env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         rendezvous = ["--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", f"diloco-group-{group}"]
     else:
         rdzv_host, rendezvous = "", ["--standalone"]

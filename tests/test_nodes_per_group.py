@@ -30,8 +30,10 @@ def test_each_group_is_n_replicas_rendezvousing_on_its_own_first_het_component()
         assert f'"$$SLURM_JOB_NODELIST_HET_GROUP_{1 + 2 * g}"' in cmd  # het group 0 is the lighthouse
         assert "--nnodes 2" in cmd and "--rdzv_backend c10d" in cmd and "--standalone" not in cmd
         assert role.env["REPLICA_GROUP_ID"] == str(g)
+        assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a fresh store per life on every node
     one = comp.diloco(replica_groups=2, lighthouse_port=29510)
     assert all("--standalone" in r.args[1] and r.num_replicas == 1 for r in one.roles[1:])
+    assert not any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in r.env for r in one.roles)
 
 
 def test_a_multi_node_group_outside_slurm_stops_with_one_line() -> None:

@@ -19,7 +19,15 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from torchx_diloco.testing import REPO, cli_env, free_port, metrics_url, read_metrics, train_workers
+from torchx_diloco.testing import (
+    REPO,
+    cli_env,
+    committed_checksums,
+    free_port,
+    metrics_url,
+    read_metrics,
+    train_workers,
+)
 
 COMPONENT = f"{REPO}/components/diloco.py"
 TRAIN = ["--model", "nano", "--sync_every", "40"]  # ~0.5 s per outer step here: long enough to act mid-run
@@ -120,6 +128,22 @@ def newest_complete(ckpt: Path) -> int:
 
 def group_log(folder: Path, jid: str, group: int, stream: str = "out") -> Path:
     return folder / f"slurm-{jid}-replica_group_{group}-0.{stream}"
+
+
+def need_nodes(n: int) -> None:
+    """Skip (fail under TORCHX_DILOCO_REQUIRE_SLURM=1) with one line when the cluster has fewer than ``n`` nodes."""
+    have = len(set(subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()))
+    if have < n:
+        msg = f"needs {n} Slurm nodes, the cluster has {have}: `SLURM_NODES={n} scripts/slurm-cluster.sh start`"
+        if os.environ.get("TORCHX_DILOCO_REQUIRE_SLURM") == "1":
+            pytest.fail(msg, pytrace=False)
+        pytest.skip(msg)
+
+
+def parent_argv(pid: int) -> List[str]:
+    """The command line of ``pid``'s parent (a training worker's: its torchrun agent)."""
+    ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return Path(f"/proc/{ppid}/cmdline").read_bytes().decode().split("\0")
 
 
 # ------------------------------------------------------------------------------------------------- the tests
@@ -509,3 +533,93 @@ def test_newer_squeue_shapes_are_read_too():
     ]
     assert [(a.app_id, a.name) for a in list_from_squeue_json(out)] == [("40", "lighthouse-0"), ("7", "other-0")]
     assert describe_from_squeue_json(out, "41").roles_statuses[0].role == "replica_group_0"  # a component's id
+
+
+@needs_slurm
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_groups_of_two_nodes_heal_a_killed_rank_and_end_with_identical_weights(tmp_path, jobs):
+    """2 groups x 2 nodes (5 het components): each group is one `torchrun --nnodes 2` rendezvousing on its first
+    node at a port of its own job; a rank of group 1's second node is SIGKILLed mid-run, torchrun restarts the
+    group, it heals from group 0 and the job still ends SUCCEEDED with both groups' weights identical."""
+    need_nodes(5)
+    ckpt, steps = tmp_path / "ckpt", 14
+    handle = submit(
+        [
+            COMPONENT + ":diloco",
+            "--replica_groups",
+            "2",
+            "--nodes_per_group",
+            "2",
+            "--min_replicas",
+            "2",  # group 0 waits for the restarted group instead of finishing alone
+            "--outer_steps",
+            str(steps),
+            "--max_restarts",
+            "2",
+            "--lighthouse_port",
+            str(free_port()),
+            "--lighthouse_idle_exit",
+            "10",
+            "--checkpoint_dir",
+            str(ckpt),
+            "--model",
+            "nano",
+            "--sync_every",
+            "20",
+            *SMALL,
+        ],
+        tmp_path,
+        jobs,
+    )
+    jid = job_id(handle)
+    workers = wait_until(lambda: len(w := train_workers(SLURM_JOB_ID=jid)) == 4 and w, 90, "4 training workers")
+    assert sorted((w["REPLICA_GROUP_ID"], w["RANK"], w["WORLD_SIZE"]) for w in workers) == [
+        ("0", "0", "2"),
+        ("0", "1", "2"),
+        ("1", "0", "2"),
+        ("1", "1", "2"),
+    ]
+    assert len({w["SLURMD_NODENAME"] for w in workers}) == 4  # one node each
+    for w in workers:  # the agent's rendezvous: the group's first node, a port from that component's job id
+        g = int(w["REPLICA_GROUP_ID"])
+        agent = parent_argv(int(w["PID"]))
+        first = w[f"SLURM_JOB_NODELIST_HET_GROUP_{1 + 2 * g}"]
+        port = 20000 + int(w[f"SLURM_JOB_ID_HET_GROUP_{1 + 2 * g}"]) % 12000
+        assert agent[agent.index("--rdzv_endpoint") + 1] == f"{first}:{port}", agent
+    status = torchx(["status", handle], tmp_path)
+    assert status.returncode == 0 and "State: RUNNING" in status.stdout, status.stdout + status.stderr
+    for role in ("replica_group_0[0]", "replica_group_0[1]", "replica_group_1[0]", "replica_group_1[1]"):
+        assert re.search(rf"^ *\*?{re.escape(role)}:RUNNING *$", status.stdout, re.M), status.stdout  # * marks [0]
+
+    wait_until(lambda: len(committed_checksums(ckpt, 1)) >= 3, 120, "group 1 past outer step 3")
+    victim = train_workers(SLURM_JOB_ID=jid, SLURM_JOB_NAME="replica_group_1-1")  # group 1's second node
+    assert len(victim) == 1 and victim[0]["REPLICA_GROUP_ID"] == "1", victim
+    killed_at = max(committed_checksums(ckpt, 1))
+    os.kill(int(victim[0]["PID"]), signal.SIGKILL)  # the worker dies on its node; torchrun stays
+    restarted = wait_until(
+        lambda: [
+            w
+            for w in train_workers(SLURM_JOB_ID=jid, SLURM_JOB_NAME="replica_group_1-1")
+            if w["PID"] != victim[0]["PID"] and w["TORCHELASTIC_RESTART_COUNT"] == "1"
+        ],
+        90,
+        "torchrun to restart the killed rank",
+    )
+    assert restarted[0]["REPLICA_GROUP_ID"] == "1"
+
+    final = wait_done(jid, 200)
+    errors = "".join((tmp_path / f"slurm-{jid}-replica_group_1-{k}.err").read_text()[-2000:] for k in (0, 1))
+    assert final == "COMPLETED", errors
+    status = torchx(["status", handle], tmp_path)
+    assert "State: SUCCEEDED" in status.stdout, status.stdout + status.stderr
+    logs = torchx(["log", handle], tmp_path)  # every role, every node
+    assert logs.returncode == 0, logs.stderr
+    for g in (0, 1):
+        done = rf"^replica_group_{g}/[01] DiLoCo: group {g} finished at outer step {steps}$"
+        assert re.search(done, logs.stdout, re.M), logs.stdout[-3000:]
+    sums = [committed_checksums(ckpt, g) for g in (0, 1)]
+    assert max(sums[0]) == max(sums[1]) == steps and sums[0][steps] == sums[1][steps], sums
+    assert all(sums[0][s] == sums[1][s] for s in set(sums[0]) & set(sums[1])), sums
+    after = [r for r in read_metrics(metrics_url(ckpt, 1)) if r.get("committed") and r["outer_step"] > killed_at]
+    assert after and after[-1]["participants"] == 2, after[-3:]  # the restarted group trained on with group 0
