@@ -162,7 +162,7 @@ def main() -> int:
     p.add_argument("--full", action="store_true", help="15 syncs measured per layout")
     p.add_argument("--keep", metavar="DIR", help="keep the runs' logs and tx samples in DIR (default: removed)")
     a = p.parse_args()
-    started = time.time()
+    started, load_before = time.time(), os.getloadavg()
     why = netlab.available()
     if why:
         print(f"benchmark 7 skipped: {why}")
@@ -270,6 +270,7 @@ def main() -> int:
         "groups",
         {
             "config": {**cfg, "params": params, "model_bytes": model_bytes, "groups": 2, "link": "veth, unshaped"},
+            "loadavg_before": load_before,  # the machine's own "loadavg_at_start" is read as the JSON is written
             "loadavg_at_end": os.getloadavg(),
             "results": results,
             "goals": goals,
