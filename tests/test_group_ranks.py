@@ -77,17 +77,25 @@ def checksums(records: Dict[int, List[dict]]) -> Dict[int, Dict[int, str]]:
     return {g: {r["outer_step"]: r["weights_sha"] for r in rs} for g, rs in records.items()}
 
 
-def fleet_records(tmp_path: Path, nproc: int, outer_steps: int = 3, extra: Sequence[str] = ()) -> Dict[int, List[dict]]:
-    """2 groups of ``nproc`` ranks to the end; each group's committed metrics records."""
+def fleet_records(
+    tmp_path: Path, nproc: int, outer_steps: int = 3, extra: Sequence[str] = (), ckpt_tag: str = ""
+) -> Dict[int, List[dict]]:
+    """2 groups of ``nproc`` ranks to the end; each group's committed metrics records (``ckpt_tag``: the
+    checkpoint folder of an earlier fleet, to resume from)."""
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
     tag = f"-x{nproc}{''.join(extra).replace('-', '')}"
-    ckpt = tmp_path / f"ckpt{tag}"
+    ckpt = tmp_path / f"ckpt{ckpt_tag or tag}"
     args = [*ARGS, "--outer-steps", str(outer_steps), "--checkpoint-dir", str(ckpt), *extra]
+    earlier = {g: len(read_metrics(metrics_url(ckpt, g))) if ckpt_tag else 0 for g in range(2)}
     groups = [Group(g, 2, lighthouse.url, args, tmp_path, tag=tag, nproc=nproc) for g in range(2)]
     for g in groups:
         assert g.wait(120) == 0, g.output()[-3000:]
     lighthouse.kill()
-    records = {g: committed(read_metrics(metrics_url(ckpt, g))) for g in range(2)}
+    if ckpt_tag:  # a resumed fleet: its groups read the earlier fleet's newest step
+        for g in range(2):
+            log = (tmp_path / f"group{g}{tag}.log").read_text()
+            assert f"group {g} resumed from" in log, log[-3000:]
+    records = {g: committed(read_metrics(metrics_url(ckpt, g))[earlier[g] :]) for g in range(2)}
     for rs in records.values():
         # the group's distinct tokens: every rank drew its own batches
         assert all(r["tokens"] == r["inner_steps"] * 4 * SEQ * nproc for r in rs), rs
@@ -111,6 +119,10 @@ def test_two_groups_of_two_ranks_agree_and_their_ranks_train_on_different_batche
     # each rank sends its half of the pseudo-gradient to the other group: the link carries the model once
     # per group, not once per rank (rank 0's count; rank 1 sends the other half)
     assert {r["sent_bytes"] for r in two_records[0]} == {one_records[0][0]["sent_bytes"] // 2}, two_records[0]
+    # the 2-rank groups' checkpoints are sharded (each rank wrote its part) and load into FSDP groups
+    assert (tmp_path / "ckpt-x2" / "step_00000003" / "global" / ".metadata").exists()
+    fsdp = checksums(fleet_records(tmp_path, nproc=2, outer_steps=4, extra=["--parallel", "fsdp"], ckpt_tag="-x2"))
+    assert list(fsdp[0]) == [4] and fsdp[0] == fsdp[1], fsdp
 
 
 @pytest.mark.slow
@@ -125,9 +137,17 @@ def test_fsdp_groups_shard_the_model_and_agree(tmp_path):
     model_bytes = 4 * sum(p.numel() for p in build_model("nano", block_size=SEQ).parameters())
     sent = {r["sent_bytes"] for r in records[0]}  # rank 0's shard: about half the model (FSDP pads rows)
     assert len(sent) == 1 and 0.4 * model_bytes < sent.pop() < 0.6 * model_bytes, (sent, model_bytes)
-    # rank 0 holds half the global state: it must not pass for a whole checkpoint (sharded ones: not yet)
-    assert not list(tmp_path.glob("ckpt*/step_*")), "an FSDP group wrote a checkpoint of rank 0's shards"
-    assert "no durable checkpoints" in (tmp_path / "group0-x2parallelfsdp.log").read_text()
+    # every rank wrote its shards of each step (DCP); the steps load into one-rank groups, resharded
+    step3 = tmp_path / "ckpt-x2parallelfsdp" / "step_00000003"
+    assert {p.name for p in (step3 / "global").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    store = CheckpointStore(str(step3.parent))
+    values = store.read_part(3, GLOBAL_PART)  # verified against the manifest written last
+    assert values["outer_step"] == 3 and store.at(3, 0).sharded == {GLOBAL_PART, "replica_group_0"}
+    resumed = fleet_records(tmp_path, nproc=1, outer_steps=4, ckpt_tag="-x2parallelfsdp")
+    assert [r["outer_step"] for r in resumed[0]] == [4] and checksums(resumed)[0] == checksums(resumed)[1]
+    # the group part came along: the inner steps go on from 3 x 4, and the loss from where it was
+    assert resumed[0][0]["inner_steps"] == 16, resumed[0]
+    assert resumed[0][0]["loss"] < records[0][0]["loss"], (resumed[0][0], records[0])
 
 
 def write_newer_step(ckpt: Path, step: int) -> None:

@@ -50,6 +50,47 @@ GLOBAL_PART = "global"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
 
 
+class HashingStream:
+    """A write stream that checksums what passes through it. A large write is hashed on another thread while this
+    one writes it (hashlib and file writes release the GIL): the checksum overlaps the write instead of adding
+    to it. Each write returns only once both are done, so the caller may reuse its buffer."""
+
+    _OVERLAP_FROM = 1 << 20  # smaller writes are hashed inline: a thread hand-off would cost more
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._sha = hashlib.sha256()
+        self.bytes = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        if view.nbytes < self._OVERLAP_FROM:
+            self._sha.update(view)
+            written = self._stream.write(view)
+        else:
+            hashed = _hasher().submit(self._sha.update, view)
+            written = self._stream.write(view)
+            hashed.result()
+        self.bytes += view.nbytes
+        return view.nbytes if written is None else written
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+_HASHER: Optional[ThreadPoolExecutor] = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256")
+    return _HASHER
+
+
 class CorruptCheckpoint(Exception):
     """A checkpoint part that is missing, truncated, altered or unsafe to load."""
 
@@ -121,12 +162,10 @@ class CheckpointStore:
         self.fs.makedirs(folder, exist_ok=True)
         if self.fs.exists(manifest):  # rewriting a step (after a resume): unpublish the old part first
             self.fs.rm_file(manifest)
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        data = buf.getbuffer()  # no extra copy of the serialised bytes
         with self.fs.open(f"{folder}/{part}.pt", "wb") as f:
-            f.write(data)
-        entry = {"file": f"{part}.pt", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            stream = HashingStream(f)  # serialised straight into the file, checksummed on the way
+            torch.save(payload, stream)
+        entry = {"file": f"{part}.pt", "bytes": stream.bytes, "sha256": stream.hexdigest()}
         body = json.dumps({"format": _TORCH_FORMAT, "step": step, "part": part, **entry}).encode()
         with self.fs.open(manifest, "wb") as f:
             f.write(body)

@@ -18,7 +18,7 @@ import hashlib
 import io
 import os
 import pickle
-from concurrent.futures import ThreadPoolExecutor
+import warnings
 from contextlib import contextmanager
 from typing import Any, Dict, Generator, Optional
 
@@ -31,7 +31,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from torchx_diloco.checkpoint import CorruptCheckpoint
+from torchx_diloco.checkpoint import CorruptCheckpoint, HashingStream
 
 FileDigests = Dict[str, Dict[str, Any]]  # file name (relative to the part's folder) -> {"bytes", "sha256"}
 
@@ -114,47 +114,6 @@ class _SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-class HashingStream:
-    """A write stream that checksums what passes through it. A large write is hashed on another thread while this
-    one writes it (hashlib and file writes release the GIL): the checksum overlaps the write instead of adding
-    to it. Each write returns only once both are done, so the caller may reuse its buffer."""
-
-    _OVERLAP_FROM = 1 << 20  # smaller writes are hashed inline: a thread hand-off would cost more
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._sha = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes < self._OVERLAP_FROM:
-            self._sha.update(view)
-            written = self._stream.write(view)
-        else:
-            hashed = _hasher().submit(self._sha.update, view)
-            written = self._stream.write(view)
-            hashed.result()
-        self.bytes += view.nbytes
-        return view.nbytes if written is None else written
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ...: the stream's own
-        return getattr(self._stream, name)
-
-
-_HASHER: Optional[ThreadPoolExecutor] = None
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _HASHER
-    if _HASHER is None:
-        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256")
-    return _HASHER
-
-
 class _HashingFileSystem(FileSystem):
     """DCP's fsspec file system, recording each written file's size and sha256 as it is written."""
 
@@ -187,6 +146,15 @@ class _HashingWriter(FsspecWriter):
         self.path = self.fs.init_path(url)
 
 
+@contextmanager
+def _one_process_is_meant(pg: Optional[dist.ProcessGroup]) -> Generator[None, None, None]:
+    """A one-rank group saves and loads without a process group: DCP warns that it assumes so, at every step."""
+    with warnings.catch_warnings():
+        if pg is None:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
 def _rank(pg: Optional[dist.ProcessGroup]) -> int:
     return dist.get_rank(pg) if pg is not None else 0
 
@@ -195,7 +163,8 @@ def save_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup
     """Every rank of ``pg`` (a collective; ``None``: this process alone) writes its shard of ``state`` into the
     folder ``url``. Returns, on rank 0 only, every file written (all ranks') with its size and sha256."""
     writer = _HashingWriter(url)
-    dcp.save(state, storage_writer=writer, process_group=pg, no_dist=pg is None)
+    with _one_process_is_meant(pg):
+        dcp.save(state, storage_writer=writer, process_group=pg, no_dist=pg is None)
     if pg is None:
         return dict(writer.digests)
     gathered: list = [None] * dist.get_world_size(pg) if _rank(pg) == 0 else []
@@ -230,7 +199,10 @@ def load_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup
     """Every rank of ``pg``: load the folder ``url`` in place into ``state`` (its layout decides the resharding).
     Verify first (:func:`verify_sharded`): this only refuses what is unsafe to unpickle."""
     try:
-        dcp.load(state, storage_reader=_SafeReader(url), planner=_SafePlanner(), process_group=pg, no_dist=pg is None)
+        with _one_process_is_meant(pg):
+            dcp.load(
+                state, storage_reader=_SafeReader(url), planner=_SafePlanner(), process_group=pg, no_dist=pg is None
+            )
     except CorruptCheckpoint:
         raise
     except Exception as e:  # noqa: BLE001 - DCP wraps a rank's error in its own types

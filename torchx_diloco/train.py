@@ -108,6 +108,17 @@ def state_bytes(model: nn.Module, inner: Any, outer: Any, backups: List[torch.Te
 _CHECKPOINT_TIMEOUT_S = 1800  # a sharded write waits for the slowest rank's storage, and the global part for peers
 
 
+def reshard(model: nn.Module) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward without backward (an evaluation): shard them
+    again, or the model lists the gathered tensors instead of the parameters the optimizers hold (and a
+    checkpoint of the optimizers' state by parameter name fails)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def _to_cpu(obj: Any) -> Any:
     """A detached CPU copy of a (nested) state dict, safe to serialise while training goes on."""
     if isinstance(obj, torch.Tensor):
@@ -446,6 +457,7 @@ class Trainer:
                 for x, y in eval_batches(self.eval_tokens, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches)
             ]
         self.model.train()
+        reshard(self.model)
         return sum(losses) / len(losses)
 
     def _after_commit(self, loss: float, window_steps: int, window_s: float, sync: Dict[str, Any]) -> None:
