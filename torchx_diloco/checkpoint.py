@@ -95,6 +95,12 @@ class CorruptCheckpoint(Exception):
     """A checkpoint part that is missing, truncated, altered or unsafe to load."""
 
 
+def _is_local(fs: Any) -> bool:
+    """A local file system (streamed writes), not an object store (whole-object PUTs)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
 def group_part(group_id: int) -> str:
     return f"replica_group_{group_id}"
 
@@ -162,9 +168,16 @@ class CheckpointStore:
         self.fs.makedirs(folder, exist_ok=True)
         if self.fs.exists(manifest):  # rewriting a step (after a resume): unpublish the old part first
             self.fs.rm_file(manifest)
-        with self.fs.open(f"{folder}/{part}.pt", "wb") as f:
-            stream = HashingStream(f)  # serialised straight into the file, checksummed on the way
+        path = f"{folder}/{part}.pt"
+        if _is_local(self.fs):
+            with self.fs.open(path, "wb") as f:
+                stream = HashingStream(f)  # serialised straight into the file, checksummed on the way
+                torch.save(payload, stream)
+        else:  # an object store: one PUT of the whole part beats a multipart upload of a streamed one
+            buf = io.BytesIO()
+            stream = HashingStream(buf)
             torch.save(payload, stream)
+            self.fs.pipe_file(path, buf.getvalue())
         entry = {"file": f"{part}.pt", "bytes": stream.bytes, "sha256": stream.hexdigest()}
         body = json.dumps({"format": _TORCH_FORMAT, "step": step, "part": part, **entry}).encode()
         with self.fs.open(manifest, "wb") as f:
@@ -205,7 +218,7 @@ class CheckpointStore:
     def _url_of(self, path: str) -> str:
         """``path`` (inside this store) as a URL DCP's fsspec reader and writer open."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return path if protocol in ("file", "local") else f"{protocol}://{path}"
+        return path if _is_local(self.fs) else f"{protocol}://{path}"
 
     def wait_for_group_parts(
         self, step: int, count: int, timeout_s: float, stop: Optional[threading.Event] = None

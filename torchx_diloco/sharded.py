@@ -31,7 +31,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from torchx_diloco.checkpoint import CorruptCheckpoint, HashingStream
+from torchx_diloco.checkpoint import CorruptCheckpoint, HashingStream, _is_local
 
 FileDigests = Dict[str, Dict[str, Any]]  # file name (relative to the part's folder) -> {"bytes", "sha256"}
 
@@ -114,6 +114,13 @@ class _SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+class _Buffer(io.BytesIO):
+    """Kept open when DCP closes its stream: its bytes are sent after."""
+
+    def close(self) -> None:
+        pass
+
+
 class _HashingFileSystem(FileSystem):
     """DCP's fsspec file system, recording each written file's size and sha256 as it is written."""
 
@@ -123,12 +130,20 @@ class _HashingFileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[Any, None, None]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
                 yield stream
-                return
-            hashing = HashingStream(stream)
+            return
+        if _is_local(self.fs):
+            with super().create_stream(path, mode) as stream:
+                hashing = HashingStream(stream)
+                yield hashing
+        else:  # an object store: one PUT of the whole file beats a multipart upload of a streamed one
+            buf = _Buffer()
+            hashing = HashingStream(buf)
             yield hashing
+            assert self.fs is not None
+            self.fs.pipe_file(os.fspath(path), buf.getvalue())
         self.digests[os.path.basename(os.fspath(path))] = {"bytes": hashing.bytes, "sha256": hashing.hexdigest()}
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:  # .metadata is renamed last
