@@ -1,4 +1,4 @@
-"""Run all four benchmarks one after the other: ``python benchmarks/run_all.py [--quick | --full]``.
+"""Run every benchmark one after the other: ``python benchmarks/run_all.py [--quick | --full]``.
 
 Each prints its table and writes benchmarks/results/<name>.json (benchmark 3 also loss_vs_tokens.png).
 A failing benchmark is reported and the others still run; the exit code says whether all passed.
