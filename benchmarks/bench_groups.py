@@ -53,24 +53,32 @@ def vm_kib(pid: int, field: str) -> Optional[int]:
 
 
 class PeakSampler(threading.Thread):
-    """Polls every rank of every group for its VmHWM (the kernel's own peak of the RSS) until stopped; keeps
-    the last reading of each (group, rank), which is its peak so far."""
+    """Polls every rank of every group until stopped: its VmHWM (the kernel's own peak of the RSS, whole life),
+    and its VmRSS with the time, to tell the training's peak from the final checkpoint's."""
 
     def __init__(self, groups: List[Group], period: float = 0.25) -> None:
         super().__init__(daemon=True)
         self.groups, self.period = groups, period
         self.peak_kib: Dict[Tuple[int, int], int] = {}
+        self.rss: List[Tuple[float, Tuple[int, int], int]] = []  # (unix time, (group, rank), VmRSS KiB)
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
             for g in self.groups:
                 for rank, pid in enumerate(g.workers()):
-                    hwm = vm_kib(pid, "VmHWM")
+                    key = (g.group, rank)
+                    hwm, rss = vm_kib(pid, "VmHWM"), vm_kib(pid, "VmRSS")
                     if hwm is not None:
-                        key = (g.group, rank)
                         self.peak_kib[key] = max(hwm, self.peak_kib.get(key, 0))
+                    if rss is not None:
+                        self.rss.append((time.time(), key, rss))
             self.stop.wait(self.period)
+
+    def rss_peak_before(self, key: Tuple[int, int], t: float) -> Optional[int]:
+        """The largest VmRSS sampled for ``key`` before ``t``, in bytes (a short spike between samples is missed)."""
+        seen = [kib for when, k, kib in self.rss if k == key and when <= t]
+        return 1024 * max(seen) if seen else None
 
 
 def quiet_rates(samples: List[Tuple[float, int]], records: List[Dict[str, Any]]) -> List[float]:
@@ -144,6 +152,10 @@ def run_layout(lab: netlab.Lab, work: Path, nproc: int, parallel: str, args: Lis
                     "group": g,
                     "rank": r,
                     "peak_rss_bytes": 1024 * peaks.peak_kib[(g, r)] if (g, r) in peaks.peak_kib else None,
+                    # up to the last commit: training and syncs, without the final checkpoint's write
+                    "rss_peak_to_last_commit_bytes": peaks.rss_peak_before(
+                        (g, r), bl.committed(records[g])[-1]["time"]
+                    ),
                     "state": state,
                     "state_bytes": sum(state.values()) if state else None,
                 }
@@ -206,6 +218,9 @@ def main() -> int:
                 row["over_model_bytes"] = sent / model_bytes if sent else None
                 row["peak_rss_bytes_max"] = max((x["peak_rss_bytes"] or 0) for x in r["ranks"]) or None
                 row["state_bytes_max"] = max((x["state_bytes"] or 0) for x in r["ranks"]) or None
+                row["rss_to_last_commit_max"] = (
+                    max((x["rss_peak_to_last_commit_bytes"] or 0) for x in r["ranks"]) or None
+                )
                 row["sent_bytes_rank0"] = r["per_group"][0]["sent_bytes_rank0"]
                 results.append(row)
                 print(
@@ -231,6 +246,7 @@ def main() -> int:
             (r["peak_rss_bytes_max"] or 0) / 1e6,
             bl.ratio(r["peak_rss_bytes_max"], base["peak_rss_bytes_max"]),
             ((r["peak_rss_bytes_max"] or 0) - (r["state_bytes_max"] or 0)) / 1e6,
+            (r["rss_to_last_commit_max"] or 0) / 1e6,
         ]
         for r in results
     ]
@@ -247,6 +263,7 @@ def main() -> int:
                 "peak RSS MB per rank (max)",
                 "vs 1 rank",
                 "peak RSS - state MB",
+                "RSS to the last commit MB (sampled)",
             ],
             rows,
             digits=3,

@@ -221,6 +221,7 @@ def groups(d) -> str:
             f"{r['state_bytes_max'] / 1e6:.0f}",
             f"{r['peak_rss_bytes_max'] / 1e6:.0f}",
             f"{r['peak_rss_bytes_max'] / base['peak_rss_bytes_max']:.2f}",
+            f"{r['rss_to_last_commit_max'] / 1e6:.0f}" if r.get("rss_to_last_commit_max") else "-",
         ]
         for r in d["results"]
     ]
@@ -232,6 +233,7 @@ def groups(d) -> str:
         "state MB per rank",
         "peak RSS MB per rank (max of the ranks)",
         "RSS vs 1 rank",
+        "RSS MB to the last commit (sampled)",
     ]
     return (
         f"GPT `{c['model']}` {c['model_args']} ({c['params'] / 1e6:.1f}M parameters, {c['model_bytes'] / 1e6:.1f} MB), "
