@@ -145,6 +145,8 @@ def test_make_run_in_a_fresh_clone(tmp_path):
     # the Makefile's command, 2 outer steps of H=20 instead of 6 of H=50: the same path, a minute less of the suite
     assert "--outer_steps" in args and "--sync_every" in args, command
     command[command.index("--outer_steps") + 1], command[command.index("--sync_every") + 1] = "2", "20"
+    if "--lighthouse_idle_exit" in command:  # the lighthouse's wait after the last group finished: 2 s will do
+        command[command.index("--lighthouse_idle_exit") + 1] = "2"
     groups, outer, sync = 2, 2, 20
 
     out = subprocess.run(

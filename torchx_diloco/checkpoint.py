@@ -273,14 +273,11 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{folder}: the manifest of {part} is malformed ({e})") from e
         return manifest
 
-    def is_sharded(self, step: int, part: str) -> bool:
-        return self.read_manifest(step, part).get("layout") == "dcp"
-
-    def read_part(self, step: int, part: str) -> Dict[str, Any]:
+    def read_part(self, step: int, part: str, manifest: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """A part's state, verified. A sharded part: its manifest's plain values, after its files are verified
-        (its tensors are for :meth:`load_sharded_part`)."""
+        (its tensors are for :meth:`load_sharded_part`). ``manifest``: the part's, if already read."""
         folder = self.step_dir(step)
-        manifest = self.read_manifest(step, part)
+        manifest = manifest if manifest is not None else self.read_manifest(step, part)
         if manifest.get("layout") == "dcp":
             from torchx_diloco.sharded import verify_sharded
 
@@ -351,7 +348,7 @@ class CheckpointStore:
                 if not verify:
                     found[part] = manifest.get("values") or {}
                     continue
-            found[part] = self.read_part(step, part)
+            found[part] = self.read_part(step, part, manifest)
         global_state = found[GLOBAL_PART]
         assert global_state is not None
         return Checkpoint(step, global_state, found[group_part(group_id)], frozenset(sharded))

@@ -224,10 +224,3 @@ def load_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup
         if "CorruptCheckpoint" in str(e) or "safe loader" in str(e):
             raise CorruptCheckpoint(str(e).splitlines()[0]) from e
         raise
-
-
-def sharded_bytes(files: FileDigests) -> int:
-    return sum(int(entry["bytes"]) for entry in files.values())
-
-
-__all__ = ["FileDigests", "HashingStream", "load_sharded", "save_sharded", "safe_load_metadata", "verify_sharded"]
