@@ -183,14 +183,10 @@ def save_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup
     if pg is None:
         return dict(writer.digests)
     gathered: list = [None] * dist.get_world_size(pg) if _rank(pg) == 0 else []
-    dist.gather_object(dict(writer.digests), gathered if _rank(pg) == 0 else None, dst=_global_rank0(pg), group=pg)
+    dist.gather_object(dict(writer.digests), gathered if _rank(pg) == 0 else None, group=pg, group_dst=0)
     if _rank(pg) != 0:
         return None
     return {name: entry for digests in gathered for name, entry in digests.items()}
-
-
-def _global_rank0(pg: dist.ProcessGroup) -> int:
-    return dist.get_global_rank(pg, 0)
 
 
 def verify_sharded(url: str, files: FileDigests) -> None:
