@@ -1,8 +1,8 @@
 """Benchmark 7: replica groups of several ranks: the bytes that cross groups per sync, and each rank's memory.
 
 Two replica groups, each (its torchrun agent and every rank) in its own network namespace joined to a hub
-namespace (the lighthouse) by a veth (:mod:`torchx_diloco.netlab`, unshaped): a group's intra-group traffic (DDP's
-all-reduces, FSDP's all-gathers and reduce-scatters, DiLoCo's all-gather of the summed slices) stays on its own
+namespace (the lighthouse) by a veth (:mod:`torchx_diloco._fleet.netlab`, unshaped): a group's intra-group traffic
+(DDP's all-reduces, FSDP's all-gathers and reduce-scatters, DiLoCo's all-gather of the summed slices) stays on its own
 loopback, and the veth's ``tx_bytes`` counts only what leaves the group. Three layouts, the same model and H:
 2 groups x 1 rank (the baseline), 2 x 2 ranks ``--parallel ddp`` (rank r sends slice r of the pseudo-gradient)
 and 2 x 2 ranks ``--parallel fsdp`` (each rank syncs its own shards). Reports, per group and sync, the bytes sent
@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # noqa: E402
 from torchx_diloco import netlab  # noqa: E402
-from torchx_diloco.netlab import HUB_ADDR  # noqa: E402
-from torchx_diloco.testing import Group, Proc, metrics_url  # noqa: E402
+from torchx_diloco._fleet.netlab import HUB_ADDR  # noqa: E402
+from torchx_diloco._fleet.testing import Group, Proc, metrics_url  # noqa: E402
 
 SETTLE_S = 0.2  # > the tx sampling period (0.05 s)
 QUIET_MARGIN_S = 0.5  # a compute stretch ends this long before the sync's step began (quorum, lighthouse check)

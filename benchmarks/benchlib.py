@@ -3,7 +3,7 @@
 Every benchmark launches the real runtime (``python -m torchx_diloco.train``, ``python -m
 torchx_diloco.lighthouse``) as separate processes, one core's worth of threads each (OMP_NUM_THREADS=1),
 and runs the sides of each comparison interleaved (A B A B ...) so a noisy shared machine hurts both alike.
-The processes, their environment and the metrics reader are the tests' own (:mod:`torchx_diloco.testing`).
+The processes, their environment and the metrics reader are the tests' own (:mod:`torchx_diloco._fleet.testing`).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 # PYTHON, committed and read_metrics are also the benchmark scripts' (bl.PYTHON, bl.committed, bl.read_metrics)
-from torchx_diloco import testing
-from torchx_diloco.netlab import HUB_ADDR, netns_prefix, read_samples
-from torchx_diloco.testing import PYTHON, Lighthouse, Proc, committed, read_metrics, train_module_args  # noqa: F401
+from torchx_diloco._fleet import testing
+from torchx_diloco._fleet.netlab import HUB_ADDR, netns_prefix, read_samples
+from torchx_diloco._fleet.testing import PYTHON, Lighthouse, Proc, committed, read_metrics, train_module_args  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 # where results go; the override is for trying the scripts without touching the committed results
@@ -31,7 +31,7 @@ NS_GROUP = str(REPO / "benchmarks" / "ns_group.py")  # hosts a group's store on 
 
 
 def group_env(group: int, groups: int, lighthouse: str) -> Dict[str, str]:
-    """A replica group's environment (:func:`torchx_diloco.testing.group_env`), with this repository on
+    """A replica group's environment (:func:`torchx_diloco._fleet.testing.group_env`), with this repository on
     PYTHONPATH and without LOGLEVEL, so that every run logs alike."""
     env = testing.group_env(group, groups, lighthouse, {"PYTHONPATH": str(REPO)})
     env.pop("LOGLEVEL", None)

@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from torchx_diloco._fleet.testing import committed, metrics_url, read_metrics  # noqa: E402
 from torchx_diloco.codecs import BLOCK, get_codec  # noqa: E402
-from torchx_diloco.testing import committed, metrics_url, read_metrics  # noqa: E402
 
 QMAX = {"int8": 127, "int4": 7}
 

@@ -7,7 +7,7 @@ kills one group's worker at a time, aimed at inner steps, at the sync and at che
 it and it resumes from the newest checkpoint and/or heals from a peer. Part 2: an uninterrupted run, then the
 same run (``--min-replicas 3``) killed whole at random instants and restarted with a fresh lighthouse; it must
 end with the uninterrupted weights. Prints a table, writes ``docs/fault-tolerance.json``, exits 1 on any breach of
-the invariant described in ``torchx_diloco/chaos.py``.
+the invariant described in ``torchx_diloco/_fleet/chaos.py``.
 """
 
 from __future__ import annotations

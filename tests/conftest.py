@@ -1,4 +1,5 @@
-"""Fixtures that start real servers on loopback: an S3-protocol endpoint (moto's server mode)."""
+"""Fixtures shared by the test files: real servers on loopback (an S3-protocol endpoint, moto's server mode) and
+``faulty://`` folders."""
 
 from __future__ import annotations
 
@@ -50,3 +51,13 @@ def s3_url(s3_endpoint):
     bucket = f"ckpt-{uuid.uuid4().hex[:12]}"
     fsspec.filesystem("s3", skip_instance_cache=True).mkdir(bucket)
     return f"s3://{bucket}/run"
+
+
+@pytest.fixture
+def faulty_url(tmp_path):
+    """``faulty://<tmp_path>/ckpt``, known to fsspec in this process (trainers started through the fleet register
+    it in theirs: :func:`torchx_diloco._fleet.testing.train_module_args`)."""
+    from torchx_diloco._fleet import faulty
+
+    faulty.register()
+    return f"faulty://{tmp_path}/ckpt"

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from torchx_diloco._fleet.testing import free_port, train_once
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.model import PRESETS
 from torchx_diloco.modeling import build_model, fingerprint
-from torchx_diloco.testing import free_port, train_once
 from torchx_diloco.train import main
 
 NO_CUDA = "no CUDA device is visible"

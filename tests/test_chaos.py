@@ -2,7 +2,7 @@
 the end of the run; one history survives each.
 
 The long form (20 worker kills, 10 whole-job restarts, a summary table) is ``scripts/chaos.py``; both use
-``torchx_diloco/chaos.py``, whose docstring defines the invariant checked here.
+``torchx_diloco/_fleet/chaos.py``, whose docstring defines the invariant checked here.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from torchx_diloco._fleet.faulty import FAULTS_ENV
 from torchx_diloco.checkpoint import (
     FORMAT_VERSION,
     GLOBAL_PART,
@@ -20,7 +21,6 @@ from torchx_diloco.checkpoint import (
     group_part,
 )
 from torchx_diloco.errors import UserError
-from torchx_diloco.testing import FAULTS_ENV  # importing it registers faulty://
 
 
 def global_state(step: int) -> dict:
@@ -136,9 +136,9 @@ def test_unusable_checkpoint_urls_get_one_line(url, message):
     assert "\n" not in str(e.value)
 
 
-def test_storage_fault_is_logged_once_training_goes_on_and_next_write_succeeds(tmp_path, monkeypatch, caplog):
+def test_storage_fault_is_logged_once_training_goes_on_and_next_write_succeeds(faulty_url, monkeypatch, caplog):
     """A disk that fails mid-write (the faulty:// filesystem) leaves the previous step loadable."""
-    url = f"faulty://{tmp_path}/ckpt"
+    url = faulty_url
     store = CheckpointStore(url)
     write_step(store, 1)
     # the real fault injector reads its rules from the environment, as in a training process

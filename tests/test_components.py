@@ -25,8 +25,8 @@ from torchx.schedulers import get_scheduler_factories
 from torchx.specs import file_linter, finder
 from torchx.specs.api import InvalidRunConfigException
 
+from torchx_diloco._fleet.testing import REPO
 from torchx_diloco.gpus import machine_gpus
-from torchx_diloco.testing import REPO
 from torchx_diloco_components import diloco as comp
 
 COMPONENTS = ["diloco", "lighthouse", "replica_group"]

@@ -223,7 +223,7 @@ def eight_gpu_machine(tmp_path_factory) -> Dict[str, str]:
     scheduler asks) and TORCHX_DILOCO_GPUS=8 (the documented override) stand for it here."""
     import os
 
-    from torchx_diloco.testing import cli_env
+    from torchx_diloco._fleet.testing import cli_env
 
     fake = tmp_path_factory.mktemp("fakebin") / "nvidia-smi"
     fake.write_text('#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo "GPU $i: Fake GPU (UUID: GPU-fake-$i)"; done\n')

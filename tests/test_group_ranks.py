@@ -12,10 +12,7 @@ import pytest
 import torch
 
 from tests.test_groups import SMALL
-from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
-from torchx_diloco.data import Corpus, read_corpus
-from torchx_diloco.model import build_model
-from torchx_diloco.testing import (
+from torchx_diloco._fleet.testing import (
     TORCHRUN,
     Group,
     Lighthouse,
@@ -25,6 +22,9 @@ from torchx_diloco.testing import (
     metrics_url,
     read_metrics,
 )
+from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
+from torchx_diloco.data import Corpus, read_corpus
+from torchx_diloco.model import build_model
 from torchx_diloco.train import build_optimizers
 
 SEQ = 32

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchx_diloco._fleet.testing import Group, Lighthouse, committed, committed_checksums, read_metrics, run_groups
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
-from torchx_diloco.testing import Group, Lighthouse, committed, committed_checksums, read_metrics, run_groups
 
 pytestmark = pytest.mark.slow
 

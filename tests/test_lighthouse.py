@@ -10,8 +10,8 @@ from datetime import timedelta
 
 import pytest
 
+from torchx_diloco._fleet.testing import PYTHON, REPO, Group, Lighthouse, free_port
 from torchx_diloco.lighthouse import default_bind_host
-from torchx_diloco.testing import PYTHON, REPO, Group, Lighthouse, free_port
 
 
 def listening_addresses(port: int) -> set:

@@ -1,6 +1,6 @@
 """A network fault, not only a process fault: one group's link is cut in the middle of a sync for 20 s.
 
-Three replica groups, each under torchrun in its own network namespace (:mod:`torchx_diloco.netlab`), reach the
+Three replica groups, each under torchrun in its own network namespace (:mod:`torchx_diloco._fleet.netlab`), reach the
 lighthouse and each other through a hub, over veth pairs shaped to 5 Mbit/s: a sync (the all-reduce of the nano
 GPT's pseudo-gradient, about 0.6 MB per group) then takes most of a second, so there is a sync to cut in the
 middle of, and the run's pace is set by the link more than by this machine's cores. Once group 1 has sent part of
@@ -9,7 +9,7 @@ a sync, its cable is pulled at the hub (``ip link set <veth> down``) for 20 s, t
 Nothing is mocked: a real lighthouse, real torchrun agents and workers, real namespaces and links. What must
 happen: the other two groups drop the round in flight and go on committing without group 1; group 1's worker
 survives (its quorum is retried while the lighthouse is unreachable), rejoins, heals from a peer and trains to
-the end; and the chaos harness's single-history invariant (:mod:`torchx_diloco.chaos`: one weights digest per
+the end; and the chaos harness's single-history invariant (:mod:`torchx_diloco._fleet.chaos`: one weights digest per
 committed outer step across all groups, no step missing, checkpoints that agree) holds.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 
 from torchx_diloco import chaos, netlab
-from torchx_diloco.testing import Group, Lighthouse
+from torchx_diloco._fleet.testing import Group, Lighthouse
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from torchx_diloco.testing import BIN, REPO, cli_env
+from torchx_diloco._fleet.testing import BIN, REPO, cli_env
 from torchx_diloco_components import diloco as comp
 
 

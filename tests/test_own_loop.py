@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from torchx_diloco.testing import BIN, PYTHON, REPO, Lighthouse, clean_env, cli_env, group_env
+from torchx_diloco._fleet.testing import BIN, PYTHON, REPO, Lighthouse, clean_env, cli_env, group_env
 from torchx_diloco_components import diloco as component
 
 EXAMPLE = "examples/own_loop/train.py"

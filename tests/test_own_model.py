@@ -7,7 +7,15 @@ import json
 import pytest
 import torch
 
-from torchx_diloco.testing import REPO, Group, Lighthouse, committed, committed_checksums, metrics_url, read_metrics
+from torchx_diloco._fleet.testing import (
+    REPO,
+    Group,
+    Lighthouse,
+    committed,
+    committed_checksums,
+    metrics_url,
+    read_metrics,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from torchx_diloco import data, prepare
+from torchx_diloco._fleet.testing import Lighthouse, committed, read_metrics, run_groups
 from torchx_diloco.data import Corpus, open_tokens
-from torchx_diloco.testing import Lighthouse, committed, read_metrics, run_groups
 
 
 def pydoc_texts(n: int = 40) -> list:

@@ -8,9 +8,8 @@ import time
 import pytest
 
 from tests.test_groups import SMALL
-from torchx_diloco.checkpoint import Checkpoint, CheckpointStore
-from torchx_diloco.testing import (
-    FAULTS_ENV,
+from torchx_diloco._fleet.faulty import FAULTS_ENV
+from torchx_diloco._fleet.testing import (
     Group,
     Lighthouse,
     committed,
@@ -19,6 +18,7 @@ from torchx_diloco.testing import (
     read_metrics,
     run_groups,
 )
+from torchx_diloco.checkpoint import Checkpoint, CheckpointStore
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +67,9 @@ def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrup
         assert fragments == [0, 1, 0, 1, 0, 1]  # outer step s syncs fragment (s - 1) % P
 
 
-def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable(tmp_path):
+def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable(tmp_path, faulty_url):
     """The process dies (os._exit) half way through writing step 3's global part, on a real filesystem."""
-    url = f"faulty://{tmp_path}/ckpt"
+    url = faulty_url
     args = [*SMALL, "--outer-steps", "4", "--sync-every", "5", "--checkpoint-dir", url]
     lighthouse = Lighthouse(tmp_path, idle_exit=0)  # serves both runs
     crash = {FAULTS_ENV: json.dumps([{"match": "step_00000003/global.pt", "action": "crash"}])}
@@ -104,9 +104,9 @@ def test_training_checkpoints_to_s3_and_resumes_from_there(tmp_path, s3_url):
 
 
 @pytest.mark.parametrize("action, text", [("error", "Input/output error"), ("full", "No space left on device")])
-def test_storage_fault_during_training_is_logged_once_and_training_goes_on(tmp_path, action, text):
+def test_storage_fault_during_training_is_logged_once_and_training_goes_on(tmp_path, faulty_url, action, text):
     """A checkpoint filesystem that fails mid-write at step 2: steps 1 and 3 are saved, the run finishes."""
-    url = f"faulty://{tmp_path}/ckpt"
+    url = faulty_url
     lighthouse = Lighthouse(tmp_path)
     fault = {FAULTS_ENV: json.dumps([{"match": "step_00000002/", "action": action}])}
     g = Group(

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from torchx_diloco.testing import (
+from torchx_diloco._fleet.testing import (
     BIN,
     REPO,
     Lighthouse,

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from torchx_diloco.testing import (
+from torchx_diloco._fleet.testing import (
     REPO,
     cli_env,
     committed_checksums,

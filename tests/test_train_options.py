@@ -9,9 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore, group_part
-from torchx_diloco.metrics import TENSORBOARD_TAGS
-from torchx_diloco.testing import (
+from torchx_diloco._fleet.testing import (
     PYTHON,
     REPO,
     Lighthouse,
@@ -22,6 +20,8 @@ from torchx_diloco.testing import (
     read_metrics,
     run_groups,
 )
+from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore, group_part
+from torchx_diloco.metrics import TENSORBOARD_TAGS
 
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "1", "--group-wait", "20"]
 

@@ -31,7 +31,11 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "see which groups heartbeated recently (cluster._HEARTBEAT, live_replicas: the start-up wait for all "
         "groups, the lighthouse's idle exit, the run id a lighthouse shows and the fatal report of a group, both "
         "heartbeats under reserved ids without the uuid) and that the lighthouse answers",
-        ("torchx_diloco/cluster.py", "torchx_diloco/lighthouse.py", "torchx_diloco/testing.py (was tests/procs.py)"),
+        (
+            "torchx_diloco/cluster.py",
+            "torchx_diloco/lighthouse.py",
+            "torchx_diloco/_fleet/testing.py",
+        ),
     ),
     PrivateUse(
         "torchft.Manager._use_async_quorum",

@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, List, Optional, Sequence, Tuple
 
-from torchx_diloco.testing import Group
+from torchx_diloco._fleet.testing import Group
 
 PREFIX = "dlbench-"  # namespaces with this prefix belong to the benchmark (stale ones are removed)
 HUB = f"{PREFIX}hub"
@@ -113,7 +113,7 @@ class Lab:
         return netns_prefix(self.ns(g), self.hostname(g))
 
     def group(self, g: int, groups: int, lighthouse: str, args: Sequence[str], log_dir: Path, **kw: Any) -> Group:
-        """:class:`~torchx_diloco.testing.Group` ``g`` (same arguments, ``max_restarts`` included), run in its
+        """:class:`~torchx_diloco._fleet.testing.Group` ``g`` (same arguments, ``max_restarts`` included), run in its
         namespace under its hostname: its store, manager and Gloo addresses are then reachable from the others."""
         return NsGroup(self.prefix_argv(g), g, groups, lighthouse, args, log_dir, **kw)
 
@@ -244,7 +244,7 @@ def bytes_between(samples: List[Tuple[float, int]], t0: float, t1: float) -> Opt
 
 
 class NsGroup(Group):
-    """A :class:`~torchx_diloco.testing.Group` whose command (torchrun or python) runs behind ``netns_argv``."""
+    """A :class:`~torchx_diloco._fleet.testing.Group` whose command (torchrun or python) runs behind ``netns_argv``."""
 
     def __init__(self, netns_argv: Sequence[str], *args: Any, **kwargs: Any) -> None:
         self.netns_argv = list(netns_argv)

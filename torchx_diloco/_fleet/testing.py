@@ -3,16 +3,14 @@
 Shared by ``tests/``, ``benchmarks/`` and ``scripts/`` (as torchft's ``_test_utils.py`` and TorchX's
 ``component_test_base.py`` serve theirs), so that every one of them starts groups the same way: the same
 command lines, the same scrubbed environment, one thread per group, logs in files. It imports neither pytest
-nor torch (benchmark scripts import it before they need either).
+nor torch (benchmark scripts import it before they need either), nor the trainer.
 
-Importing it registers ``faulty://`` (:class:`FaultyFileSystem`) with fsspec in this process. A child process
-gets it by starting the trainer through this module, ``python -m torchx_diloco.testing train ARGS...``, which
-:func:`train_module_args` does whenever ARGS name a ``faulty://`` URL.
+A trainer whose arguments name a ``faulty://`` URL is started through :mod:`torchx_diloco._fleet.faulty`, which
+registers that filesystem first (:func:`train_module_args`).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shlex
@@ -26,7 +24,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -88,9 +85,10 @@ def kill_pid(pid: int, sig: int = signal.SIGKILL) -> bool:
 
 
 def train_module_args(args: Sequence[str]) -> List[str]:
-    """``-m torchx_diloco.train ARGS``; through this module when ARGS name ``faulty://`` (only it registers it)."""
+    """``-m torchx_diloco.train ARGS``; through :mod:`torchx_diloco._fleet.faulty` when ARGS name ``faulty://``
+    (it registers that filesystem before it runs the trainer)."""
     if any("faulty://" in a for a in args):
-        return ["-m", "torchx_diloco.testing", "train", *args]
+        return ["-m", "torchx_diloco._fleet.faulty", "train", *args]
     return ["-m", "torchx_diloco.train", *args]
 
 
@@ -286,7 +284,7 @@ def train_once(
 
 
 # --- finding processes through /proc ---------------------------------------------------------------------------
-_TRAIN_CMDLINES = (b"torchx_diloco.train", b"torchx_diloco.testing\0train")
+_TRAIN_CMDLINES = (b"torchx_diloco.train", b"torchx_diloco._fleet.faulty\0train")
 
 
 def proc_state(pid: int) -> Optional[str]:
@@ -376,97 +374,3 @@ def committed(records: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def committed_checksums(checkpoint_dir: Union[str, Path], group: int) -> Dict[int, str]:
     """outer step -> checksum of the global weights, as group ``group`` committed them."""
     return {r["outer_step"]: r["weights_sha"] for r in committed(read_metrics(metrics_url(checkpoint_dir, group)))}
-
-
-# --- faulty:// -------------------------------------------------------------------------------------------------
-# ``faulty://``: a local filesystem that fails on purpose, for testing what storage faults do to training.
-#
-# Registered with fsspec when this module is imported, so ``--checkpoint-dir faulty:///tmp/run`` works in this
-# process and in trainers started through it (:func:`train_module_args`). Faults come from the environment
-# variable ``TORCHX_DILOCO_FAULTS``, a JSON list of rules::
-#
-#     [{"match": "step_00000003/global.pt", "action": "crash"},   # write half the bytes, then os._exit(137)
-#      {"match": "step_00000005/", "action": "error"},            # OSError(EIO) half way through the write
-#      {"match": "step_00000006/", "action": "full"}]             # OSError(ENOSPC): disk full
-#
-# A rule applies to every write whose path contains ``match``; other writes and all reads behave as local files.
-FAULTS_ENV = "TORCHX_DILOCO_FAULTS"
-
-
-def _fault_rules() -> List[Dict[str, Any]]:
-    return json.loads(os.environ.get(FAULTS_ENV, "[]"))
-
-
-class _FaultyFile:
-    """Forwards to a real file; on close, writes half the data and fails as the matching rule says."""
-
-    def __init__(self, real: Any, action: str, path: str) -> None:
-        self._real, self._action, self._path, self._buf = real, action, path, bytearray()
-
-    def write(self, data: bytes) -> int:
-        self._buf += data
-        return len(data)
-
-    def close(self) -> None:
-        if self._real.closed:
-            return
-        self._real.write(bytes(self._buf[: len(self._buf) // 2]))
-        self._real.flush()
-        if self._action == "crash":
-            os.fsync(self._real.fileno())
-            os._exit(137)  # as if SIGKILLed mid-write
-        self._real.close()
-        if self._action == "full":
-            raise OSError(errno.ENOSPC, f"No space left on device (injected): {self._path}")
-        raise OSError(errno.EIO, f"Input/output error (injected): {self._path}")
-
-    def __enter__(self) -> "_FaultyFile":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-
-class FaultyFileSystem(LocalFileSystem):
-    """``faulty://``: local files whose writes fail as the rules in ``TORCHX_DILOCO_FAULTS`` say."""
-
-    protocol = ("faulty",)
-    root_marker = "/"
-
-    @classmethod
-    def _strip_protocol(cls, path: str) -> str:
-        path = path[len("faulty://") :] if str(path).startswith("faulty://") else path
-        return super()._strip_protocol(path)
-
-    def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
-        real = super()._open(path, mode, *args, **kwargs)
-        if "w" in mode or "a" in mode:
-            for rule in _fault_rules():
-                if rule["match"] in str(path):
-                    return _FaultyFile(real, rule["action"], str(path))
-        return real
-
-    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
-        with self.open(path, "wb") as f:
-            f.write(value)
-
-
-fsspec.register_implementation("faulty", FaultyFileSystem, clobber=True)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m torchx_diloco.testing train ARGS...``: the trainer, in a process that knows ``faulty://``."""
-    args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["train"]:
-        print("usage: python -m torchx_diloco.testing train ARGS...", file=sys.stderr)
-        return 2
-    from torchx_diloco.train import main as train_main
-
-    return train_main(args[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

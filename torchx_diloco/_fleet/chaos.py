@@ -3,7 +3,7 @@
 Shared by ``tests/test_chaos.py`` (a few kills, for CI) and ``scripts/chaos.py`` (the long form, with a summary
 table and ``docs/fault-tolerance.json``), which is why it lives in the package. Everything is real: one torchft
 lighthouse, one ``torchrun`` agent per replica group (it restarts a killed worker), one checkpoint folder shared by
-all groups (:mod:`torchx_diloco.testing` starts them). Nothing is mocked.
+all groups (:mod:`torchx_diloco._fleet.testing` starts them). Nothing is mocked.
 
 What is audited (:func:`audit`) is the *single-history invariant*, checked only from the metrics JSON lines and
 the checkpoints the groups wrote:
@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from torchx_diloco._fleet.testing import Group, Lighthouse, kill_pid, metrics_url, proc_state, read_metrics
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.metrics import weights_checksum
-from torchx_diloco.testing import Group, Lighthouse, kill_pid, metrics_url, proc_state, read_metrics
 
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]
 PHASES = ("inner", "sync", "checkpoint")
