@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from torchx_diloco.checkpoint import CheckpointStore, CorruptCheckpoint
-from torchx_diloco.sharded import HashingStream, safe_load_metadata
+from torchx_diloco.checkpoint._io import HashingStream
+from torchx_diloco.checkpoint.dcp import safe_load_metadata
 
 
 def _write(store, step, value):

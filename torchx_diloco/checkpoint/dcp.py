@@ -31,7 +31,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from torchx_diloco.checkpoint import CorruptCheckpoint, HashingStream, _is_local
+from torchx_diloco.checkpoint._io import CorruptCheckpoint, HashingStream, is_local
 
 FileDigests = Dict[str, Dict[str, Any]]  # file name (relative to the part's folder) -> {"bytes", "sha256"}
 
@@ -134,7 +134,7 @@ class _HashingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        if _is_local(self.fs):
+        if is_local(self.fs):
             with super().create_stream(path, mode) as stream:
                 hashing = HashingStream(stream)
                 yield hashing

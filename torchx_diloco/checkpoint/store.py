@@ -15,7 +15,7 @@ crash at any instant leaves the previous complete step loadable. Loading checks 
 A group of several ranks writes its parts with torch.distributed.checkpoint instead (``write_sharded_part``: a
 folder ``<part>/`` with each rank's shard, format 2): the manifest then lists every file with its size and sha256,
 and carries the part's few plain values (step, data position, the model's fingerprint) as JSON. Such a part loads
-into any number of ranks, ddp or fsdp (see ``sharded.py``).
+into any number of ranks, ddp or fsdp (see :mod:`torchx_diloco.checkpoint.dcp`).
 
 Every manifest carries a format version, stamped here (callers write no version of their own). A part of a newer
 format (a newer torchx-diloco wrote it) stops the load with one line: skipping it as corrupt would resume
@@ -32,13 +32,13 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 import fsspec
 import torch
 
+from torchx_diloco.checkpoint._io import CorruptCheckpoint, HashingStream, is_local
 from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -48,57 +48,6 @@ _TORCH_FORMAT = 1  # a part written by torch.save: what format 1 readers read (a
 _UNVERSIONED = 1  # the format of a manifest without a "format" field
 GLOBAL_PART = "global"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
-
-
-class HashingStream:
-    """A write stream that checksums what passes through it. A large write is hashed on another thread while this
-    one writes it (hashlib and file writes release the GIL): the checksum overlaps the write instead of adding
-    to it. Each write returns only once both are done, so the caller may reuse its buffer."""
-
-    _OVERLAP_FROM = 1 << 20  # smaller writes are hashed inline: a thread hand-off would cost more
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._sha = hashlib.sha256()
-        self.bytes = 0
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        if view.nbytes < self._OVERLAP_FROM:
-            self._sha.update(view)
-            written = self._stream.write(view)
-        else:
-            hashed = _hasher().submit(self._sha.update, view)
-            written = self._stream.write(view)
-            hashed.result()
-        self.bytes += view.nbytes
-        return view.nbytes if written is None else written
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-    def __getattr__(self, name: str) -> Any:  # tell, flush, fileno, ...: the stream's own
-        return getattr(self._stream, name)
-
-
-_HASHER: Optional[ThreadPoolExecutor] = None
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _HASHER
-    if _HASHER is None:
-        _HASHER = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-sha256")
-    return _HASHER
-
-
-class CorruptCheckpoint(Exception):
-    """A checkpoint part that is missing, truncated, altered or unsafe to load."""
-
-
-def _is_local(fs: Any) -> bool:
-    """A local file system (streamed writes), not an object store (whole-object PUTs)."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
 
 
 def group_part(group_id: int) -> str:
@@ -169,7 +118,7 @@ class CheckpointStore:
         if self.fs.exists(manifest):  # rewriting a step (after a resume): unpublish the old part first
             self.fs.rm_file(manifest)
         path = f"{folder}/{part}.pt"
-        if _is_local(self.fs):
+        if is_local(self.fs):
             with self.fs.open(path, "wb") as f:
                 stream = HashingStream(f)  # serialised straight into the file, checksummed on the way
                 torch.save(payload, stream)
@@ -190,7 +139,7 @@ class CheckpointStore:
         manifest, last: the files' sizes and checksums, and ``values`` (JSON: the part's plain values)."""
         import torch.distributed as dist
 
-        from torchx_diloco.sharded import save_sharded
+        from torchx_diloco.checkpoint.dcp import save_sharded
 
         folder, leader = self.step_dir(step), pg is None or dist.get_rank(pg) == 0
         manifest = f"{folder}/MANIFEST.{part}.json"
@@ -211,14 +160,14 @@ class CheckpointStore:
     def load_sharded_part(self, step: int, part: str, state: Dict[str, Any], pg: Optional[Any]) -> None:
         """Every rank of ``pg``: load ``part`` of ``step`` in place into ``state`` (its layout decides the
         resharding). The part was verified by whoever chose the step (:meth:`latest` on rank 0)."""
-        from torchx_diloco.sharded import load_sharded
+        from torchx_diloco.checkpoint.dcp import load_sharded
 
         load_sharded(f"{self._url_of(self.step_dir(step))}/{part}", state, pg)
 
     def _url_of(self, path: str) -> str:
         """``path`` (inside this store) as a URL DCP's fsspec reader and writer open."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return path if _is_local(self.fs) else f"{protocol}://{path}"
+        return path if is_local(self.fs) else f"{protocol}://{path}"
 
     def wait_for_group_parts(
         self, step: int, count: int, timeout_s: float, stop: Optional[threading.Event] = None
@@ -279,7 +228,7 @@ class CheckpointStore:
         folder = self.step_dir(step)
         manifest = manifest if manifest is not None else self.read_manifest(step, part)
         if manifest.get("layout") == "dcp":
-            from torchx_diloco.sharded import verify_sharded
+            from torchx_diloco.checkpoint.dcp import verify_sharded
 
             verify_sharded(f"{self._url_of(folder)}/{part}", manifest.get("files") or {})
             values = manifest.get("values")
@@ -352,37 +301,3 @@ class CheckpointStore:
         global_state = found[GLOBAL_PART]
         assert global_state is not None
         return Checkpoint(step, global_state, found[group_part(group_id)], frozenset(sharded))
-
-
-class AsyncWriter:
-    """Runs storage work off the training thread, at most one job in flight.
-
-    A failed job is logged once and dropped: training goes on and the next job tries again.
-    """
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-        self._inflight: Optional[Future] = None
-        self.failures = 0
-
-    def submit(self, job: Callable[[], None], what: str) -> None:
-        self.wait()
-        self._inflight = self._pool.submit(self._run, job, what)
-
-    def _run(self, job: Callable[[], None], what: str) -> None:
-        try:
-            job()
-        except Exception as e:  # noqa: BLE001 - storage faults must not stop training; they are logged
-            self.failures += 1
-            logger.error(
-                "%s failed (training goes on, the previous checkpoint stays): %s: %s", what, type(e).__name__, e
-            )
-
-    def wait(self) -> None:
-        if self._inflight is not None:
-            self._inflight.result()
-            self._inflight = None
-
-    def close(self) -> None:
-        self.wait()
-        self._pool.shutdown(wait=True)
