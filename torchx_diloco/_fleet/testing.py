@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import fsspec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: torchx_diloco/_fleet/testing.py
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent  # this environment's scripts: torchrun, torchx
 TORCHRUN = str(BIN / "torchrun")
