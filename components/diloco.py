@@ -10,7 +10,9 @@ the variable holding the first role's host (``TORCHX_RANK0_HOST=localhost`` on `
 lighthouse port and run id (TorchX's ``app_id``): two runs on one machine never share a quorum.
 
 Every training flag, the ones after ``--`` included, is checked with the training module's own parser
-(``torchx_diloco.config``, torch-free) before anything starts. ``--script``/``--m`` run a user's own loop in
+(``torchx_diloco.config``, torch-free) before anything starts. The trainer's parameters (``outer_steps``,
+``sync_every``, ``model``, ``checkpoint_dir``) take their defaults from its ``TrainConfig``, so ``--help`` shows
+real numbers; only the ones that differ reach the trainer's command line. ``--script``/``--m`` run a user's own loop in
 the groups instead (same torchrun, same environment); its arguments are its own. Imports only torchx, the
 standard library and torch-free parts of torchx_diloco (TorchX imports this file to list and lint components).
 """
@@ -70,12 +72,12 @@ def diloco(
     h: Optional[str] = None,
     max_restarts: int = 3,
     nodes_per_group: int = 1,
-    lighthouse_port: Optional[int] = None,
+    lighthouse_port: int = 0,
     min_replicas: int = MIN_REPLICAS,
-    checkpoint_dir: Optional[str] = None,
-    outer_steps: Optional[int] = None,
-    sync_every: Optional[int] = None,
-    model: Optional[str] = None,
+    checkpoint_dir: str = TrainConfig.checkpoint_dir,
+    outer_steps: int = TrainConfig.outer_steps,
+    sync_every: int = TrainConfig.sync_every,
+    model: str = TrainConfig.model,
     env: Optional[Dict[str, str]] = None,
     lighthouse_idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
     script: Optional[str] = None,
@@ -106,33 +108,33 @@ def diloco(
         max_restarts: times torchrun restarts a group's crashed workers; a restarted group heals from a peer
         nodes_per_group: nodes per group (Slurm only): each group runs ``torchrun --nnodes N`` as N replicas of
             its role, with a c10d rendezvous on the group's first node
-        lighthouse_port: port of the torchft lighthouse on the first role's host (default: a free port picked
-            when the app is built, so runs on one machine never share a lighthouse)
+        lighthouse_port: port of the torchft lighthouse on the first role's host; 0 picks one free when the app
+            is built, so runs on one machine never share a lighthouse
         min_replicas: groups needed to commit an outer step (the others may be down or restarting)
         checkpoint_dir: fsspec URL of the durable checkpoints (relative paths are under the job's working
-            directory; default: the training module's, checkpoints/diloco); a re-run with the same directory
-            resumes from its newest complete checkpoint (use e.g. checkpoints/${app_id} for a fresh start)
-        outer_steps: outer steps (syncs) to train for (default: the training module's)
-        sync_every: H, inner steps between syncs (default: the training module's)
+            directory); a re-run with the same directory resumes from its newest complete checkpoint (use e.g.
+            checkpoints/${app_id} for a fresh start)
+        outer_steps: outer steps (syncs) to train for
+        sync_every: H, inner steps between syncs
         model: GPT preset nano, tiny, small or medium, or package.module:factory returning an nn.Module
-            (its keyword arguments: --model-args JSON after `--`; default: the training module's)
+            (its keyword arguments: --model-args JSON after `--`)
         env: environment variables for every role (e.g. LOGLEVEL=INFO,TORCHX_DILOCO_LOGLEVEL=DEBUG)
         lighthouse_idle_exit: seconds every group must stay silent before the lighthouse exits 0 and the app
             ends; keep it above a group's restart time
         script: your training script (a path relative to the working directory) to run in each group instead
             of the trainer, under torchrun with the same environment; build its Manager with
             ``torchx_diloco.group_manager``. The trainer's parameters (outer_steps, sync_every, model,
-            checkpoint_dir) are refused with it; min_replicas reaches it as TORCHX_DILOCO_MIN_REPLICAS
+            checkpoint_dir) are refused with it unless left at their defaults; min_replicas reaches it as
+            TORCHX_DILOCO_MIN_REPLICAS
         m: like ``--script``, a Python module to run instead (``python -m``)
         name: the app's name
     """
     _check_common(replica_groups, min_replicas, max_restarts, cpu)
     _check_nodes(nodes_per_group)
-    port = _pick_port() if lighthouse_port is None else _check_port(lighthouse_port)
+    port = _pick_port() if lighthouse_port == 0 else _check_port(lighthouse_port)
     resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
-    train_args = _program(
-        script, m, replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
-    )
+    trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
+    train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args))
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
     roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, run_id=macros.app_id)]
@@ -175,7 +177,7 @@ def lighthouse(
         min_replicas: groups needed to commit an outer step
         idle_exit: seconds every group must stay silent before the lighthouse exits (0 = serve forever)
         run_id: a name for the run; groups given the same --run_id refuse any other lighthouse, and this one
-            refuses groups of other runs (default: no check)
+            refuses groups of other runs (None: no check)
         env: environment variables for the lighthouse
         name: the app's name
     """
@@ -198,10 +200,10 @@ def replica_group(
     max_restarts: int = 3,
     nodes_per_group: int = 1,
     min_replicas: int = MIN_REPLICAS,
-    checkpoint_dir: Optional[str] = None,
-    outer_steps: Optional[int] = None,
-    sync_every: Optional[int] = None,
-    model: Optional[str] = None,
+    checkpoint_dir: str = TrainConfig.checkpoint_dir,
+    outer_steps: int = TrainConfig.outer_steps,
+    sync_every: int = TrainConfig.sync_every,
+    model: str = TrainConfig.model,
     run_id: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     script: Optional[str] = None,
@@ -219,7 +221,7 @@ def replica_group(
         group: this group's id, 0 .. replica_groups-1 (REPLICA_GROUP_ID)
         replica_groups: how many groups the run has in all (NUM_REPLICA_GROUPS)
         gpus: GPUs (= torchrun processes) for this group; 0 trains on CPU
-        cuda_visible_devices: local_cwd only: the CUDA devices to use, e.g. "2,3" (default: the scheduler's)
+        cuda_visible_devices: local_cwd only: the CUDA devices to use, e.g. "2,3" (None: the scheduler's)
         cpu: CPU cores for this group; on CPU also its OMP_NUM_THREADS
         memMB: memory in MB (Slurm --mem)
         h: a registered TorchX named resource (wins over cpu, gpus and memMB)
@@ -227,16 +229,15 @@ def replica_group(
         nodes_per_group: nodes for this group (Slurm only), as in ``diloco.diloco``
         min_replicas: groups needed to commit an outer step
         checkpoint_dir: fsspec URL of the durable checkpoints; every group of a run must use the same one
-            (default: the training module's, checkpoints/diloco)
-        outer_steps: outer steps (syncs) to train for (default: the training module's)
-        sync_every: H, inner steps between syncs (default: the training module's)
+        outer_steps: outer steps (syncs) to train for
+        sync_every: H, inner steps between syncs
         model: GPT preset nano, tiny, small or medium, or package.module:factory returning an nn.Module
-            (its keyword arguments: --model-args JSON after `--`; default: the training module's)
-        run_id: the lighthouse's --run_id: the group refuses a lighthouse that serves another run
-            (default: no check)
+            (its keyword arguments: --model-args JSON after `--`)
+        run_id: the lighthouse's --run_id: the group refuses a lighthouse that serves another run (None: no
+            check)
         env: environment variables for the group
         script: your training script (relative to the working directory) to run instead of the trainer, as in
-            ``diloco.diloco``; the trainer's parameters are refused with it
+            ``diloco.diloco``; the trainer's parameters are refused with it unless left at their defaults
         m: like ``--script``, a Python module to run instead (``python -m``)
         name: the app's name
     """
@@ -247,9 +248,8 @@ def replica_group(
         raise ComponentError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
     _check_nodes(nodes_per_group)
     resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
-    train_args = _program(
-        script, m, replica_groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, list(script_args)
-    )
+    trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
+    train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args))
     url = shlex.quote(lighthouse_url.rstrip("/"))
     role = _group_role(
         group,
@@ -298,10 +298,6 @@ def _check_nodes(nodes: int) -> None:
 
 
 def _check_port(port: int) -> int:
-    try:
-        port = int(port)  # TorchX hands an Optional[int] from the command line over as text
-    except ValueError:
-        raise ComponentError(f"lighthouse port {port!r} is not a number") from None
     if not 0 < port < 65536:
         raise ComponentError(f"lighthouse port {port} must be within 1..65535")
     return port
@@ -378,30 +374,30 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
     return devices
 
 
+def _trainer_params(checkpoint_dir: str, outer_steps: int, sync_every: int, model: str) -> Dict[str, str]:
+    """The component's trainer parameters whose value differs from the trainer's own default (``TrainConfig``,
+    where the components' defaults come from): one equal to its default is the same as unset."""
+    given = {"checkpoint_dir": checkpoint_dir, "outer_steps": outer_steps, "sync_every": sync_every, "model": model}
+    return {name: str(value) for name, value in given.items() if value != getattr(TrainConfig, name)}
+
+
 def _program(
     script: Optional[str],
     module: Optional[str],
     groups: int,
-    checkpoint_dir: Optional[str],
     min_replicas: int,
-    outer_steps: Optional[int],
-    sync_every: Optional[int],
-    model: Optional[str],
+    trainer: Dict[str, str],
     script_args: List[str],
 ) -> List[str]:
     """What torchrun runs in each group: ``-m torchx_diloco.train <checked flags>``, or the user's script or
     module with the user's arguments (not ours to check)."""
     if script is None and module is None:
-        args = _train_args(groups, checkpoint_dir, min_replicas, outer_steps, sync_every, model, script_args)
-        return ["-m", TRAIN_MODULE, *args]
+        return ["-m", TRAIN_MODULE, *_train_args(groups, min_replicas, trainer, script_args)]
     if script is not None and module is not None:
         raise ComponentError("--script and --m both given: pass one of them (a script path or a module name)")
-    trainer = {"outer_steps": outer_steps, "sync_every": sync_every, "model": model, "checkpoint_dir": checkpoint_dir}
-    ours = [f"--{name}" for name, value in trainer.items() if value is not None]
-    if ours:
-        raise ComponentError(
-            f"{', '.join(ours)} configure our trainer, not your --script/--m: pass your own flags after `--`"
-        )
+    if trainer:
+        ours = ", ".join(f"--{name}" for name in trainer)
+        raise ComponentError(f"{ours} configure our trainer, not your --script/--m: pass your own flags after `--`")
     if module is not None:
         if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module):
             raise ComponentError(f"--m {module!r} is not a Python module name like my_pkg.train")
@@ -414,25 +410,11 @@ def _program(
     return [script, *script_args]
 
 
-def _train_args(
-    groups: int,
-    checkpoint_dir: Optional[str],
-    min_replicas: int,
-    outer_steps: Optional[int],
-    sync_every: Optional[int],
-    model: Optional[str],
-    script_args: List[str],
-) -> List[str]:
+def _train_args(groups: int, min_replicas: int, trainer: Dict[str, str], script_args: List[str]) -> List[str]:
     """The training module's flags, checked now with its own parser: a typo fails before anything starts."""
     args = ["--min-replicas", str(min_replicas)]
-    for flag, value in (
-        ("--checkpoint-dir", checkpoint_dir),
-        ("--outer-steps", outer_steps),
-        ("--sync-every", sync_every),
-        ("--model", model),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
+    for name, value in trainer.items():
+        args += [f"--{name.replace('_', '-')}", value]
     args += script_args  # argparse: the last occurrence wins, so the user's flags override ours
     try:
         parse_flags(args, num_replica_groups=groups)

@@ -139,7 +139,7 @@ def test_script_runs_the_users_program_with_its_own_flags_and_the_same_environme
         (dict(script=EXAMPLE, m="my_pkg.train"), "--script and --m both given: pass one of them"),
         (dict(script="no/such/train.py"), "--script 'no/such/train.py' does not exist in"),
         (dict(m="my-pkg/train.py"), "is not a Python module name"),
-        (dict(script=EXAMPLE, outer_steps=3, model="tiny"), "--outer_steps, --model configure our trainer"),
+        (dict(script=EXAMPLE, outer_steps=3, model="nano"), "--outer_steps, --model configure our trainer"),
         (dict(m="my_pkg.train", checkpoint_dir="c"), "--checkpoint_dir configure our trainer"),
         (dict(m="my_pkg.train", sync_every=5), "--sync_every configure our trainer"),
     ],
