@@ -18,14 +18,17 @@ standard library and torch-free parts of torchx_diloco (TorchX imports this file
 """
 
 import argparse
+import difflib
+import functools
+import inspect
 import os
 import re
 import shlex
 import socket
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 import torchx.specs as specs
-from torchx.specs import file_linter, macros
+from torchx.specs import builders, file_linter, macros
 from torchx.specs.finder import ComponentValidationException
 
 from torchx_diloco.config import LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT, RUN_ID_ENV, TrainConfig, parse_flags
@@ -61,7 +64,55 @@ def _optional_script_args(help_string: "type[file_linter.TorchXArgumentHelpForma
 
 _optional_script_args(file_linter.TorchXArgumentHelpFormatter)
 
+STRICT_ARGS = "_torchx_diloco_strict_args"  # marks a component whose flags TorchX must parse strictly
 
+
+def _strict_args(component: Callable[..., specs.AppDef]) -> Callable[..., specs.AppDef]:
+    """Marks a component of this file for :func:`_strict_component_parsers`."""
+    setattr(component, STRICT_ARGS, True)  # noqa: B010 - a function attribute the patched parser reads
+    return component
+
+
+def _strict_component_parsers(builders: Any) -> None:
+    """TorchX's parser of a component's flags takes any unambiguous prefix (``--outer_step 3`` ran as
+    ``--outer_steps 3``) and answers a bad flag or value with its whole usage. For our components: no
+    prefixes (``allow_abbrev=False``), and an error is one line naming the fix (a ComponentError: ``torchx run``
+    prints it and exits 1). Wraps ``builders._create_args_parser``, registered in ``torchx_diloco.upstream``:
+    a TorchX upgrade that renames it fails a test there."""
+    original = builders._create_args_parser
+    if getattr(original, STRICT_ARGS, False):
+        return  # this file imported a second time (by path: `torchx run components/diloco.py:diloco`)
+
+    def create(cmpnt_fn: Callable[..., specs.AppDef], *args: Any, **kwargs: Any) -> argparse.ArgumentParser:
+        parser = original(cmpnt_fn, *args, **kwargs)
+        if getattr(cmpnt_fn, STRICT_ARGS, False):
+            parser.allow_abbrev = False
+            parser.error = functools.partial(_one_line_error, cmpnt_fn)
+        return parser
+
+    setattr(create, STRICT_ARGS, True)  # noqa: B010
+    builders._create_args_parser = create
+
+
+def _one_line_error(component: Callable[..., specs.AppDef], message: str) -> NoReturn:
+    """argparse's error, as one line; an unknown flag close to one of ours names it (a prefix is never taken)."""
+    flags = [f"--{p.name}" for p in inspect.signature(component).parameters.values() if p.kind != p.VAR_POSITIONAL]
+    if message.startswith("unrecognized arguments: "):
+        unknown = [a.split("=", 1)[0] for a in message.split(": ", 1)[1].split() if a.startswith("--")]
+        close = [
+            m
+            for a in unknown
+            for m in ([f for f in flags if f.startswith(a)] or difflib.get_close_matches(a, flags, 1))
+        ]
+        if close:
+            message += f": did you mean {', '.join(close)}? Flags are never abbreviated"
+    raise ComponentError(f"{message} (see torchx run diloco.{component.__name__} --help)")
+
+
+_strict_component_parsers(builders)
+
+
+@_strict_args
 def diloco(
     *script_args: str,
     replica_groups: int = 2,
@@ -158,6 +209,7 @@ def diloco(
     return specs.AppDef(name=name, roles=roles)
 
 
+@_strict_args
 def lighthouse(
     port: int = LIGHTHOUSE_PORT,
     min_replicas: int = MIN_REPLICAS,
@@ -187,6 +239,7 @@ def lighthouse(
     return specs.AppDef(name=name, roles=[_lighthouse_role(port, min_replicas, idle_exit, env, run_id)])
 
 
+@_strict_args
 def replica_group(
     *script_args: str,
     lighthouse_url: str,

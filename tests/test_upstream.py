@@ -180,6 +180,24 @@ def _help_formatter(request: pytest.FixtureRequest) -> None:
     assert "(default: 2)" in text, "the formatter no longer adds defaults: our patch may hide a changed API"
 
 
+@checks("torchx.specs.builders._create_args_parser")
+def _component_args_parser(request: pytest.FixtureRequest) -> None:
+    """Our wrapper is what `torchx run`'s parse_args builds its parser with; TorchX's own components keep theirs."""
+    import argparse
+
+    from torchx.components.utils import echo
+    from torchx.specs import builders
+
+    from torchx_diloco_components import diloco as comp  # wraps the parser builder on import
+
+    parser = builders._create_args_parser(comp.diloco, None, None)
+    assert isinstance(parser, argparse.ArgumentParser) and parser.allow_abbrev is False
+    with pytest.raises(comp.ComponentError, match="did you mean --outer_steps"):
+        builders.parse_args(comp.diloco, ["--outer_step", "3"])
+    assert builders.parse_args(comp.diloco, ["--outer_steps", "3"]).outer_steps == 3
+    assert builders._create_args_parser(echo).allow_abbrev, "a component of another package was changed"
+
+
 @checks("torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs")
 def _job_dirs(request: pytest.FixtureRequest) -> None:
     from torchx.schedulers import slurm_scheduler as upstream

@@ -47,7 +47,7 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "torchft.Manager._quorum_future",
         "forget a failed quorum so the next start_quorum() asks the lighthouse again (torchft re-raises the "
         "stored failure otherwise): a sync retries while the lighthouse restarts",
-        ("torchx_diloco/diloco.py",),
+        ("torchx_diloco/cluster.py",),
     ),
     PrivateUse(
         "torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced)",
@@ -65,6 +65,12 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
     PrivateUse(
         "torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string",
         'stop `torchx run diloco.diloco --help` from marking the optional *script_args "(required)"',
+        ("components/diloco.py",),
+    ),
+    PrivateUse(
+        "torchx.specs.builders._create_args_parser",
+        "parse our components' flags strictly: no abbreviations (`--outer_step 3` is refused, not taken for "
+        "--outer_steps) and one-line errors; we wrap it, and torchx run reaches it through builders.parse_args",
         ("components/diloco.py",),
     ),
     PrivateUse(
