@@ -19,7 +19,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any, Dict, List
 
 __version__ = "0.1.0"
-__all__ = ["DiLoCo", "group_manager", "CheckpointStore", "GLOBAL_PART", "group_part", "UserError"]
+__all__ = ["DiLoCo", "group_manager", "CheckpointStore", "GLOBAL_PART", "group_part", "UserError", "export"]
 
 _LAZY: Dict[str, str] = {
     "DiLoCo": "torchx_diloco.diloco",
@@ -28,6 +28,7 @@ _LAZY: Dict[str, str] = {
     "GLOBAL_PART": "torchx_diloco.checkpoint",
     "group_part": "torchx_diloco.checkpoint",
     "UserError": "torchx_diloco.errors",
+    "export": "torchx_diloco.export",
 }
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from torchx_diloco.cluster import group_manager
     from torchx_diloco.diloco import DiLoCo
     from torchx_diloco.errors import UserError
+    from torchx_diloco.export import export
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,285 @@
+"""Getting the model out (python -m torchx_diloco.export): real runs' checkpoints, one-file and sharded, exported
+and loaded back the way users load them (from_pretrained, safetensors), with the logits of the trained model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import torch
+
+from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
+from torchx_diloco.config import parse_config
+from torchx_diloco.modeling import build_model, logits_of
+from torchx_diloco.train import Trainer
+
+# tiny GPT-2 from a config; bos/eos 50256 lie outside its vocab of 300 (GPT-2's ids, as a user may leave them)
+HF_ARGS = {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32, "vocab_size": 300}
+HF_ARGS.update(bos_token_id=50256, eos_token_id=50256)
+HF_MODEL = ["--model", "torchx_diloco.hf:causal_lm", "--model-args", json.dumps(HF_ARGS)]
+SEQ = 32
+COMMON = ["--seq-len", str(SEQ), "--batch-size", "2", "--eval-batches", "0", "--group-wait", "0", "--device", "cpu"]
+
+
+@contextmanager
+def lighthouse() -> Iterator[str]:
+    from torchft.coordination import LighthouseServer
+
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
+    try:
+        yield server.address()
+    finally:
+        server.shutdown()
+
+
+def train(ckpt: Path, args: List[str]) -> Trainer:
+    """One group in this process, against a real lighthouse, to the end; the trainer (its model) is returned."""
+    with lighthouse() as url:
+        env = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "1", "TORCHFT_LIGHTHOUSE": url}
+        trainer = Trainer(parse_config([*COMMON, *args, "--checkpoint-dir", str(ckpt)], env))
+        assert trainer.run() == 0
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory):
+    """A transformers GPT-2 trained for 2 outer steps (one-file checkpoints)."""
+    ckpt = tmp_path_factory.mktemp("hf") / "ckpt"
+    trainer = train(ckpt, [*HF_MODEL, "--sync-every", "3", "--outer-steps", "2"])
+    return trainer, ckpt
+
+
+@pytest.fixture(scope="module")
+def nano_run(tmp_path_factory):
+    """The nano GPT preset with 2 fragments (Streaming DiLoCo): 3 outer steps, each a fragment's sync."""
+    ckpt = tmp_path_factory.mktemp("nano") / "ckpt"
+    trainer = train(ckpt, ["--model", "nano", "--sync-every", "4", "--outer-steps", "3", "--fragments", "2"])
+    return trainer, ckpt
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> str:
+    """A BPE tokenizer of 300 tokens trained here on pydoc text (nothing downloaded), as for prepare."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([topics[k] for k in sorted(topics)[:50]], trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return str(path)
+
+
+@contextmanager
+def no_warnings() -> Iterator[List[str]]:
+    """Every warning transformers logs and every Python warning raised inside, as text (to assert it empty)."""
+    from transformers.utils import logging as hf_logging
+
+    seen: List[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                seen.append(record.getMessage())
+
+    handler = Keep()
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield seen
+        seen.extend(str(w.message) for w in caught)
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+
+
+def batch() -> torch.Tensor:
+    return torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return logits_of(model(x))
+
+
+def from_fingerprint(ckpt: Path, step: int) -> torch.nn.Module:
+    """By hand: the model its fingerprint names, with the one-file step's global weights (only tied ones absent)."""
+    state = CheckpointStore(str(ckpt)).read_part(step, GLOBAL_PART)
+    spec = state["model_fingerprint"]
+    model = build_model(spec["model"], json.dumps(spec["model_args"]), SEQ)
+    result = model.load_state_dict(state["diloco"]["global_weights"], strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight", "head.weight"}, result
+    return model
+
+
+def export_cli(*args: Any) -> int:
+    from torchx_diloco.export import main
+
+    return main([str(a) for a in args])
+
+
+def info(out: Path) -> Dict[str, Any]:
+    return json.loads((out / "export.json").read_text())
+
+
+# --- transformers models -----------------------------------------------------------------------------------------
+def test_hf_export_loads_quietly_with_from_pretrained_and_gives_the_trained_logits(hf_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    trainer, ckpt = hf_run
+    out = tmp_path / "export"
+    assert export_cli(ckpt, "--out", out) == 0
+    assert {"config.json", "model.safetensors", "export.json"} <= {p.name for p in out.iterdir()}
+    assert info(out)["step"] == 2 and info(out)["weights"] == "global" and info(out)["layout"] == "transformers"
+    with no_warnings() as seen:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    assert seen == [], seen  # no missing lm_head, no bos/eos outside the vocab
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), "the head is tied again"
+    assert model.config.bos_token_id is None and model.config.eos_token_id is None  # 50256 is not in 300 ids
+    x = batch()
+    # no fragments, no mixing: right after its last commit the trainer's model holds the global weights
+    assert torch.equal(logits(model, x), logits(trainer.model, x))
+    assert torch.equal(logits(model, x), logits(from_fingerprint(ckpt, 2), x))
+
+
+def test_hf_export_with_its_tokenizer_is_a_hub_folder(hf_run, bpe, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import torchx_diloco
+    import torchx_diloco.export  # noqa: F401 - the submodule imported first: the package's name still calls
+
+    _, ckpt = hf_run
+    out = torchx_diloco.export(str(ckpt), tmp_path / "hub", tokenizer=bpe)
+    with no_warnings() as seen:
+        tok = AutoTokenizer.from_pretrained(out)
+        model = AutoModelForCausalLM.from_pretrained(out)
+    assert seen == [], seen
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert eot == 1 and tok.eos_token == "<|endoftext|>" and tok.unk_token == "<unk>"
+    assert model.config.eos_token_id == eot and model.generation_config.eos_token_id == eot
+    assert model.config.bos_token_id is None and model.config.pad_token_id is None  # the tokenizer has neither
+    text = "def export(checkpoint): return the model"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    ids = torch.tensor([tok(text)["input_ids"]])
+    assert torch.equal(logits(model, ids), logits(from_fingerprint(ckpt, 2), ids))
+
+
+def test_group_weights_without_fragments_are_the_global_ones_and_say_so(hf_run, tmp_path):
+    from safetensors.torch import load_file
+
+    _, ckpt = hf_run
+    assert export_cli(ckpt, "--out", tmp_path / "global") == 0
+    assert export_cli(ckpt, "--out", tmp_path / "group", "--weights", "group:0") == 0
+    assert "at outer step 2, the global ones" in info(tmp_path / "group")["what"], info(tmp_path / "group")
+    one, other = (load_file(tmp_path / name / "model.safetensors") for name in ("global", "group"))
+    assert one.keys() == other.keys() and all(torch.equal(one[k], other[k]) for k in one)
+
+
+def test_a_tokenizer_larger_than_the_vocab_is_refused(hf_run, tmp_path, capsys):
+    from tokenizers import Tokenizer, models
+
+    big = tmp_path / "tok"
+    big.mkdir()
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(400)}, unk_token="w0")).save(str(big / "tokenizer.json"))
+    assert export_cli(hf_run[1], "--out", tmp_path / "out", "--tokenizer", big) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "400 tokens, the model only 300" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# --- any other model ---------------------------------------------------------------------------------------------
+def test_preset_export_is_safetensors_and_json_that_rebuild_the_model(nano_run, tmp_path):
+    from safetensors.torch import load_model
+
+    _, ckpt = nano_run
+    out = tmp_path / "nano"
+    assert export_cli(ckpt, "--out", out) == 0
+    built = info(out)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "model.safetensors"]
+    assert (built["model"], built["model_args"], built["step"]) == ("nano", {"block_size": SEQ}, 3), built
+    model = build_model(built["model"], json.dumps(built["model_args"]))  # the JSON alone rebuilds it
+    torch.nn.init.zeros_(model.tok_emb.weight)
+    load_model(model, str(out / "model.safetensors"))  # strict: every name, the tied head included
+    x = batch()
+    assert torch.equal(logits(model, x), logits(from_fingerprint(ckpt, 3), x))
+
+
+def test_group_weights_with_fragments_are_the_groups_local_ones(nano_run, tmp_path):
+    from safetensors.torch import load_model
+
+    trainer, ckpt = nano_run
+    out = tmp_path / "group0"
+    assert export_cli(ckpt, "--out", out, "--weights", "group:0") == 0
+    assert info(out)["what"] == "group 0's local weights at outer step 3", info(out)
+    model = build_model("nano", json.dumps(info(out)["model_args"]))
+    load_model(model, str(out / "model.safetensors"))
+    x = batch()
+    # with 2 fragments the fragment that did not sync last keeps the group's own progress
+    assert torch.equal(logits(model, x), logits(trainer.model, x))
+    assert not torch.equal(logits(model, x), logits(from_fingerprint(ckpt, 3), x))
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------
+def test_a_missing_step_is_refused_in_one_line(nano_run, tmp_path, capsys):
+    """The real command: one line naming the steps there are, exit 2, nothing written."""
+    _, ckpt = nano_run
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torchx_diloco.export", str(ckpt), "--out", str(out), "--step", "9"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "has no step 9 (it has 1, 2, 3)" in lines[0], done.stderr
+    assert not out.exists()
+    for bad, says in ((["--weights", "group"], "'group:G'"), (["--step", "0"], "must be >= 1")):
+        assert export_cli(ckpt, "--out", out, *bad) == 2
+        assert says in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_damaged_or_incomplete_step_is_refused_and_the_newest_sound_one_exported(nano_run, tmp_path, capsys, caplog):
+    _, original = nano_run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(original, ckpt)
+    victim = ckpt / "step_00000003" / "global.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, size unchanged: only the checksum sees it
+    victim.write_bytes(bytes(data))
+
+    assert export_cli(ckpt, "--out", tmp_path / "out", "--step", "3") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--step 3 fails verification" in err and "does not match its checksum" in err
+    assert not (tmp_path / "out").exists()
+
+    assert export_cli(ckpt, "--out", tmp_path / "out") == 0  # the newest sound step instead, with a warning
+    assert info(tmp_path / "out")["step"] == 2
+    assert "skipping a damaged step" in caplog.text and "step_00000003: global.pt does not match" in caplog.text
+
+    (ckpt / "step_00000002" / "MANIFEST.global.json").unlink()  # a step whose writing never finished
+    assert export_cli(ckpt, "--out", tmp_path / "out2", "--step", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is incomplete" in err, err
+    assert export_cli(ckpt, "--out", tmp_path / "out2") == 0 and info(tmp_path / "out2")["step"] == 1
+
+
+def test_an_existing_out_folder_is_not_overwritten(nano_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    assert export_cli(nano_run[1], "--out", out) == 2
+    assert "already exists and is not an empty folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
