@@ -11,10 +11,11 @@ lighthouse port and run id (TorchX's ``app_id``): two runs on one machine never 
 
 Every training flag, the ones after ``--`` included, is checked with the training module's own parser
 (``torchx_diloco.config``, torch-free) before anything starts. The trainer's parameters (``outer_steps``,
-``sync_every``, ``model``, ``checkpoint_dir``) take their defaults from its ``TrainConfig``, so ``--help`` shows
-real numbers; only the ones that differ reach the trainer's command line. ``--script``/``--m`` run a user's own loop in
-the groups instead (same torchrun, same environment); its arguments are its own. Imports only torchx, the
-standard library and torch-free parts of torchx_diloco (TorchX imports this file to list and lint components).
+``sync_every``, ``model``, ``checkpoint_dir``) take their defaults from its ``TrainConfig`` (``FLAG_DEFAULTS``),
+so ``--help`` shows real numbers; only the ones that differ reach the trainer's command line. ``--script``/``--m``
+run a user's own loop in the groups instead (same torchrun, same environment); its arguments are its own. Imports
+only torchx, the standard library and torch-free parts of torchx_diloco (TorchX imports this file to list and lint
+components).
 """
 
 import argparse
@@ -31,7 +32,7 @@ import torchx.specs as specs
 from torchx.specs import builders, file_linter, macros
 from torchx.specs.finder import ComponentValidationException
 
-from torchx_diloco.config import LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT, RUN_ID_ENV, TrainConfig, parse_flags
+from torchx_diloco.config import FLAG_DEFAULTS, LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT, RUN_ID_ENV, parse_flags
 from torchx_diloco.errors import UserError
 from torchx_diloco.gpus import GPUS_ENV, check_devices_exist
 from torchx_diloco.local import NODES_METADATA  # the local_cwd scheduler refuses groups of several nodes
@@ -41,7 +42,7 @@ __all__ = ["diloco", "lighthouse", "replica_group", "GPUS_ENV"]
 LIGHTHOUSE_ROLE = "lighthouse"
 TRAIN_MODULE = "torchx_diloco.train"
 LIGHTHOUSE_MODULE = "torchx_diloco.lighthouse"
-MIN_REPLICAS = TrainConfig.min_replicas  # the trainer's default, also the lighthouse's
+MIN_REPLICAS = FLAG_DEFAULTS["min_replicas"]  # the trainer's default, also the lighthouse's
 MIN_REPLICAS_ENV = "TORCHX_DILOCO_MIN_REPLICAS"  # torchx_diloco.cluster.MIN_REPLICAS_ENV (that module needs torch)
 
 
@@ -125,10 +126,10 @@ def diloco(
     nodes_per_group: int = 1,
     lighthouse_port: int = 0,
     min_replicas: int = MIN_REPLICAS,
-    checkpoint_dir: str = TrainConfig.checkpoint_dir,
-    outer_steps: int = TrainConfig.outer_steps,
-    sync_every: int = TrainConfig.sync_every,
-    model: str = TrainConfig.model,
+    checkpoint_dir: str = FLAG_DEFAULTS["checkpoint_dir"],
+    outer_steps: int = FLAG_DEFAULTS["outer_steps"],
+    sync_every: int = FLAG_DEFAULTS["sync_every"],
+    model: str = FLAG_DEFAULTS["model"],
     env: Optional[Dict[str, str]] = None,
     lighthouse_idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
     script: Optional[str] = None,
@@ -253,10 +254,10 @@ def replica_group(
     max_restarts: int = 3,
     nodes_per_group: int = 1,
     min_replicas: int = MIN_REPLICAS,
-    checkpoint_dir: str = TrainConfig.checkpoint_dir,
-    outer_steps: int = TrainConfig.outer_steps,
-    sync_every: int = TrainConfig.sync_every,
-    model: str = TrainConfig.model,
+    checkpoint_dir: str = FLAG_DEFAULTS["checkpoint_dir"],
+    outer_steps: int = FLAG_DEFAULTS["outer_steps"],
+    sync_every: int = FLAG_DEFAULTS["sync_every"],
+    model: str = FLAG_DEFAULTS["model"],
     run_id: Optional[str] = None,
     env: Optional[Dict[str, str]] = None,
     script: Optional[str] = None,
@@ -428,10 +429,10 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
 
 
 def _trainer_params(checkpoint_dir: str, outer_steps: int, sync_every: int, model: str) -> Dict[str, str]:
-    """The component's trainer parameters whose value differs from the trainer's own default (``TrainConfig``,
-    where the components' defaults come from): one equal to its default is the same as unset."""
+    """The component's trainer parameters whose value differs from the trainer's own default (``FLAG_DEFAULTS``,
+    whence the components' defaults): one equal to its default is the same as unset."""
     given = {"checkpoint_dir": checkpoint_dir, "outer_steps": outer_steps, "sync_every": sync_every, "model": model}
-    return {name: str(value) for name, value in given.items() if value != getattr(TrainConfig, name)}
+    return {name: str(value) for name, value in given.items() if value != FLAG_DEFAULTS[name]}
 
 
 def _program(

@@ -26,7 +26,7 @@ from torchx.specs import file_linter, finder
 from torchx.specs.api import InvalidRunConfigException
 
 from torchx_diloco._fleet.testing import REPO
-from torchx_diloco.config import TrainConfig
+from torchx_diloco.config import FLAG_DEFAULTS
 from torchx_diloco.gpus import machine_gpus
 from torchx_diloco_components import diloco as comp
 
@@ -121,8 +121,8 @@ def option_helps(help_text: str) -> Dict[str, Tuple[str, str]]:
 
 @pytest.mark.parametrize("fn", COMPONENTS)
 def test_help_types_numbers_as_numbers_and_says_each_default_once(fn, tmp_path):
-    """The trainer's parameters show the trainer's own defaults (TrainConfig), typed; no "(default: None)" after
-    a default the docstring already told."""
+    """The trainer's parameters show the trainer's own defaults (config.FLAG_DEFAULTS), typed; no "(default:
+    None)" after a default the docstring already told."""
     out = torchx_cli("run", f"diloco.{fn}", "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     options = option_helps(out.stdout)
@@ -136,9 +136,9 @@ def test_help_types_numbers_as_numbers_and_says_each_default_once(fn, tmp_path):
     if fn != "lighthouse":
         for name, type_name in (("outer_steps", "int"), ("sync_every", "int"), ("model", "str")):
             assert options[name] == (type_name, options[name][1]) and options[name][1].endswith(
-                f"(default: {getattr(TrainConfig, name)})"
+                f"(default: {FLAG_DEFAULTS[name]})"
             ), options[name]
-        assert options["checkpoint_dir"][1].endswith(f"(default: {TrainConfig.checkpoint_dir})")
+        assert options["checkpoint_dir"][1].endswith(f"(default: {FLAG_DEFAULTS['checkpoint_dir']})")
     if fn == "diloco":
         assert options["lighthouse_port"][0] == "int"
 
@@ -150,9 +150,11 @@ def test_trainer_parameters_at_their_defaults_leave_the_trainer_its_own(no_gpus)
         return group_cmd(comp.diloco(**kwargs).roles[1]).split("; exec ", 1)[1]
 
     assert torchrun().endswith("-m torchx_diloco.train --min-replicas 1")
-    same = dict(outer_steps=TrainConfig.outer_steps, sync_every=TrainConfig.sync_every, model=TrainConfig.model)
-    assert torchrun(**same, checkpoint_dir=TrainConfig.checkpoint_dir) == torchrun()
-    words = shlex.split(torchrun(outer_steps=3, sync_every=TrainConfig.sync_every))
+    same = dict(
+        outer_steps=FLAG_DEFAULTS["outer_steps"], sync_every=FLAG_DEFAULTS["sync_every"], model=FLAG_DEFAULTS["model"]
+    )
+    assert torchrun(**same, checkpoint_dir=FLAG_DEFAULTS["checkpoint_dir"]) == torchrun()
+    words = shlex.split(torchrun(outer_steps=3, sync_every=FLAG_DEFAULTS["sync_every"]))
     assert words[-4:] == ["--min-replicas", "1", "--outer-steps", "3"]
 
 
