@@ -283,3 +283,64 @@ def test_an_existing_out_folder_is_not_overwritten(nano_run, tmp_path, capsys):
     assert export_cli(nano_run[1], "--out", out) == 2
     assert "already exists and is not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+# --- sharded steps -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_sharded_step_of_two_fsdp_ranks_per_group_exports_consolidated(tmp_path, capsys):
+    """2 groups x 2 FSDP ranks (torchrun, Gloo) with 2 fragments: every rank wrote its shards (DCP). The export
+    consolidates them in one process: from_pretrained gives the logits of the global weights, and the rank-0
+    shard of what it exported is what the trainer recorded (the metrics' checksum of its global weights)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from torchx_diloco._fleet.testing import Group, Lighthouse, committed_checksums
+    from torchx_diloco.metrics import weights_checksum
+
+    ckpt = tmp_path / "ckpt"
+    args = [*HF_MODEL, *COMMON, "--group-wait", "30", "--min-replicas", "2", "--parallel", "fsdp"]
+    args += ["--sync-every", "4", "--outer-steps", "2", "--fragments", "2", "--checkpoint-dir", str(ckpt)]
+    fleet = Lighthouse(tmp_path, min_replicas=2)
+    groups = [Group(g, 2, fleet.url, args, tmp_path, nproc=2, extra_env={"HF_HUB_OFFLINE": "1"}) for g in range(2)]
+    try:
+        for g in groups:
+            assert g.wait(240) == 0, g.output()[-3000:]
+    finally:
+        for g in groups:
+            g.kill()
+        fleet.kill()
+    step = ckpt / "step_00000002"
+    assert {p.name for p in (step / "global").glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+
+    out = tmp_path / "export"
+    assert export_cli(ckpt, "--out", out) == 0
+    with no_warnings() as seen:
+        model = AutoModelForCausalLM.from_pretrained(out)
+    assert seen == [], seen
+    # by hand: the global part's shards read into one plain copy of the model
+    spec = CheckpointStore(str(ckpt)).read_part(2, GLOBAL_PART)["model_fingerprint"]
+    reference = build_model(spec["model"], json.dumps(spec["model_args"]))
+    target = {"global_weights": {n: torch.zeros_like(p) for n, p in reference.named_parameters()}}
+    CheckpointStore(str(ckpt)).load_sharded_part(2, GLOBAL_PART, target, None)
+    reference.load_state_dict(target["global_weights"], strict=False)
+    x = batch()
+    assert torch.equal(logits(model, x), logits(reference, x))
+    # FSDP2 gave rank 0 the first half of every parameter's rows: the shards the trainer checksummed
+    rank0 = [p.detach().chunk(2, dim=0)[0] for _, p in model.named_parameters()]
+    assert weights_checksum(rank0) == committed_checksums(ckpt, 0)[2]
+
+    group = tmp_path / "group1"
+    assert export_cli(ckpt, "--out", group, "--weights", "group:1") == 0
+    assert info(group)["what"] == "group 1's local weights at outer step 2", info(group)
+    local, shared = load_file(group / "model.safetensors"), load_file(out / "model.safetensors")
+    differ = {k for k in shared if not torch.equal(local[k], shared[k])}
+    assert differ and differ != set(shared), "the fragment that synced last is at the global weights, the other not"
+
+    victim = step / "global" / "__1_0.distcp"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert export_cli(ckpt, "--out", tmp_path / "damaged", "--step", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "fails verification" in err and "__1_0.distcp" in err, err
