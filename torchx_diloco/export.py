@@ -325,7 +325,10 @@ def _write_transformers(model: nn.Module, out: Path, tokenizer: Any) -> List[str
 
 
 def _write_plain(model: nn.Module, out: Path, info: Dict[str, Any]) -> List[str]:
-    from safetensors.torch import save_model
+    try:
+        from safetensors.torch import save_model
+    except ImportError as e:
+        raise UserError(f"the export writes safetensors: pip install 'torchx-diloco[hf]' (or safetensors) ({e})") from e
 
     meta = {"model": str(info["model"]), "model_args": json.dumps(info["model_args"]), "step": str(info["step"])}
     save_model(model, str(out / WEIGHTS_NAME), metadata=meta)  # a tied tensor once; load_model restores both names
