@@ -110,7 +110,13 @@ def test_prepare_writes_to_s3_and_the_trainer_reads_through_the_cache(tmp_path, 
     "case, message",
     [
         ("missing", "missing.txt does not exist; pass existing files"),
-        ("unknown", "unknown kind of input; pass text"),
+        ("unknown", "a.csv: unknown kind of input (text is .txt, .text, .md, or .jsonl, .parquet); for UTF-8 text of"),
+        (
+            "py_without_kind",
+            "train.py: unknown kind of input (text is .txt, .text, .md, or .jsonl, .parquet); for UTF-8",
+        ),
+        ("not_utf8", "a.txt is not UTF-8 text (invalid continuation byte: byte 0xe9); convert it to UTF-8"),
+        ("kind_not_utf8", "model.bin is not UTF-8 text (invalid start byte: byte 0x80); convert it to UTF-8"),
         ("tokenizer_missing", "does not exist; pass a tokenizer.json file or 'bytes'"),
         ("tokenizer_bad", "is not a Hugging Face tokenizers file"),
         ("jsonl_no_text", "docs.jsonl:2 has no 'text' field; pass --text-field NAME"),
@@ -131,6 +137,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, bpe, case, message):
     elif case == "unknown":
         argv[0] = tmp_path / "a.csv"
         argv[0].write_text("x")
+    elif case == "py_without_kind":
+        argv[0] = tmp_path / "train.py"
+        argv[0].write_text("print('hello')\n")
+    elif case == "not_utf8":
+        txt.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    elif case == "kind_not_utf8":
+        argv[0] = tmp_path / "model.bin"
+        argv[0].write_bytes(b"\x80\x04\x95 a pickle, not text")
+        argv += ["--kind", "text"]
     elif case == "tokenizer_missing":
         argv[-1] = tmp_path / "nope.json"
     elif case == "tokenizer_bad":
@@ -188,6 +203,21 @@ def test_two_groups_train_on_prepared_shards_from_s3(tmp_path, s3_url):
         records = committed(read_metrics(ckpt / "metrics" / f"replica_group_{g}.jsonl"))
         assert [r["outer_step"] for r in records][-1] == 2, records
         assert all(np.isfinite(r["loss"]) for r in records)
+
+
+def test_kind_text_reads_any_utf8_file_whatever_its_name(tmp_path):
+    """--kind text: Python sources (the standard library's own) and a file with no suffix, each one document."""
+    from json import decoder
+
+    sources = [Path(json.__file__), Path(decoder.__file__)]
+    notes = tmp_path / "NOTES"
+    notes.write_text("caf\u00e9 \u2713, na\u00efve\n", encoding="utf-8")
+    out = tmp_path / "shards"
+    assert run([*sources, notes, "--out", out, "--tokenizer", "bytes", "--kind", "text"]) == 0
+    stream, vocab = open_tokens(str(out))
+    want = "\n\n".join(p.read_text(encoding="utf-8") for p in [*sources, notes]).encode()
+    assert vocab == 256 and bytes(stream.window(0, len(stream)).astype(np.uint8)) == want
+    assert json.loads((out / "meta.json").read_text())["documents"] == 3
 
 
 def test_a_large_text_file_is_one_document_in_pieces(tmp_path, monkeypatch):

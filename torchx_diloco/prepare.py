@@ -1,9 +1,10 @@
 """Tokenize text into token shards the trainer reads: ``python -m torchx_diloco.prepare INPUT... --out URL``.
 
 Inputs: text files (one document each), ``.jsonl`` (one document per line, its ``text`` field) and ``.parquet``
-(its ``text`` column, read with pyarrow), as paths, globs or fsspec URLs. The tokenizer is a Hugging Face
-``tokenizers`` file (``tokenizer.json``) or ``bytes`` (UTF-8 bytes, vocab 256, what text ``--data`` trains on).
-Documents are joined with ``--eot`` (a token of the tokenizer) or, by default, the tokens of a blank line.
+(its ``text`` column, read with pyarrow), as paths, globs or fsspec URLs; the kind comes from the file's suffix,
+or from ``--kind`` for all inputs (``--kind text``: any UTF-8 file, e.g. ``.py`` sources). The tokenizer is a
+Hugging Face ``tokenizers`` file (``tokenizer.json``) or ``bytes`` (UTF-8 bytes, vocab 256, what text ``--data``
+trains on). Documents are joined with ``--eot`` (a token of the tokenizer) or, by default, the tokens of a blank line.
 
 Output (local or any fsspec URL, e.g. ``s3://``): ``shard-00000.bin``, ... of at most ``--shard-tokens`` tokens
 each, in llm.c's format (a 256-int32 header: magic 20240520, version 1 for uint16 / 2 for uint32, token count;
@@ -31,6 +32,7 @@ META_FORMAT = "torchx-diloco-tokens"
 LLMC_MAGIC = 20240520
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 KINDS = {**{s: "text" for s in TEXT_SUFFIXES}, ".jsonl": "jsonl", ".parquet": "parquet"}
+AUTO = "auto"  # --kind's default: each input's kind from its suffix (KINDS)
 TEXT_CHUNK = 1 << 20  # characters of a text file tokenized at a time (cut at a line end)
 BATCH_DOCS = 256  # documents tokenized together (in parallel by tokenizers) ...
 BATCH_CHARS = 16 << 20  # ... or fewer, up to this much text: memory stays bounded
@@ -47,9 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize text, .jsonl (a 'text' field) or .parquet (a 'text' column) into token shards "
         "(llm.c .bin format) and a meta.json, for --data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --kin is a typo, not --kind
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="files, globs or fsspec URLs (.txt/.md, .jsonl, .parquet)"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, globs or fsspec URLs (.txt/.md, .jsonl, .parquet; any UTF-8 text with --kind text)",
     )
     p.add_argument("--out", required=True, help="directory (local path or fsspec URL) for the shards and meta.json")
     p.add_argument(
@@ -58,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard, at most")
     p.add_argument("--eot", default=None, help="a token of the tokenizer put between documents (default: a blank line)")
     p.add_argument("--text-field", default="text", help="the field (.jsonl) or column (.parquet) holding the text")
+    p.add_argument(
+        "--kind",
+        choices=[AUTO, *sorted(set(KINDS.values()))],
+        default=AUTO,
+        help="how to read every input: by its suffix (auto), or all as UTF-8 text (one document per file: .py "
+        "sources, .rst, any suffix), .jsonl or .parquet",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -125,14 +138,20 @@ class Tokenizer:
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
-def _kind(path: str) -> str:
-    for suffix, kind in KINDS.items():
+def _kind(path: str, kind: str = AUTO) -> str:
+    """``kind`` as given, or (auto) the one of the path's suffix."""
+    if kind != AUTO:
+        return kind
+    for suffix, known in KINDS.items():
         if path.lower().endswith(suffix):
-            return kind
-    raise UserError(f"{path}: unknown kind of input; pass text ({', '.join(TEXT_SUFFIXES)}), .jsonl or .parquet files")
+            return known
+    raise UserError(
+        f"{path}: unknown kind of input (text is {', '.join(TEXT_SUFFIXES)}, or .jsonl, .parquet); "
+        "for UTF-8 text of any other name (e.g. .py sources) pass --kind text"
+    )
 
 
-def resolve_inputs(inputs: Sequence[str]) -> List[Any]:
+def resolve_inputs(inputs: Sequence[str], kind: str = AUTO) -> List[Any]:
     """fsspec OpenFiles, in order (each glob sorted), each checked for existence and kind."""
     found = []
     for spec in inputs:
@@ -147,15 +166,15 @@ def resolve_inputs(inputs: Sequence[str]) -> List[Any]:
                 raise UserError(f"{spec}: {f.path} does not exist; pass existing files, globs or fsspec URLs")
             if f.fs.isdir(f.path):
                 raise UserError(f"{spec}: {f.path} is a directory; pass its files or a glob like DIR/*.jsonl")
-            _kind(f.path)
+            _kind(f.path, kind)
             found.append(f)
     return found
 
 
-def documents(f: Any, field: str) -> Iterator[tuple[str, bool]]:
+def documents(f: Any, field: str, kind: str = AUTO) -> Iterator[tuple[str, bool]]:
     """(text, starts a document) pieces of one input: a document per record, or a text file as one document
     in pieces of about 1 MB cut at line ends (tokenized apart, joined with no separator)."""
-    kind = _kind(f.path)
+    kind = _kind(f.path, kind)
     if kind == "parquet":
         try:
             import pyarrow.parquet as pq
@@ -202,7 +221,10 @@ def documents(f: Any, field: str) -> Iterator[tuple[str, bool]]:
                 yield chunk, first
                 first = False
         except UnicodeDecodeError as e:
-            raise UserError(f"{f.path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it") from e
+            raise UserError(
+                f"{f.path} is not UTF-8 text ({e.reason}: byte 0x{e.object[e.start]:02x}); convert it to UTF-8 "
+                "(e.g. iconv -t utf-8) or leave it out of the inputs"
+            ) from e
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -253,7 +275,7 @@ def _emit(
 
 
 def prepare(args: argparse.Namespace) -> dict:
-    files = resolve_inputs(args.inputs)
+    files = resolve_inputs(args.inputs, args.kind)
     tok = Tokenizer(args.tokenizer)
     sep = tok.separator(args.eot)
     dtype = np.dtype(np.uint16) if tok.vocab_size <= 65536 else np.dtype(np.uint32)
@@ -276,7 +298,7 @@ def prepare(args: argparse.Namespace) -> dict:
         pending: List[tuple[str, bool]] = []
         chars = counted = 0
         size = int(f.fs.size(f.path) or 0)
-        for piece in documents(f, args.text_field):
+        for piece in documents(f, args.text_field, args.kind):
             pending.append(piece)
             chars += len(piece[0])
             docs += piece[1]
