@@ -234,6 +234,59 @@ def test_group_weights_with_fragments_are_the_groups_local_ones(nano_run, tmp_pa
     assert not torch.equal(logits(model, x), logits(from_fingerprint(ckpt, 3), x))
 
 
+def write_step(ckpt: Path, spec: str, args: Dict[str, Any], model: torch.nn.Module) -> None:
+    """A global part as the trainer writes one, for ``model`` built by ``--model spec --model-args args``."""
+    from torchx_diloco.modeling import fingerprint
+
+    CheckpointStore(str(ckpt)).write_part(
+        1,
+        GLOBAL_PART,
+        {
+            "outer_step": 1,
+            "model_fingerprint": fingerprint(model, spec, json.dumps(args)),
+            "manager": {"step": 1},
+            "diloco": {"global_weights": {n: p.detach().clone() for n, p in model.named_parameters()}},
+        },
+    )
+
+
+def test_a_factory_of_your_own_is_built_only_when_you_name_it(tmp_path, capsys):
+    """A factory is code: the export runs it only on --model naming it (tests/model_factories.py, by name)."""
+    from safetensors.torch import load_model
+
+    from tests.model_factories import bare_logits
+
+    spec, args = "tests.model_factories:bare_logits", {"vocab_size": 64, "max_positions": 16}
+    trained = bare_logits(**args)
+    write_step(tmp_path / "ckpt", spec, args, trained)
+    assert export_cli(tmp_path / "ckpt", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"if you trust it, pass --model {spec}" in err, err
+    assert export_cli(tmp_path / "ckpt", "--out", tmp_path / "out", "--model", "nano") == 2
+    assert f"was trained with --model {spec}: pass that" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+    assert export_cli(tmp_path / "ckpt", "--out", tmp_path / "out", "--model", spec) == 0
+    assert (info(tmp_path / "out")["model"], info(tmp_path / "out")["model_args"]) == (spec, args)
+    model = bare_logits(**args)
+    load_model(model, str(tmp_path / "out" / "model.safetensors"))
+    x = torch.randint(0, 64, (2, 8))
+    assert torch.equal(logits(model, x), logits(trained, x))
+
+
+def test_a_crafted_fingerprint_runs_nothing(tmp_path, capsys):
+    """A checkpoint from a shared bucket naming os:system as its model: refused, the command never runs."""
+    pwned = tmp_path / "PWNED"
+    CheckpointStore(str(tmp_path / "ckpt")).write_part(
+        1,
+        GLOBAL_PART,
+        {"model_fingerprint": {"model": "os:system", "model_args": {"command": f"touch {pwned}"}, "parameters": []}},
+    )
+    assert export_cli(tmp_path / "ckpt", "--out", tmp_path / "out") == 2
+    assert "building it imports and runs that code" in capsys.readouterr().err
+    assert not pwned.exists()
+
+
 # --- refusals ----------------------------------------------------------------------------------------------------
 def test_a_missing_step_is_refused_in_one_line(nano_run, tmp_path, capsys):
     """The real command: one line naming the steps there are, exit 2, nothing written."""

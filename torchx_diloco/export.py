@@ -44,6 +44,7 @@ PROG = "python -m torchx_diloco.export"
 INFO_NAME = "export.json"
 WEIGHTS_NAME = "model.safetensors"
 _GROUP = re.compile(r"group:(\d+)$")
+HF_FACTORY = "torchx_diloco.hf:causal_lm"  # ours, like the presets: built without asking (any other factory is code)
 _WEIGHTS_HELP = (
     "'global' (default): the global weights, what every group agrees on after an outer step (the model DiLoCo "
     "trains); 'group:G': group G's local weights at that step. With --fragments > 1 or --mix-alpha > 0 a group's "
@@ -147,15 +148,28 @@ def _listed(steps: List[int]) -> str:
 
 
 # --- the model ---------------------------------------------------------------------------------------------------
-def rebuild_model(spec: Dict[str, Any], where: str) -> tuple[nn.Module, Dict[str, Any]]:
+def rebuild_model(
+    spec: Dict[str, Any], where: str, confirmed: Optional[str] = None
+) -> tuple[nn.Module, Dict[str, Any]]:
     """The model the checkpoint was trained with, built from its fingerprint, and the ``model_args`` that
-    rebuild it with ``build_model(model, json.dumps(model_args))`` (a preset's context length included)."""
-    if not isinstance(spec, dict) or "model" not in spec:
+    rebuild it with ``build_model(model, json.dumps(model_args))`` (a preset's context length included).
+
+    A factory other than the presets and ``torchx_diloco.hf:causal_lm`` is imported and called only when the
+    caller names it (``confirmed``): the fingerprint is data from storage, and a crafted one could name any
+    callable (``os:system``) with any arguments."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str):
         raise UserError(
             f"{where} has no model fingerprint (it was written by an older torchx-diloco): train on with this "
             "version for one more outer step, then export"
         )
     name, args = spec["model"], dict(spec.get("model_args") or {})
+    if confirmed is not None and confirmed != name:
+        raise UserError(f"--model {confirmed}: {where} was trained with --model {name}: pass that, or no --model")
+    if confirmed is None and name not in PRESETS and name != HF_FACTORY:
+        raise UserError(
+            f"{where} was trained with --model {name}: building it imports and runs that code; if you trust it, "
+            f"pass --model {name} (with that package importable)"
+        )
     rebuild_args = dict(args)
     seq_len = None
     if name in PRESETS and "block_size" not in args:  # the trainer gave the preset --seq-len as its context
@@ -341,27 +355,31 @@ def export(
     step: Optional[int] = None,
     weights: str = "global",
     tokenizer: Optional[Union[str, Path]] = None,
+    model: Optional[str] = None,
 ) -> Path:
     """Write the model of ``checkpoint_dir`` (a local path or fsspec URL) at ``step`` (default: the newest
     complete, verified one) to the new folder ``out``; ``weights``: ``"global"`` or ``"group:G"``; ``tokenizer``:
-    a ``tokenizer.json`` to save beside a transformers model. Returns ``out``. Bad input raises ``UserError``."""
+    a ``tokenizer.json`` to save beside a transformers model; ``model``: the run's ``--model``, needed (as
+    consent to run its code) when it is a factory of your own. Returns ``out``. Bad input raises ``UserError``."""
     group = parse_weights(weights)
     out = Path(out)
     store = CheckpointStore(checkpoint_dir)
     chosen = choose_step(store, step, group)
     where = store.step_dir(chosen.number)
-    model, model_args = rebuild_model(chosen.global_state.get("model_fingerprint"), where)  # type: ignore[arg-type]
-    hf = is_transformers_model(model)
+    spec = chosen.global_state.get("model_fingerprint")
+    built, model_args = rebuild_model(spec, where, model)  # type: ignore[arg-type]
+    name = spec["model"]  # type: ignore[index]
+    hf = is_transformers_model(built)
     if tokenizer is not None and not hf:
         raise UserError(
-            f"--tokenizer is for transformers models; {chosen.global_state['model_fingerprint']['model']} is a plain "
-            "nn.Module: leave --tokenizer out (keep the tokenizer.json beside the export yourself)"
+            f"--tokenizer is for transformers models; --model {name} is a plain nn.Module: leave --tokenizer out "
+            "(keep the tokenizer.json beside the export yourself)"
         )
     tok = load_tokenizer(tokenizer) if tokenizer is not None else None
     if tok is not None:
-        _check_tokenizer(model, tok)
-    values, note = read_weights(store, chosen, model, group)
-    load_weights(model, values, where)
+        _check_tokenizer(built, tok)
+    values, note = read_weights(store, chosen, built, group)
+    load_weights(built, values, where)
     _check_out(out)
     info: Dict[str, Any] = {
         "format": "torchx-diloco-export",
@@ -370,11 +388,11 @@ def export(
         "step": chosen.number,
         "weights": weights,
         "what": note,
-        "model": chosen.global_state["model_fingerprint"]["model"],
+        "model": name,
         "model_args": model_args,
         "layout": "transformers" if hf else "safetensors",
     }
-    files = _write_transformers(model, out, tok) if hf else _write_plain(model, out, info)
+    files = _write_transformers(built, out, tok) if hf else _write_plain(built, out, info)
     info["files"] = files
     (out / INFO_NAME).write_text(json.dumps(info, indent=1) + "\n")
     return out
@@ -396,6 +414,14 @@ def _step_number(text: str) -> int:
     return value
 
 
+def _weights(text: str) -> str:
+    try:
+        parse_weights(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--weights {text!r}: ")) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog=PROG,
@@ -409,7 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--step", type=_step_number, default=None, help="the outer step to export (default: the newest complete one)"
     )
-    p.add_argument("--weights", default="global", help=_WEIGHTS_HELP)
+    p.add_argument("--weights", type=_weights, default="global", help=_WEIGHTS_HELP)
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the run's --model, when it is a factory of your own (package.module:factory): building the model "
+        "runs that code, so the export asks you to name it; not needed for the presets and "
+        f"{HF_FACTORY}",
+    )
     p.add_argument(
         "--tokenizer",
         default=None,
@@ -425,8 +458,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("torchx_diloco").setLevel(logging.INFO)
     try:
         args = build_parser().parse_args(argv)
-        parse_weights(args.weights)  # before reading anything
-        out = export(args.checkpoint_dir, args.out, args.step, args.weights, args.tokenizer)
+        out = export(args.checkpoint_dir, args.out, args.step, args.weights, args.tokenizer, args.model)
     except UserError as e:
         print(f"torchx_diloco.export: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
@@ -446,8 +478,9 @@ class _CallableModule(types.ModuleType):
         step: Optional[int] = None,
         weights: str = "global",
         tokenizer: Optional[Union[str, Path]] = None,
+        model: Optional[str] = None,
     ) -> Path:
-        return export(checkpoint_dir, out, step, weights, tokenizer)
+        return export(checkpoint_dir, out, step, weights, tokenizer, model)
 
 
 if __name__ == "__main__":
