@@ -127,6 +127,50 @@ def test_tensorboard_has_each_groups_numbers_per_committed_outer_step(bf16_run):
             assert [s.value for s in scalars] == pytest.approx([r[key] for r in records], rel=1e-6)
 
 
+def write_metrics(ckpt: Path, keys: tuple) -> None:
+    """Two groups' metrics as the trainer writes them: 3 committed outer steps and a dropped round, with the
+    optional ``keys`` (sent_bytes, inner_lr, outer_lr) only if asked (metrics of older versions lack them)."""
+    import json
+
+    (ckpt / "metrics").mkdir(parents=True)
+    for g in range(2):
+        lines = []
+        for step in (1, 2, 3):
+            record = dict(outer_step=step, committed=True, inner_steps=5 * step, tokens=640 * step, loss=3.0 - step / 4)
+            record.update(eval_loss=3.1 - step / 4, tokens_per_s=1e4, participants=2, sync_s=0.1, fragment=0)
+            optional = dict(sent_bytes=1000 * (g + 1) * step, inner_lr=4e-4 / step, outer_lr=0.7)
+            record.update({k: v for k, v in optional.items() if k in keys})
+            lines.append(json.dumps(record))
+        lines.append(json.dumps(dict(outer_step=4, committed=False, sync_s=0.5)))
+        (ckpt / "metrics" / f"replica_group_{g}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_plot_draws_bytes_sent_and_learning_rates_where_the_metrics_hold_them(tmp_path):
+    from torchx_diloco import plot as plot_module
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    write_metrics(new, ("sent_bytes", "inner_lr", "outer_lr"))
+    write_metrics(old, ())
+    fig = plot_module.figure(plot_module.read_run(str(new)))
+    titled = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    sent = titled[plot_module.BYTES_TITLE]
+    assert [list(line.get_ydata()) for line in sent.get_lines()] == [[1000, 2000, 3000], [2000, 4000, 6000]]
+    lrs = titled[plot_module.LR_TITLE]
+    assert lrs.get_ylabel().startswith("inner lr") and len(lrs.get_lines()) == 2
+    assert list(lrs.get_lines()[0].get_ydata()) == pytest.approx([4e-4, 2e-4, 4e-4 / 3])
+    (outer,) = [ax for ax in fig.axes if ax.get_ylabel().startswith("outer lr")]  # the twin of the lr panel
+    assert [list(line.get_ydata()) for line in outer.get_lines()] == [[0.7] * 3, [0.7] * 3]
+
+    fig = plot_module.figure(plot_module.read_run(str(old)))  # older metrics: the four panels, nothing empty
+    assert len(fig.axes) == 4 and not {plot_module.BYTES_TITLE, plot_module.LR_TITLE} & {
+        a.get_title() for a in fig.axes
+    }
+    for run_dir in (new, old):
+        result = plot(str(run_dir))
+        assert result.returncode == 0, result.stderr
+        assert (run_dir / "metrics" / "run.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 @pytest.mark.slow
 def test_plot_draws_a_png_of_a_real_run(bf16_run, tmp_path):
     ckpt, _ = bf16_run
