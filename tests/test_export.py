@@ -287,6 +287,29 @@ def test_a_crafted_fingerprint_runs_nothing(tmp_path, capsys):
     assert not pwned.exists()
 
 
+def test_one_file_and_sharded_steps_on_s3_export_like_local_ones(nano_run, s3_url, tmp_path):
+    """From the S3 server: the nano run's steps uploaded as they are, then a sharded (DCP) step written on S3."""
+    import fsspec
+    from safetensors.torch import load_file, load_model
+
+    from torchx_diloco.modeling import fingerprint
+
+    trainer, ckpt = nano_run
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(str(ckpt / "step_00000003"), f"{s3_url}/step_00000003", recursive=True)
+    assert export_cli(s3_url, "--out", tmp_path / "s3") == 0 and export_cli(ckpt, "--out", tmp_path / "local") == 0
+    from_s3, local = (load_file(tmp_path / name / "model.safetensors") for name in ("s3", "local"))
+    assert from_s3.keys() == local.keys() and all(torch.equal(from_s3[k], local[k]) for k in local)
+
+    weights = {n: torch.randn(p.shape) for n, p in trainer.model.named_parameters()}
+    values = {"outer_step": 4, "model_fingerprint": fingerprint(trainer.model, "nano", "{}"), "manager": {"step": 4}}
+    CheckpointStore(s3_url).write_sharded_part(4, GLOBAL_PART, {"global_weights": weights}, values, None)
+    assert export_cli(s3_url, "--out", tmp_path / "sharded") == 0 and info(tmp_path / "sharded")["step"] == 4
+    model = build_model("nano", json.dumps(info(tmp_path / "sharded")["model_args"]))
+    load_model(model, str(tmp_path / "sharded" / "model.safetensors"))
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
 # --- refusals ----------------------------------------------------------------------------------------------------
 def test_a_missing_step_is_refused_in_one_line(nano_run, tmp_path, capsys):
     """The real command: one line naming the steps there are, exit 2, nothing written."""
