@@ -288,5 +288,9 @@ def test_every_documented_command_runs(where, command, dry_runs):
         from torchx_diloco.plot import build_parser
 
         build_parser().parse_args(args)
+    elif module == "torchx_diloco.export":
+        from torchx_diloco.export import build_parser
+
+        build_parser().parse_args(args)  # its flags; the checkpoint folders are examples
     else:
         raise AssertionError(f"{where}: no dry run known for {module}: teach this test one")

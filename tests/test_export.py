@@ -173,6 +173,7 @@ def test_hf_export_with_its_tokenizer_is_a_hub_folder(hf_run, bpe, tmp_path):
     assert eot == 1 and tok.eos_token == "<|endoftext|>" and tok.unk_token == "<unk>"
     assert model.config.eos_token_id == eot and model.generation_config.eos_token_id == eot
     assert model.config.bos_token_id is None and model.config.pad_token_id is None  # the tokenizer has neither
+    assert tok.model_max_length == HF_ARGS["n_positions"]
     text = "def export(checkpoint): return the model"
     assert tok.decode(tok(text)["input_ids"]) == text
     ids = torch.tensor([tok(text)["input_ids"]])

@@ -334,6 +334,10 @@ def _write_transformers(model: nn.Module, out: Path, tokenizer: Any) -> List[str
     _special_ids(model, tokenizer, _vocab_size(model))
     model.save_pretrained(str(out))  # type: ignore[operator]
     if tokenizer is not None:
+        config = model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(positions, int):  # else transformers' "no limit" placeholder, a 31-digit number
+            tokenizer.model_max_length = positions
         tokenizer.save_pretrained(str(out))
     return sorted(p.name for p in out.iterdir())
 
