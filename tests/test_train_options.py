@@ -171,6 +171,18 @@ def test_plot_draws_bytes_sent_and_learning_rates_where_the_metrics_hold_them(tm
         assert (run_dir / "metrics" / "run.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_hf_causal_lm_defaults_are_told_where_help_points():
+    """`python -m pydoc torchx_diloco.hf.causal_lm` and docs/training-options.md list every default it builds."""
+    from torchx_diloco import hf
+
+    section = (REPO / "docs" / "training-options.md").read_text().split("## Hugging Face models", 1)[1]
+    doc = " ".join((hf.causal_lm.__doc__ or "").split())
+    for arch, defaults in hf.DEFAULTS.items():
+        assert f"`{arch}`" in section and f"- {arch}: " in doc, arch
+        for name, value in defaults.items():
+            assert f"{name}={value}" in section and f"{name}={value}" in doc, (arch, name)
+
+
 @pytest.mark.slow
 def test_plot_draws_a_png_of_a_real_run(bf16_run, tmp_path):
     ckpt, _ = bf16_run
