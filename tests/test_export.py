@@ -322,7 +322,11 @@ def test_a_missing_step_is_refused_in_one_line(nano_run, tmp_path, capsys):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "has no step 9 (it has 1, 2, 3)" in lines[0], done.stderr
     assert not out.exists()
-    for bad, says in ((["--weights", "group"], "'group:G'"), (["--step", "0"], "must be >= 1")):
+    for bad, says in (
+        (["--weights", "group"], "'group:G'"),
+        (["--step", "0"], "must be >= 1"),
+        (["--weights", "group:5"], "holds a part of group 5: pass --weights group:G with a group of that run"),
+    ):
         assert export_cli(ckpt, "--out", out, *bad) == 2
         assert says in capsys.readouterr().err
     assert not out.exists()
@@ -351,6 +355,20 @@ def test_a_damaged_or_incomplete_step_is_refused_and_the_newest_sound_one_export
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is incomplete" in err, err
     assert export_cli(ckpt, "--out", tmp_path / "out2") == 0 and info(tmp_path / "out2")["step"] == 1
+
+
+def test_a_sharded_step_that_does_not_fit_its_fingerprint_is_refused_in_one_line(nano_run, tmp_path, capsys):
+    from torchx_diloco.modeling import fingerprint
+
+    model = nano_run[0].model
+    weights = {n: torch.zeros(p.shape) for n, p in model.named_parameters() if n != "ln_f.weight"}
+    values = {"outer_step": 1, "model_fingerprint": fingerprint(model, "nano", "{}"), "manager": {"step": 1}}
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    store.write_sharded_part(1, GLOBAL_PART, {"global_weights": weights}, values, None)
+    assert export_cli(tmp_path / "ckpt", "--out", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "its global_weights do not fit the model" in err and "ln_f.weight" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_out_folder_is_not_overwritten(nano_run, tmp_path, capsys):

@@ -128,19 +128,23 @@ def choose_step(store: CheckpointStore, step: Optional[int], group: Optional[int
                 f"--step {step} fails verification ({e}): pass an earlier --step, or leave --step out for the newest "
                 "sound one"
             ) from e
+    skipped = 0  # incomplete or damaged (each warned of); steps without the group's part are passed over quietly
     for number in reversed(steps):
         if not store.has_part(number, GLOBAL_PART):
             logger.warning("%s is incomplete (no manifest): skipping it", store.step_dir(number))
-            continue
-        if group is not None and not store.has_part(number, group_part(group)):
-            logger.warning("%s has no part of group %d: skipping it", store.step_dir(number), group)
-            continue
-        try:
-            return _verified_step(store, number, group)
-        except CorruptCheckpoint as e:
-            logger.warning("skipping a damaged step: %s", e)
-    whose = "" if group is None else f" with a part of group {group}"
-    raise UserError(f"{where} holds no complete, verified step{whose} (of {_listed(steps)}): see the warnings above")
+            skipped += 1
+        elif group is None or store.has_part(number, group_part(group)):
+            try:
+                return _verified_step(store, number, group)
+            except CorruptCheckpoint as e:
+                logger.warning("skipping a damaged step: %s", e)
+                skipped += 1
+    if group is not None and skipped < len(steps):
+        raise UserError(
+            f"no step of {where} ({_listed(steps)}) holds a part of group {group}: pass --weights group:G with a "
+            "group of that run, or --weights global"
+        )
+    raise UserError(f"{where} holds no complete, verified step (of {_listed(steps)}): see the warnings above")
 
 
 def _listed(steps: List[int]) -> str:
@@ -188,20 +192,34 @@ def rebuild_model(
     return model, rebuild_args
 
 
-def _target(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Empty tensors to read a part's weights into, one per trainable parameter (tied ones once)."""
-    return {n: torch.empty(p.shape, dtype=p.dtype) for n, p in model.named_parameters() if p.requires_grad}
+def _load_sharded(store: CheckpointStore, step: int, part: str, key: str, model: nn.Module) -> Dict[str, Any]:
+    """``key`` (the weights) of a sharded part, consolidated in this process: DCP reads every rank's shards into
+    one plain tensor per trainable parameter of ``model`` (tied ones once)."""
+    target = {key: {n: torch.empty(p.shape, dtype=p.dtype) for n, p in model.named_parameters() if p.requires_grad}}
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        store.load_sharded_part(step, part, target, None)
+    except CorruptCheckpoint as e:
+        raise UserError(f"{store.step_dir(step)}/{part}: {e}; pass another --step") from e
+    except (CheckpointException, RuntimeError, ValueError) as e:  # DCP's: a rank's traceback, its error last
+        raise UserError(
+            f"{store.step_dir(step)}/{part}: its {key} do not fit the model rebuilt from the fingerprint "
+            f"({str(e).strip().splitlines()[-1][:200]}): export with the code that trained it"
+        ) from e
+    return target[key]
 
 
-def read_weights(store: CheckpointStore, chosen: _Step, model: nn.Module, group: Optional[int]) -> tuple[Dict, str]:
+def read_weights(
+    store: CheckpointStore, chosen: _Step, model: nn.Module, group: Optional[int]
+) -> tuple[Dict[str, Any], str]:
     """The weights to export (parameter name -> tensor) and a sentence saying which they are."""
     if group is not None:
         assert chosen.group_state is not None
         values = chosen.group_state
         if chosen.group_sharded and values.get("local_weights"):
-            target = {"local_weights": _target(model)}
-            store.load_sharded_part(chosen.number, group_part(group), target, None)
-            return target["local_weights"], f"group {group}'s local weights at outer step {chosen.number}"
+            local = _load_sharded(store, chosen.number, group_part(group), "local_weights", model)
+            return local, f"group {group}'s local weights at outer step {chosen.number}"
         if not chosen.group_sharded and isinstance(values.get("local_weights"), dict):
             return values["local_weights"], f"group {group}'s local weights at outer step {chosen.number}"
         note = (
@@ -211,9 +229,7 @@ def read_weights(store: CheckpointStore, chosen: _Step, model: nn.Module, group:
     else:
         note = f"the global weights of outer step {chosen.number}"
     if chosen.global_sharded:
-        target = {"global_weights": _target(model)}
-        store.load_sharded_part(chosen.number, GLOBAL_PART, target, None)
-        return target["global_weights"], note
+        return _load_sharded(store, chosen.number, GLOBAL_PART, "global_weights", model), note
     try:
         return chosen.global_state["diloco"]["global_weights"], note
     except (KeyError, TypeError) as e:
