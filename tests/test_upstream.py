@@ -163,6 +163,137 @@ def _torchft_diloco_fragments(request: pytest.FixtureRequest) -> None:
         wrapped._impl.__exit__(None, None, None)
 
 
+# --- torch.distributed.checkpoint (DCP) ---------------------------------------------------------------------
+def _dcp_round_trip(folder: str) -> tuple:
+    """A part saved and loaded through checkpoint/dcp.py (which subclasses the members below), one process: a
+    tensor and nested non-tensor values (what an optimizer's hyper-parameters are). -> (digests, loaded target)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from torchx_diloco.checkpoint import dcp as ours
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "opt": {"lr": 0.25, "name": "adamw"}}
+    target = {"w": torch.zeros(2, 3), "opt": {"lr": 0.0, "name": ""}}
+    try:
+        digests = ours.save_sharded(folder, state)
+        ours.verify_sharded(folder, digests)
+        ours.load_sharded(folder, target)
+    except CheckpointException as e:  # a BaseException: reported as an assertion, with DCP's first line
+        raise AssertionError(f"DCP failed: {str(e).splitlines()[0]}") from None
+    return digests, target
+
+
+@checks("torch.distributed.checkpoint._fsspec_filesystem (FileSystem, FsspecReader, FsspecWriter)")
+def _dcp_fsspec_classes(request: pytest.FixtureRequest) -> None:
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+    from torch.distributed.checkpoint.filesystem import FileSystemBase
+
+    assert issubclass(FsspecReader, FileSystemReader) and issubclass(FsspecWriter, FileSystemWriter)
+    assert issubclass(FileSystem, FileSystemBase)
+    _, target = _dcp_round_trip(str(request.getfixturevalue("tmp_path") / "part"))
+    assert torch.equal(target["w"], torch.arange(6.0).reshape(2, 3)), target
+
+
+@checks("torch.distributed.checkpoint._traverse.set_element")
+def _dcp_set_element(request: pytest.FixtureRequest) -> None:
+    from torch.distributed.checkpoint._traverse import set_element
+
+    root: dict = {"opt": {"lr": 0.0}}
+    set_element(root, ("opt", "lr"), 0.25)
+    set_element(root, ("groups", 0, "lr"), 1.0)  # missing containers are made: a dict for a str key, a list for int
+    assert root == {"opt": {"lr": 0.25}, "groups": [{"lr": 1.0}]}, root
+    _, target = _dcp_round_trip(str(request.getfixturevalue("tmp_path") / "part"))
+    assert target["opt"] == {"lr": 0.25, "name": "adamw"}, f"non-tensor values not put back: {target}"
+
+
+@checks("FsspecReader.read_metadata (overridden: ._get_metadata_path, .fs.create_stream, .load_id)")
+def _dcp_read_metadata(request: pytest.FixtureRequest) -> None:
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    from torchx_diloco.checkpoint import dcp as ours
+
+    folder = str(request.getfixturevalue("tmp_path") / "part")
+    _dcp_round_trip(folder)
+    assert "rank" in inspect.signature(FsspecReader._get_metadata_path).parameters
+    reader = FsspecReader(folder)
+    assert isinstance(reader.load_id, str) and reader.load_id, reader.load_id
+    path = reader._get_metadata_path()
+    with reader.fs.create_stream(path, "rb") as f:
+        meta = ours.safe_load_metadata(f.read())
+    assert {"w", "opt.lr", "opt.name"} <= set(meta.state_dict_metadata), meta.state_dict_metadata
+    assert ours.saved_keys(folder) == set(meta.state_dict_metadata)  # our read_metadata reads the same file
+
+
+@checks("DefaultLoadPlanner.load_bytes (overridden: .flatten_state_dict, .mappings, .original_state_dict, .state_dict)")
+def _dcp_load_bytes(request: pytest.FixtureRequest) -> None:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    assert list(inspect.signature(DefaultLoadPlanner.load_bytes).parameters) == ["self", "read_item", "value"]
+    planner, nested = DefaultLoadPlanner(), {"w": torch.zeros(1), "opt": {"lr": 0.0}}
+    planner.set_up_planner(nested, None, is_coordinator=True)
+    assert planner.flatten_state_dict is True and planner.original_state_dict is nested
+    assert planner.mappings["opt.lr"] == ("opt", "lr") and "opt.lr" in planner.state_dict, planner.mappings
+    _, target = _dcp_round_trip(str(request.getfixturevalue("tmp_path") / "part"))  # DCP calls our load_bytes
+    assert target["opt"] == {"lr": 0.25, "name": "adamw"}, f"non-tensor values not loaded: {target}"
+
+
+@checks("FileSystem.create_stream / rename / init_path, .fs (overridden)")
+def _dcp_file_system(request: pytest.FixtureRequest) -> None:
+    import hashlib
+
+    import fsspec
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
+
+    tmp = request.getfixturevalue("tmp_path")
+    fs = FileSystem()
+    root = fs.init_path(str(tmp / "plain"))
+    assert isinstance(fs.fs, fsspec.AbstractFileSystem), fs.fs
+    fs.mkdir(root)
+    with fs.create_stream(fs.concat_path(root, "a.tmp"), "wb") as stream:
+        stream.write(b"x")
+    fs.rename(fs.concat_path(root, "a.tmp"), fs.concat_path(root, "a"))
+    assert (tmp / "plain" / "a").read_bytes() == b"x" and not (tmp / "plain" / "a.tmp").exists()
+    # DCP writes every file through create_stream and renames .metadata into place: each one hashed, none missed
+    digests, _ = _dcp_round_trip(str(tmp / "part"))
+    on_disk = {p.name: p.read_bytes() for p in (tmp / "part").iterdir()}
+    assert ".metadata" in digests and set(digests) == set(on_disk), (sorted(digests), sorted(on_disk))
+    for name, data in on_disk.items():
+        assert digests[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+@checks("FsspecWriter.fs / .path (replaced)")
+def _dcp_writer_fs(request: pytest.FixtureRequest) -> None:
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecWriter
+
+    tmp = request.getfixturevalue("tmp_path")
+    writer = FsspecWriter(str(tmp / "w"), sync_files=False)
+    assert isinstance(writer.fs, FileSystem) and str(writer.path) == str(writer.fs.init_path(str(tmp / "w")))
+    digests, _ = _dcp_round_trip(str(tmp / "part"))
+    assert digests, "DCP no longer writes through the writer's .fs: nothing was hashed"
+
+
+# --- fsspec ------------------------------------------------------------------------------------------------
+@checks("fsspec AbstractFileSystem._parent")
+def _fsspec_parent(request: pytest.FixtureRequest) -> None:
+    """Local, memory and S3 (the moto server): the folder of a file and of a glob, in each one's own spelling."""
+    import fsspec
+
+    tmp = request.getfixturevalue("tmp_path")
+    local, path = fsspec.core.url_to_fs(str(tmp / "metrics" / "replica_group_0.jsonl"))
+    assert local._parent(path) == str(tmp / "metrics")
+    memory = fsspec.filesystem("memory")
+    assert memory._parent("/run/metrics/replica_group_0.jsonl") == "/run/metrics"
+    s3, root = fsspec.core.url_to_fs(request.getfixturevalue("s3_url"))
+    assert s3._parent(f"{root}/step_*/global.pt") == f"{root}/step_*"
+    file = f"{root}/metrics/replica_group_0.jsonl"
+    s3.makedirs(s3._parent(file), exist_ok=True)  # as metrics.py
+    assert s3.glob(f"{root}/step_*/MANIFEST") == []  # the listing is now cached
+    other, _ = fsspec.core.url_to_fs(request.getfixturevalue("s3_url"), skip_instance_cache=True)
+    other.pipe_file(f"{root}/step_00000001/MANIFEST", b"{}")  # another writer: a peer group
+    s3.invalidate_cache(s3._parent(f"{root}/step_*/MANIFEST"))  # as store.py, before a glob
+    assert s3.glob(f"{root}/step_*/MANIFEST") == [f"{root}/step_00000001/MANIFEST"]
+
+
 # --- TorchX ------------------------------------------------------------------------------------------------
 @checks("torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string")
 def _help_formatter(request: pytest.FixtureRequest) -> None:

@@ -1,11 +1,12 @@
-"""Every private part of torchft and TorchX this project relies on, listed once.
+"""Every private part of torchft, TorchX, torch and fsspec this project relies on, listed once.
 
 Upstream may rename or drop an underscore member (or reword an HTML page) in any release, nightly or not;
 ``tests/test_upstream.py`` checks each entry against the installed versions, with the real objects, and fails
 naming the member and what we use it for. When one breaks: fix the files in ``where``, then this entry.
 Use a public API instead where ``public`` names one.
 
-Plain data: importing this module imports neither torch nor torchft.
+Plain data: importing this module imports neither torch nor torchft. In the DCP entries, FileSystem, FsspecReader
+and FsspecWriter are the classes of ``torch.distributed.checkpoint._fsspec_filesystem`` (the first entry).
 """
 
 from __future__ import annotations
@@ -60,6 +61,50 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "read and load torchft DiLoCo's global weights, fragment by fragment (--impl torchft: checkpoints, "
         "the equivalence test, the benchmark against torchft)",
         ("torchx_diloco/torchft_diloco.py",),
+    ),
+    # --- torch.distributed.checkpoint (DCP) -----------------------------------------------------------------
+    PrivateUse(
+        "torch.distributed.checkpoint._fsspec_filesystem (FileSystem, FsspecReader, FsspecWriter)",
+        "write and read sharded checkpoint parts on any fsspec URL (s3://, gs://, local), DCP's own fsspec storage; "
+        "we subclass all three",
+        ("torchx_diloco/checkpoint/dcp.py",),
+        public="torch.distributed.checkpoint.FileSystemReader/FileSystemWriter (local paths only)",
+    ),
+    PrivateUse(
+        "torch.distributed.checkpoint._traverse.set_element",
+        "put a non-tensor value (an optimizer hyper-parameter) back into the nested state dict after loading it "
+        "with weights_only=True, as DefaultLoadPlanner.load_bytes does",
+        ("torchx_diloco/checkpoint/dcp.py",),
+    ),
+    PrivateUse(
+        "FsspecReader.read_metadata (overridden: ._get_metadata_path, .fs.create_stream, .load_id)",
+        "read a part's .metadata pickle with an unpickler that allows only DCP's metadata classes (a crafted "
+        "checkpoint cannot run code), stamped with the reader's load id as DCP's own read_metadata does",
+        ("torchx_diloco/checkpoint/dcp.py",),
+    ),
+    PrivateUse(
+        "DefaultLoadPlanner.load_bytes (overridden: .flatten_state_dict, .mappings, .original_state_dict, .state_dict)",
+        "load the non-tensor values of a part with torch.load(weights_only=True) and put them where DCP's "
+        "planner would (its flattened keys mapped back to the nested state dict)",
+        ("torchx_diloco/checkpoint/dcp.py",),
+    ),
+    PrivateUse(
+        "FileSystem.create_stream / rename / init_path, .fs (overridden)",
+        "hash every file DCP writes as it writes it (sizes and sha256 for the manifest), follow .metadata's "
+        "rename, and send each file to an object store in one PUT",
+        ("torchx_diloco/checkpoint/dcp.py",),
+    ),
+    PrivateUse(
+        "FsspecWriter.fs / .path (replaced)",
+        "give DCP's writer our hashing FileSystem for the folder it writes",
+        ("torchx_diloco/checkpoint/dcp.py",),
+    ),
+    # --- fsspec ----------------------------------------------------------------------------------------------
+    PrivateUse(
+        "fsspec AbstractFileSystem._parent",
+        "the parent folder of a path in the file system's own spelling (a bucket key, a local path, a glob): "
+        "invalidate a listing cache before a glob, create the metrics file's folder",
+        ("torchx_diloco/checkpoint/store.py", "torchx_diloco/metrics.py"),
     ),
     # --- TorchX --------------------------------------------------------------------------------------------
     PrivateUse(
