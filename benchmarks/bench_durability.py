@@ -211,6 +211,7 @@ def memory_probe(preset: str, seq_len: int, H: int, fragments: int = 1, overlap:
     import torch
 
     from torchx_diloco.cluster import build_manager
+    from torchx_diloco.config import ClusterConfig
     from torchx_diloco.diloco import DiLoCo
     from torchx_diloco.model import build_model
     from torchx_diloco.train import build_optimizers
@@ -228,7 +229,7 @@ def memory_probe(preset: str, seq_len: int, H: int, fragments: int = 1, overlap:
 
     inner_step()  # the inner optimizer's state exists before we measure
     rss_model = _rss()
-    manager = build_manager(0, torch.device("cpu"), 1, 60, 60, os.environ["TORCHFT_LIGHTHOUSE"])
+    manager = build_manager(ClusterConfig(lighthouse=os.environ["TORCHFT_LIGHTHOUSE"]), torch.device("cpu"))
     inner_step()
     rss_manager = _rss()
     diloco = DiLoCo(manager, model, inner, outer, sync_every=H, fragments=fragments, overlap_steps=overlap)

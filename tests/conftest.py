@@ -1,10 +1,14 @@
-"""Fixtures shared by the test files: real servers on loopback (an S3-protocol endpoint, moto's server mode) and
-``faulty://`` folders."""
+"""What the test files share: real servers on loopback (an S3-protocol endpoint, moto's server mode; an in-process
+torchft lighthouse), real torchft Managers built as the trainer builds its own, groups as threads of this process,
+and ``faulty://`` folders."""
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
@@ -61,3 +65,69 @@ def faulty_url(tmp_path):
 
     faulty.register()
     return f"faulty://{tmp_path}/ckpt"
+
+
+# --- in-process lighthouses, Managers and groups --------------------------------------------------------------
+@contextmanager
+def lighthouse_server(min_replicas: int = 1) -> Iterator[str]:
+    """A real torchft lighthouse in this process (join timeout 100 ms: quorums form fast); yields its address."""
+    from torchft.coordination import LighthouseServer
+
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=min_replicas, join_timeout_ms=100)
+    try:
+        yield server.address()
+    finally:
+        server.shutdown()
+
+
+def group_manager_for(lighthouse: str, group: int = 0, min_replicas: int = 1, timeout_s: float = 10) -> Any:
+    """A real Manager for group ``group``, built by the trainer's own ``cluster.build_manager`` (a one-rank group
+    hosting its store)."""
+    import torch
+
+    from torchx_diloco.cluster import build_manager
+    from torchx_diloco.config import ClusterConfig
+
+    cluster = ClusterConfig(
+        min_replicas=min_replicas,
+        collective_timeout=timeout_s,
+        quorum_timeout=timeout_s,
+        group_id=group,
+        num_groups=max(group + 1, min_replicas),
+        lighthouse=lighthouse,
+    )
+    return build_manager(cluster, torch.device("cpu"))
+
+
+@pytest.fixture
+def lighthouse() -> Iterator[str]:
+    """The address of an in-process torchft lighthouse that forms quorums of one group or more."""
+    with lighthouse_server() as address:
+        yield address
+
+
+def run_in_groups(n: int, work: Callable[[int, Any], Any], timeout: float = 120.0) -> List[Any]:
+    """``work(group, manager)`` for ``n`` groups at once, each a thread with its own Manager, against a lighthouse
+    that waits for all ``n``; the results in group order (a group's exception is raised here)."""
+    results: List[Any] = [None] * n
+    errors: List[BaseException] = []
+    with lighthouse_server(min_replicas=n) as address:
+
+        def one(g: int) -> None:
+            manager = group_manager_for(address, g, min_replicas=n, timeout_s=20)
+            try:
+                results[g] = work(g, manager)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                errors.append(e)
+            finally:
+                manager.shutdown(wait=False)
+
+        threads = [threading.Thread(target=one, args=(g,)) for g in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout)
+    if errors:
+        raise errors[0]
+    assert not any(t.is_alive() for t in threads), "a group did not finish"
+    return results

@@ -175,14 +175,16 @@ def test_memory_store_publishes_without_waiting_for_other_groups(tmp_path):
 
 
 def test_parts_are_stamped_with_the_format_version(tmp_path):
-    """A one-file part keeps format 1 (what readers of format 1 read); a sharded part is format 2."""
+    """A one-file part keeps format 1 (what readers of format 1 read); a sharded part is format 3 (each rank's RNG
+    under its own key: a reader of format 2 would look for one ``rng`` and fail, so it refuses the part in one
+    line instead)."""
     store = CheckpointStore(str(tmp_path / "ckpt"))
     write_step(store, 1)
     for part in (GLOBAL_PART, group_part(0)):
         assert json.loads(store.fs.cat_file(f"{store.step_dir(1)}/MANIFEST.{part}.json"))["format"] == 1
     store.write_sharded_part(2, GLOBAL_PART, {"w": torch.ones(2)}, {"manager": {}}, None)
     manifest = json.loads(store.fs.cat_file(f"{store.step_dir(2)}/MANIFEST.{GLOBAL_PART}.json"))
-    assert manifest["format"] == FORMAT_VERSION == 2
+    assert manifest["format"] == FORMAT_VERSION == 3
 
 
 @pytest.mark.parametrize("where", ["global manifest", "group manifest", "global part"])

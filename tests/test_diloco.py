@@ -9,21 +9,13 @@ import torch
 import torch.nn as nn
 
 torchft = pytest.importorskip("torchft")
-from torchft.coordination import LighthouseServer  # noqa: E402
 
+from tests.conftest import group_manager_for  # noqa: E402
 from torchx_diloco import DiLoCo  # noqa: E402
-from torchx_diloco.cluster import build_manager  # noqa: E402
-
-
-@pytest.fixture
-def lighthouse():
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
-    yield server.address()
-    server.shutdown()
 
 
 def make_manager(lighthouse: str, min_replicas: int = 1):
-    return build_manager(0, torch.device("cpu"), min_replicas, timeout_s=10, quorum_timeout_s=10, lighthouse=lighthouse)
+    return group_manager_for(lighthouse, 0, min_replicas=min_replicas)
 
 
 def regression_problem(seed: int = 0):

@@ -6,21 +6,20 @@ its own after several outer steps, for every fragment count, overlap and mix in 
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 import torch
 import torch.nn as nn
 
 torchft = pytest.importorskip("torchft")
-from torchft.coordination import LighthouseServer  # noqa: E402
 from torchft.local_sgd import DiLoCo as TorchftDiLoCo  # noqa: E402
 
-from torchx_diloco.cluster import build_manager  # noqa: E402
+from tests.conftest import run_in_groups  # noqa: E402
 from torchx_diloco.codecs import BLOCK, CODEC_TABLE, allreduce_sum, get_codec  # noqa: E402
-from torchx_diloco.diloco import DiLoCo, split_evenly  # noqa: E402
+from torchx_diloco.diloco import DiLoCo  # noqa: E402
 from torchx_diloco.errors import UserError  # noqa: E402
+from torchx_diloco.fragment import split_evenly  # noqa: E402
 
 H = 12  # divisible by P in 1, 2, 4 with H/P > tau for tau up to 2
 
@@ -34,36 +33,6 @@ def data_of(group: int) -> Tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + group)
     x = torch.randn(64, 8, generator=g)
     return x, torch.sin(x.sum(dim=1, keepdim=True))
-
-
-def in_groups(n: int, work: Callable[[int, Any], Any], timeout: float = 120.0) -> List[Any]:
-    """Run ``work(group, manager)`` for ``n`` groups at once, each in a thread with its own Manager."""
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=n, join_timeout_ms=100)
-    results: List[Any] = [None] * n
-    errors: List[BaseException] = []
-
-    def one(g: int) -> None:
-        address = server.address()
-        manager = build_manager(g, torch.device("cpu"), n, timeout_s=20, quorum_timeout_s=20, lighthouse=address)
-        try:
-            results[g] = work(g, manager)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            errors.append(e)
-        finally:
-            manager.shutdown(wait=False)
-
-    threads = [threading.Thread(target=one, args=(g,)) for g in range(n)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout)
-    finally:
-        server.shutdown()
-    if errors:
-        raise errors[0]
-    assert not any(t.is_alive() for t in threads), "a group did not finish"
-    return results
 
 
 def train(
@@ -108,7 +77,7 @@ def train(
             "step": torch.tensor(manager.current_step()),
         }
 
-    return in_groups(groups, work)
+    return run_in_groups(groups, work)
 
 
 GRID = [(p, tau, alpha) for p in (1, 2, 4) for tau in (0, 1, 2) for alpha in (0.0, 0.5)] + [(2, 1, 0.25)]
@@ -181,7 +150,7 @@ def test_sum_is_a_reduce_scatter_not_an_all_gather_of_everything(codec: str) -> 
         sent = allreduce_sum(manager, payload, get_codec(codec))
         return payload, sent, manager.should_commit()
 
-    results = in_groups(3, work)
+    results = run_in_groups(3, work)
     inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(g)) for g in range(3)]
     exact = sum(inputs)
     # each member's values are off by at most half a step of their block, and so is the encoded sum
@@ -240,5 +209,5 @@ def test_groups_with_different_layouts_are_refused_not_mixed() -> None:
             return str(e)
         return "synced"
 
-    for message in in_groups(2, work):
+    for message in run_in_groups(2, work):
         assert "sync different layouts" in message

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.config import parse_config
 from torchx_diloco.train import Trainer
-
-
-@pytest.fixture
-def lighthouse():
-    from torchft.coordination import LighthouseServer
-
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
-    yield server.address()
-    server.shutdown()
 
 
 def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out_of_adamw(lighthouse, tmp_path):
@@ -49,7 +39,7 @@ def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out
     )
     trainer = Trainer(cfg)
     peers = {name: torch.full_like(p, 0.01) for name, p in trainer.model.named_parameters()}
-    CheckpointStore(cfg.checkpoint_dir).write_part(
+    CheckpointStore(cfg.checkpoint.dir).write_part(
         5,
         GLOBAL_PART,
         {
@@ -62,6 +52,6 @@ def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out
     assert trainer.run() == 0
 
     assert trainer.manager.current_step() == 7  # adopted 5 at its first sync, which committed 6; then 7
-    assert trainer.inner_steps == 2 * cfg.sync_every
+    assert trainer.progress.inner_steps == 2 * cfg.diloco.sync_every
     adam_steps = {int(state["step"]) for state in trainer.inner_opt.state.values()}
-    assert adam_steps == {trainer.inner_steps - 1}, adam_steps
+    assert adam_steps == {trainer.progress.inner_steps - 1}, adam_steps

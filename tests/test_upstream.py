@@ -19,9 +19,9 @@ import torch.nn as nn
 torchft = pytest.importorskip("torchft")
 from torch.distributed import TCPStore  # noqa: E402
 from torchft import Manager  # noqa: E402
-from torchft.coordination import LighthouseServer  # noqa: E402
 from torchft.process_group import ProcessGroupGloo  # noqa: E402
 
+from tests.conftest import lighthouse_server as lighthouse  # noqa: E402
 from torchx_diloco.cluster import lighthouse_status, live_replicas  # noqa: E402
 from torchx_diloco.upstream import PRIVATE_USES, PrivateUse  # noqa: E402
 
@@ -39,15 +39,6 @@ def checks(name: str) -> Callable[[Check], Check]:
         return fn
 
     return register
-
-
-@contextmanager
-def lighthouse(min_replicas: int = 1) -> Iterator[str]:
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=min_replicas, join_timeout_ms=100)
-    try:
-        yield server.address()
-    finally:
-        server.shutdown()
 
 
 @contextmanager
@@ -111,12 +102,12 @@ def _failed_quorum(m: Manager) -> BaseException:
 
 @checks("torchft.Manager._quorum_future")
 def _quorum_future(request: pytest.FixtureRequest) -> None:
-    """A failed quorum is kept and re-raised until the attribute is reset: what diloco._start_quorum undoes."""
+    """A failed quorum is kept and re-raised until the attribute is reset: what cluster.start_quorum undoes."""
     with lighthouse(min_replicas=2) as url, manager(url, min_replica_size=2) as m:
         assert m._quorum_future is None, "a new Manager has a quorum future already"
         first = _failed_quorum(m)
         assert _failed_quorum(m) is first, (
-            "start_quorum no longer re-raises the stored failure: the reset in diloco.py may be unneeded"
+            "start_quorum no longer re-raises the stored failure: the reset in cluster.py may be unneeded"
         )
         m._quorum_future = None
         assert _failed_quorum(m) is not first, "resetting _quorum_future no longer makes start_quorum ask again"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -11,12 +12,12 @@ import time
 import urllib.error
 import urllib.request
 from datetime import timedelta
-from typing import Any, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from torchx_diloco.config import RUN_ID_ENV, TrainConfig
-from torchx_diloco.errors import UserError
+from torchx_diloco.config import MIN_REPLICAS_ENV, RUN_ID_ENV, ClusterConfig, read_group_env
+from torchx_diloco.errors import ERROR_FILE_ENV, UserError, write_error_file
 
 logger = logging.getLogger(__name__)
 
@@ -138,15 +139,23 @@ def report_fatal(url: str, group: int, run_id: Optional[str]) -> None:
             client.heartbeat(replica_id(group, run_id, FATAL_PREFIX))
             time.sleep(0.5)
     except Exception as e:  # noqa: BLE001 - best effort: the lighthouse may be gone already
-        logger.info("could not tell the lighthouse at %s that this group stopped: %s", url, e)
+        logger.debug("could not tell the lighthouse at %s that this group stopped: %s", url, e)
 
 
-def end_run_on_user_error() -> None:
-    """After an error no restart can fix: tell the run's lighthouse, and stop torchrun from restarting us.
+def end_run_on_user_error(message: str, exit_code: int = UserError.exit_code) -> None:
+    """After an error no restart can fix: leave the line where TorchX shows it, tell the run's lighthouse, and
+    end this group's torchrun so that it restarts nothing.
 
-    torchrun restarts failed workers whatever their exit code; ending its agent (SIGTERM: it stops the other
-    ranks of the group too) is the only way to not repeat the same error ``--max_restarts`` times.
+    torchrun restarts failed workers whatever their exit code, and an agent stopped by a signal it handles
+    (SIGTERM) prints a traceback and overwrites its error file with "SignalException". So: the line goes into
+    the agent's error file first (TorchX reports a run's earliest one, and the groups that stop because of this
+    one write theirs later), the group's other ranks get SIGTERM, and the agent SIGKILL: it writes nothing more.
     """
+    agent = os.getppid() if os.environ.get("TORCHELASTIC_RUN_ID") and _parent_is_torchrun() else None
+    if agent is not None:
+        reply_file = _environ_of(agent).get(ERROR_FILE_ENV)
+        if reply_file:
+            write_error_file(reply_file, message, exit_code)
     url, run_id = os.environ.get("TORCHFT_LIGHTHOUSE", "").rstrip("/"), os.environ.get(RUN_ID_ENV)
     if run_id and os.environ.get("REPLICA_GROUP_ID", "").isdigit():  # a run's group (by hand: ours alone ends)
         try:
@@ -155,8 +164,8 @@ def end_run_on_user_error() -> None:
             pass  # no lighthouse to tell
         else:
             report_fatal(url, int(os.environ["REPLICA_GROUP_ID"]), run_id)
-    if os.environ.get("TORCHELASTIC_RUN_ID") and _parent_is_torchrun():
-        os.kill(os.getppid(), signal.SIGTERM)
+    if agent is not None:
+        _end_torchrun(agent)
 
 
 def _parent_is_torchrun() -> bool:
@@ -168,6 +177,61 @@ def _parent_is_torchrun() -> bool:
     return b"torchrun" in cmdline or b"torch.distributed.run" in cmdline
 
 
+def _environ_of(pid: int) -> Dict[str, str]:
+    """The environment ``pid`` started with (Linux)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+    except OSError:
+        return {}
+    pairs = (e.decode("utf-8", "replace").partition("=") for e in entries if b"=" in e)
+    return {k: v for k, _, v in pairs}
+
+
+def _running_children(pid: int) -> List[int]:
+    """The live (not zombie) child processes of ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]  # after "pid (comm)": state, ppid
+        except (OSError, ValueError, IndexError):
+            continue
+        if int(ppid) == pid and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+def _end_torchrun(agent: int, grace_s: float = 10.0) -> None:
+    """SIGKILL the agent, a signal it cannot turn into a restart, a traceback or an error file; then stop its
+    other workers (this group's other ranks: SIGTERM, SIGKILL after ``grace_s``). The agent goes first: it
+    would restart the group on seeing one of its workers stopped."""
+    others = [pid for pid in _running_children(agent) if pid != os.getpid()]
+    with contextlib.suppress(OSError):
+        os.kill(agent, signal.SIGKILL)
+    for pid in others:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(_running(pid) for pid in others):
+        time.sleep(0.1)
+    for pid in others:
+        if _running(pid):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
 def process_group(device: torch.device, timeout: timedelta) -> Any:  # torchft ships no type information
     """torchft's reconfigurable process group: NCCL between GPUs, Gloo on CPU."""
     from torchft.process_group import ProcessGroupGloo, ProcessGroupNCCL
@@ -175,19 +239,11 @@ def process_group(device: torch.device, timeout: timedelta) -> Any:  # torchft s
     return ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
 
 
-def build_manager(
-    group_id: int,
-    device: torch.device,
-    min_replicas: int,
-    timeout_s: float,
-    quorum_timeout_s: float,
-    lighthouse: str,
-    run_id: Optional[str] = None,
-) -> Any:
-    """A torchft Manager for this group; outside torchrun it hosts the group's own store."""
+def build_manager(cluster: ClusterConfig, device: torch.device) -> Any:
+    """A torchft Manager for the group ``cluster`` describes; outside torchrun it hosts the group's own store."""
     from torchft import Manager
 
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=cluster.collective_timeout)
     store_kwargs: dict = {}
     store = None
     life = torchrun_store()
@@ -214,13 +270,13 @@ def build_manager(
         pg=process_group(device, timeout),
         load_state_dict=None,
         state_dict=None,
-        min_replica_size=min_replicas,
+        min_replica_size=cluster.min_replicas,
         use_async_quorum=False,
-        replica_id=replica_id(group_id, run_id),
-        lighthouse_addr=lighthouse,
+        replica_id=replica_id(cluster.group_id, cluster.run_id),
+        lighthouse_addr=cluster.lighthouse,
         timeout=timeout,
-        quorum_timeout=timedelta(seconds=quorum_timeout_s),
-        connect_timeout=timedelta(seconds=quorum_timeout_s),
+        quorum_timeout=timedelta(seconds=cluster.quorum_timeout),
+        connect_timeout=timedelta(seconds=cluster.quorum_timeout),
         **store_kwargs,
     )
     if store is not None:
@@ -228,21 +284,38 @@ def build_manager(
     return manager
 
 
-MIN_REPLICAS_ENV = "TORCHX_DILOCO_MIN_REPLICAS"  # set by the components for a user's own script (--script/--m)
+def start_quorum(manager: Any, retry_s: float) -> None:
+    """torchft's quorum, retried for up to ``retry_s`` while the lighthouse is away (restarted, or its node
+    rebooting)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            manager.start_quorum()
+            return
+        except Exception as e:  # noqa: BLE001 - gRPC surfaces as several types; retried, then re-raised
+            # torchft keeps the failed quorum and re-raises it on every later call: forget it to retry
+            manager._quorum_future = None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no quorum for {retry_s:g}s (is the lighthouse up?): {e}") from e
+            logger.warning(
+                "quorum failed (%s: %s); retrying until the lighthouse answers",
+                type(e).__name__,
+                str(e).splitlines()[0][:200],
+            )
+            time.sleep(1.0)
 
 
-def _env_int(name: str, value: Optional[int], default: Optional[int] = None) -> int:
-    if value is not None:
-        return value
-    raw = os.environ.get(name, "")
-    if raw == "":
-        if default is None:
-            raise UserError(f"{name} is not set: set it (e.g. {name}=0) or launch through the TorchX component")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"{name}={raw!r} is not an integer: set it to a whole number") from None
+def join_run(cluster: ClusterConfig, device: torch.device) -> Any:
+    """What a group does to join its run: wait up to ``lighthouse_timeout`` for the lighthouse, refuse one that
+    serves another run (before our heartbeats reach it), build the Manager, and give the other groups up to
+    ``group_wait`` to arrive (checking, at least once, that the lighthouse serves this run and that no group of
+    it failed for good)."""
+    wait_for_lighthouse(cluster.lighthouse, cluster.lighthouse_timeout)
+    check_lighthouse_serves_run(cluster.lighthouse, cluster.run_id)
+    manager = build_manager(cluster, device)
+    expected = cluster.num_groups if cluster.group_wait > 0 else 1
+    wait_for_groups(cluster.lighthouse, expected, cluster.group_wait, cluster.group_id, cluster.run_id)
+    return manager
 
 
 def group_manager(
@@ -253,45 +326,44 @@ def group_manager(
     lighthouse: Optional[str] = None,
     run_id: Optional[str] = None,
     min_replicas: Optional[int] = None,
-    timeout_s: float = TrainConfig.collective_timeout,
-    quorum_timeout_s: float = TrainConfig.quorum_timeout,
-    lighthouse_timeout_s: float = TrainConfig.lighthouse_timeout,
-    group_wait_s: float = TrainConfig.group_wait,
+    timeout_s: float = ClusterConfig.collective_timeout,
+    quorum_timeout_s: float = ClusterConfig.quorum_timeout,
+    lighthouse_timeout_s: float = ClusterConfig.lighthouse_timeout,
+    group_wait_s: float = ClusterConfig.group_wait,
 ) -> Any:
     """A torchft ``Manager`` for this replica group, ready for :class:`~torchx_diloco.DiLoCo`.
 
-    What the trainer does to join a run, for your own loop: it waits up to ``lighthouse_timeout_s`` for the
-    lighthouse, refuses one that serves another run, builds the Manager (``use_async_quorum=False``; Gloo on
-    CPU, NCCL on CUDA) and gives the other groups up to ``group_wait_s`` to arrive. Works under torchrun (the
-    group's ranks share torchrun's store) and outside it (a one-rank group hosting its own store).
+    What the trainer does to join a run (:func:`join_run`), for your own loop: it waits up to
+    ``lighthouse_timeout_s`` for the lighthouse, refuses one that serves another run, builds the Manager
+    (``use_async_quorum=False``; Gloo on CPU, NCCL on CUDA) and gives the other groups up to ``group_wait_s`` to
+    arrive. Works under torchrun (the group's ranks share torchrun's store) and outside it (a one-rank group
+    hosting its own store).
 
     Arguments left as None come from the environment the components set: ``REPLICA_GROUP_ID``,
     ``NUM_REPLICA_GROUPS`` (default 1; then the group id defaults to 0), ``TORCHFT_LIGHTHOUSE``,
     ``TORCHX_DILOCO_RUN_ID`` (no run check when unset) and ``TORCHX_DILOCO_MIN_REPLICAS`` (default 1).
     Bad or missing values raise :class:`~torchx_diloco.errors.UserError` with a one-line fix.
     """
-    from torchx_diloco.config import parse_lighthouse
-
-    groups = _env_int("NUM_REPLICA_GROUPS", num_groups, 1)
-    group = _env_int("REPLICA_GROUP_ID", group_id, 0 if groups == 1 else None)
-    if groups < 1 or not 0 <= group < groups:
-        raise UserError(f"REPLICA_GROUP_ID={group} is outside 0..{groups - 1}: set it below NUM_REPLICA_GROUPS")
-    needed = _env_int(MIN_REPLICAS_ENV, min_replicas, 1)
-    if not 1 <= needed <= groups:
-        raise UserError(f"min_replicas {needed} must be between 1 and the {groups} replica groups")
-    url = lighthouse or os.environ.get("TORCHFT_LIGHTHOUSE")
-    if not url:
-        raise UserError(
-            "TORCHFT_LIGHTHOUSE is not set: start a lighthouse (python -m torchx_diloco.lighthouse) and set "
-            "TORCHFT_LIGHTHOUSE=http://HOST:PORT, pass lighthouse=, or launch through the TorchX component"
-        )
-    url = parse_lighthouse(url)
-    run = run_id if run_id is not None else (os.environ.get(RUN_ID_ENV) or None)
-    wait_for_lighthouse(url, lighthouse_timeout_s)
-    check_lighthouse_serves_run(url, run)  # before our heartbeats reach another run's lighthouse
-    manager = build_manager(group, torch.device(device), needed, timeout_s, quorum_timeout_s, url, run_id=run)
-    wait_for_groups(url, groups if group_wait_s > 0 else 1, group_wait_s, group, run)
-    return manager
+    group = read_group_env(group_id=group_id, num_groups=num_groups, lighthouse=lighthouse, run_id=run_id)
+    if min_replicas is None:
+        raw = os.environ.get(MIN_REPLICAS_ENV, "1") or "1"
+        if not raw.isdigit():
+            raise UserError(f"{MIN_REPLICAS_ENV}={raw!r} is not an integer: set it to a whole number")
+        min_replicas = int(raw)
+    if not 1 <= min_replicas <= group.num_groups:
+        raise UserError(f"min_replicas {min_replicas} must be between 1 and the {group.num_groups} replica groups")
+    cluster = ClusterConfig(
+        min_replicas=min_replicas,
+        lighthouse_timeout=lighthouse_timeout_s,
+        group_wait=group_wait_s,
+        collective_timeout=timeout_s,
+        quorum_timeout=quorum_timeout_s,
+        group_id=group.group_id,
+        num_groups=group.num_groups,
+        lighthouse=group.lighthouse,
+        run_id=group.run_id,
+    )
+    return join_run(cluster, torch.device(device))
 
 
 def pick_device(requested: str) -> torch.device:
@@ -365,3 +437,15 @@ def rank0_decides(value: int, device: "torch.device | str" = "cpu") -> int:
     decided = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(decided, src=0)
     return int(decided.item())
+
+
+def group_mean(value: torch.Tensor) -> float:
+    """The mean of ``value`` over this group's ranks (one all-reduce over the group's default process group; a
+    one-rank group gets ``value`` back without any collective)."""
+    if group_world_size() == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    total = value.detach().clone().reshape(1)
+    dist.all_reduce(total)
+    return float(total) / group_world_size()

@@ -1,10 +1,15 @@
-"""Every training flag, declared once in ``TrainConfig``; the parser, the trainer and the components use it.
+"""Every training flag, declared once, grouped by the part that consumes it; the parser, the trainer and the
+components use these declarations.
 
 Imports no torch: the TorchX components parse their ``script_args`` with :func:`parse_flags` before anything
 starts, so a typo fails ``torchx run`` in a second with the same one line the trainer would print.
 
-Environment (as in torchft's DiLoCo example; the TorchX components set them):
-``REPLICA_GROUP_ID`` (0..N-1), ``NUM_REPLICA_GROUPS`` (N), ``TORCHFT_LIGHTHOUSE`` (http://host:port) and
+``TrainConfig`` holds one small config per part (``model``, ``data``, ``optim``, ``diloco``, ``checkpoint``,
+``cluster``) and the loop's own settings; the command line stays flat (``--sync-every``, not
+``--diloco.sync-every``): a flag's name is its field's, unless the field says otherwise.
+
+Environment (as in torchft's DiLoCo example; the TorchX components set them), read by :func:`read_group_env`
+only: ``REPLICA_GROUP_ID`` (0..N-1), ``NUM_REPLICA_GROUPS`` (N), ``TORCHFT_LIGHTHOUSE`` (http://host:port) and
 ``TORCHX_DILOCO_RUN_ID`` (optional: the run the lighthouse and the groups belong to).
 """
 
@@ -14,8 +19,8 @@ import argparse
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+from dataclasses import Field, dataclass, field, fields, replace
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 from torchx_diloco.errors import UserError
@@ -32,7 +37,13 @@ DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on
 LIGHTHOUSE_PORT = 29510  # the by-hand lighthouse's port; the components pick a free one per run
 LIGHTHOUSE_IDLE_EXIT_S = 30.0  # above a group's restart time, so a restarting group does not end the run
 LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S = 600.0
+
+# The environment the components set for every group (and a user's own loop reads through group_manager).
+REPLICA_GROUP_ID_ENV = "REPLICA_GROUP_ID"
+NUM_REPLICA_GROUPS_ENV = "NUM_REPLICA_GROUPS"
+LIGHTHOUSE_ENV = "TORCHFT_LIGHTHOUSE"
 RUN_ID_ENV = "TORCHX_DILOCO_RUN_ID"
+MIN_REPLICAS_ENV = "TORCHX_DILOCO_MIN_REPLICAS"  # for a user's own script (--script/--m): the trainer has a flag
 
 
 # --- value parsers: each error names the requirement (argparse prefixes the flag) --------------------------
@@ -40,7 +51,11 @@ def _number(text: str, kind: type, ok: Callable[[Any], bool], requirement: str) 
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        try:
+            float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not ok(value):
         raise argparse.ArgumentTypeError(f"{text} must be {requirement}")
     return value
@@ -114,9 +129,16 @@ def json_object(text: str) -> str:
     return text
 
 
-def flag(default: Any, parse: Callable[[str], Any], help: str, choices: Optional[Sequence[str]] = None) -> Any:
-    """A training flag: its default, how its text is parsed and checked, and its --help line."""
-    return field(default=default, metadata={"parse": parse, "help": help, "choices": choices})
+def flag(
+    default: Any,
+    parse: Callable[[str], Any],
+    help: str,
+    choices: Optional[Sequence[str]] = None,
+    name: Optional[str] = None,
+) -> Any:
+    """A training flag: its default, how its text is parsed and checked, its --help line, and its name on the
+    command line where that is not the field's (``name="model"`` makes ``ModelConfig.spec`` ``--model``)."""
+    return field(default=default, metadata={"parse": parse, "help": help, "choices": choices, "name": name})
 
 
 def from_env(default: Any) -> Any:
@@ -124,46 +146,69 @@ def from_env(default: Any) -> Any:
     return field(default=default, metadata={"env": True})
 
 
+def part(config: type) -> Any:
+    """A part's own config inside ``TrainConfig``: its flags are the part's fields."""
+    return field(default_factory=config, metadata={"part": True})
+
+
 _PRESET_SHAPES = ", ".join(f"{k} ({v.n_layer}x{v.n_embd})" for k, v in PRESETS.items())
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """One replica group's settings. A new flag is one line here: the parser is generated from it."""
+class ModelConfig:
+    """What model trains (modeling.build_model) and how its forward runs."""
 
-    outer_steps: int = flag(10, positive_int, "outer steps (syncs) to train for")
-    sync_every: int = flag(50, positive_int, "H: inner steps between syncs")
-    checkpoint_dir: str = flag(
-        "checkpoints/diloco",
-        str,
-        "fsspec URL of the durable backups (local path, memory://, s3://, gs://); a run "
-        "resumes from the newest complete checkpoint found there",
-    )
-    checkpoint_every: int = flag(1, positive_int, "write a checkpoint every k committed outer steps")
-    keep_checkpoints: int = flag(3, positive_int, "how many checkpoints to keep")
-    data: str = flag(
-        DEFAULT_DATA,
-        str,
-        "'pydoc' (Python's own docs, on every CPython), or an fsspec URL, glob or directory of UTF-8 text files "
-        "or of token shards (.bin/.npy; see docs/data.md)",
-    )
-    eval_data: Optional[str] = flag(
-        None, str, "held-out data, the same kinds as --data (default: the last 5%% of --data)"
-    )
-    model: str = flag(
+    spec: str = flag(
         "tiny",
         model_spec,
         f"a GPT size preset ({_PRESET_SHAPES}) or package.module:factory, a callable returning a torch.nn.Module "
         "(e.g. torchx_diloco.hf:causal_lm); called as model(input_ids), it may return a Hugging Face output "
         "(.logits), a tuple whose first element is the logits, or the logits; the loss is their cross-entropy "
         "against the next tokens (labels are never passed)",
+        name="model",
     )
-    model_args: str = flag(
-        "{}", json_object, "JSON object of keyword arguments for --model's factory (for a preset: GPT fields)"
+    args: str = flag(
+        "{}",
+        json_object,
+        "JSON object of keyword arguments for --model's factory (for a preset: GPT fields)",
+        name="model_args",
+    )
+    dtype: str = flag(
+        "fp32",
+        str,
+        "precision of the forward and the loss: fp32, or bf16 (autocast; weights, gradients and the DiLoCo "
+        "state stay fp32)",
+        choices=DTYPES,
+    )
+    compile: bool = flag(False, bool, "torch.compile the model's forward (the optimizers keep the same parameters)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What each inner step and each evaluation reads (data.Corpus)."""
+
+    path: str = flag(
+        DEFAULT_DATA,
+        str,
+        "'pydoc' (Python's own docs, on every CPython), or an fsspec URL, glob or directory of UTF-8 text files "
+        "or of token shards (.bin/.npy; see docs/data.md)",
+        name="data",
+    )
+    eval_path: Optional[str] = flag(
+        None, str, "held-out data, the same kinds as --data (default: the last 5%% of --data)", name="eval_data"
     )
     batch_size: int = flag(16, positive_int, "sequences per inner step per group")
     seq_len: int = flag(128, positive_int, "tokens (bytes) per sequence")
-    seed: int = flag(0, int, "seeds the initial weights (same in every group) and the data order")
+    grad_accum: int = flag(
+        1, positive_int, "micro-batches of --batch-size per inner step (gradients accumulated, loss scaled by 1/K)"
+    )
+    eval_batches: int = flag(4, non_negative_int, "held-out batches per eval (0 = no eval)")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The inner AdamW and the outer SGD with Nesterov momentum (train.build_optimizers), and the inner schedule."""
+
     inner_lr: float = flag(4e-4, positive_float, "AdamW peak learning rate (paper: 4e-4)")
     outer_lr: float = flag(0.7, positive_float, "outer SGD learning rate (paper: 0.7)")
     outer_momentum: float = flag(0.9, unit_float, "outer Nesterov momentum (paper: 0.9)")
@@ -174,51 +219,13 @@ class TrainConfig:
         "inner warm-up steps before the cosine decay (default: 5%% of all inner steps, at most 1000)",
     )
     max_grad_norm: float = flag(1.0, non_negative_float, "clip inner gradients to this norm (0 = off)")
-    min_replicas: int = flag(1, positive_int, "groups needed to commit an outer step (the others may be down)")
-    lighthouse_timeout: float = flag(
-        60.0,
-        positive_float,
-        "seconds to wait for the lighthouse at start, and how long a sync keeps retrying "
-        "while it is away (restarted lighthouse)",
-    )
-    group_wait: float = flag(
-        60.0,
-        non_negative_float,
-        "seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the lighthouse (0 = don't)",
-    )
-    collective_timeout: float = flag(
-        60.0,
-        positive_float,
-        "seconds an all-reduce, commit vote or peer checkpoint fetch may take before the round is dropped",
-    )
-    quorum_timeout: float = flag(
-        120.0,
-        positive_float,
-        "seconds one quorum may take: longer than the lighthouse's join timeout, so slow groups are waited for",
-    )
-    device: str = flag("auto", device_name, "'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' or 'cuda:N'")
-    eval_batches: int = flag(4, non_negative_int, "held-out batches per eval (0 = no eval)")
-    impl: str = flag(
-        "torchx_diloco",
-        str,
-        "whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for comparison)",
-        choices=IMPLEMENTATIONS,
-    )
-    dtype: str = flag(
-        "fp32",
-        str,
-        "precision of the forward and the loss: fp32, or bf16 (autocast; weights, gradients and the DiLoCo "
-        "state stay fp32)",
-        choices=DTYPES,
-    )
-    grad_accum: int = flag(
-        1, positive_int, "micro-batches of --batch-size per inner step (gradients accumulated, loss scaled by 1/K)"
-    )
-    compile: bool = flag(False, bool, "torch.compile the model's forward (the optimizers keep the same parameters)")
-    tensorboard: Optional[str] = flag(
-        None, local_dir, "also write the metrics as TensorBoard events to this local directory (extra: tb)"
-    )
 
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """The outer loop: when it syncs and what it sends (diloco.DiLoCo)."""
+
+    sync_every: int = flag(50, positive_int, "H: inner steps between syncs")
     fragments: int = flag(
         1,
         positive_int,
@@ -243,7 +250,55 @@ class TrainConfig:
         "reduce-scatter + all-gather on Gloo and NCCL)",
         choices=CODECS,
     )
+    impl: str = flag(
+        "torchx_diloco",
+        str,
+        "whose outer loop runs: ours, or torchft.local_sgd.DiLoCo (for comparison)",
+        choices=IMPLEMENTATIONS,
+    )
 
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Durable backups and the metrics beside them (checkpoint.Checkpointer)."""
+
+    dir: str = flag(
+        "checkpoints/diloco",
+        str,
+        "fsspec URL of the durable backups (local path, memory://, s3://, gs://); a run "
+        "resumes from the newest complete checkpoint found there",
+        name="checkpoint_dir",
+    )
+    every: int = flag(1, positive_int, "write a checkpoint every k committed outer steps", name="checkpoint_every")
+    keep: int = flag(3, positive_int, "how many checkpoints to keep", name="keep_checkpoints")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """How this group joins the run (cluster.join_run) and how its ranks share the work (parallel.parallelize)."""
+
+    min_replicas: int = flag(1, positive_int, "groups needed to commit an outer step (the others may be down)")
+    lighthouse_timeout: float = flag(
+        60.0,
+        positive_float,
+        "seconds to wait for the lighthouse at start, and how long a sync keeps retrying "
+        "while it is away (restarted lighthouse)",
+    )
+    group_wait: float = flag(
+        60.0,
+        non_negative_float,
+        "seconds to wait at start for all NUM_REPLICA_GROUPS groups to reach the lighthouse (0 = don't)",
+    )
+    collective_timeout: float = flag(
+        60.0,
+        positive_float,
+        "seconds an all-reduce, commit vote or peer checkpoint fetch may take before the round is dropped",
+    )
+    quorum_timeout: float = flag(
+        120.0,
+        positive_float,
+        "seconds one quorum may take: longer than the lighthouse's join timeout, so slow groups are waited for",
+    )
     parallel: str = flag(
         "ddp",
         str,
@@ -252,45 +307,86 @@ class TrainConfig:
         choices=PARALLEL,
     )
 
-    replica_group_id: int = from_env(0)
-    num_replica_groups: int = from_env(1)
+    group_id: int = from_env(0)
+    num_groups: int = from_env(1)
     lighthouse: str = from_env("")
     run_id: Optional[str] = from_env(None)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One replica group's settings: the loop's own, then one config per part. A new flag is one line in the
+    part that reads it: the parser is generated from the declarations."""
+
+    outer_steps: int = flag(10, positive_int, "outer steps (syncs) to train for")
+    seed: int = flag(0, int, "seeds the initial weights (same in every group) and the data order")
+    device: str = flag("auto", device_name, "'auto' (CUDA if visible, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    tensorboard: Optional[str] = flag(
+        None, local_dir, "also write the metrics as TensorBoard events to this local directory (extra: tb)"
+    )
+
+    model: ModelConfig = part(ModelConfig)
+    data: DataConfig = part(DataConfig)
+    optim: OptimConfig = part(OptimConfig)
+    diloco: DiLoCoConfig = part(DiLoCoConfig)
+    checkpoint: CheckpointConfig = part(CheckpointConfig)
+    cluster: ClusterConfig = part(ClusterConfig)
 
     @property
     def steps_per_outer_step(self) -> int:
         """Inner steps between two outer steps: H, or H/P when the model syncs in P fragments."""
-        return self.sync_every // self.fragments
+        return self.diloco.sync_every // self.diloco.fragments
 
     @property
     def total_inner_steps(self) -> int:
         return self.outer_steps * self.steps_per_outer_step
 
 
+def _declared(config: type = TrainConfig, where: Tuple[str, ...] = ()) -> Iterator[Tuple[Tuple[str, ...], Field]]:
+    """Every flag's place in ``TrainConfig`` (the part's attribute, if any) and its field, in declaration order."""
+    for f in fields(config):
+        if f.metadata.get("part"):
+            yield from _declared(f.default_factory, (*where, f.name))  # type: ignore[arg-type]
+        elif "parse" in f.metadata:
+            yield where, f
+
+
+def flag_name(f: Field) -> str:
+    """The field's flag without the dashes, as argparse and the components spell it (``checkpoint_dir``)."""
+    return f.metadata["name"] or f.name
+
+
+FLAG_DEFAULTS: Dict[str, Any] = {flag_name(f): f.default for _, f in _declared()}  # "sync_every" -> 50
+
+
 def streaming_problem(
-    sync_every: int, fragments: int, overlap_steps: int, mix_alpha: float, codec: str
+    sync_every: int, fragments: int, overlap_steps: int, mix_alpha: float, codec: str, as_arguments: bool = False
 ) -> Optional[str]:
     """What is wrong with a Streaming DiLoCo setting, as one line naming the fix; None if nothing.
 
-    The trainer's flags and ``DiLoCo``'s arguments are checked by this same function."""
+    The trainer's flags and ``DiLoCo``'s arguments are checked by this same function; ``as_arguments`` names
+    them as ``DiLoCo``'s keyword arguments (``overlap_steps``) instead of flags (``--overlap-steps``)."""
+
+    def name(field_name: str) -> str:
+        return field_name if as_arguments else "--" + field_name.replace("_", "-")
+
     if fragments < 1:
-        return f"fragments must be >= 1, got {fragments}"
+        return f"{name('fragments')} must be >= 1, got {fragments}"
     if sync_every % fragments:
-        return f"--sync-every {sync_every} is not a multiple of --fragments {fragments}: make H a multiple of P"
+        return (
+            f"{name('sync_every')} {sync_every} is not a multiple of {name('fragments')} {fragments}: "
+            "make H a multiple of P"
+        )
     if not 0 <= overlap_steps < sync_every // fragments:
         return (
-            f"--overlap-steps {overlap_steps} must be below H/P = {sync_every // fragments} (a fragment's sync must "
-            "land before the next one starts): lower it or raise --sync-every"
+            f"{name('overlap_steps')} {overlap_steps} must be below H/P = {sync_every // fragments} (a fragment's "
+            f"sync must land before the next one starts): lower it or raise {name('sync_every')}"
         )
     if not 0.0 <= mix_alpha <= 1.0:
-        return f"--mix-alpha {mix_alpha} must be in [0, 1]"
+        return f"{name('mix_alpha')} {mix_alpha} must be in [0, 1]"
     if codec not in CODECS:
-        return f"unknown --codec {codec!r}: use one of {', '.join(CODECS)}"
+        return f"unknown {name('codec')} {codec!r}: use one of {', '.join(CODECS)}"
     return None
-
-
-def flag_fields() -> List[Any]:
-    return [f for f in fields(TrainConfig) if "parse" in f.metadata]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -301,20 +397,23 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The training module's command line, generated from ``TrainConfig``."""
+    """The training module's command line, generated from ``TrainConfig``'s declarations."""
     parser = _OneLineParser(
         prog=PROG,
         description="One DiLoCo replica group: inner AdamW steps, every H steps an outer SGD-Nesterov step on "
-        "the pseudo-gradient averaged across groups through torchft. Reads REPLICA_GROUP_ID, "
-        f"NUM_REPLICA_GROUPS, TORCHFT_LIGHTHOUSE and {RUN_ID_ENV} from the environment.",
+        f"the pseudo-gradient averaged across groups through torchft. Reads {REPLICA_GROUP_ID_ENV}, "
+        f"{NUM_REPLICA_GROUPS_ENV}, {LIGHTHOUSE_ENV} and {RUN_ID_ENV} from the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --outer-step is a typo, not --outer-steps
     )
-    for f in flag_fields():
+    for _, f in _declared():
+        option = "--" + flag_name(f).replace("_", "-")
         if f.metadata["parse"] is bool:  # an on/off switch: --compile
-            parser.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", help=f.metadata["help"])
+            parser.add_argument(option, dest=flag_name(f), action="store_true", help=f.metadata["help"])
             continue
         parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
+            option,
+            dest=flag_name(f),
             type=f.metadata["parse"],
             default=f.default,
             choices=f.metadata["choices"],
@@ -323,35 +422,89 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _from_flags(values: Mapping[str, Any], config: type = TrainConfig) -> Any:
+    """``config`` built from the parsed flags (parts from their own fields)."""
+    kwargs = {}
+    for f in fields(config):
+        if f.metadata.get("part"):
+            kwargs[f.name] = _from_flags(values, f.default_factory)  # type: ignore[arg-type]
+        elif "parse" in f.metadata:
+            kwargs[f.name] = values[flag_name(f)]
+    return config(**kwargs)
+
+
 def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Optional[int] = None) -> TrainConfig:
     """The flags alone (no environment): what the components check before launch."""
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    cfg = TrainConfig(**vars(args))
-    problem = streaming_problem(cfg.sync_every, cfg.fragments, cfg.overlap_steps, cfg.mix_alpha, cfg.codec)
+    cfg: TrainConfig = _from_flags(vars(build_parser().parse_args(None if argv is None else list(argv))))
+    d = cfg.diloco
+    problem = streaming_problem(d.sync_every, d.fragments, d.overlap_steps, d.mix_alpha, d.codec)
     if problem is not None:
         raise UserError(problem)
-    if cfg.impl == "torchft" and cfg.codec != "fp32":
-        raise UserError(f"--codec {cfg.codec} needs --impl torchx_diloco (torchft quantizes only on CUDA with Triton)")
-    if num_replica_groups is not None and cfg.min_replicas > num_replica_groups:
-        raise UserError(f"--min-replicas {cfg.min_replicas} exceeds the {num_replica_groups} replica groups: lower it")
+    if d.impl == "torchft" and d.codec != "fp32":
+        raise UserError(f"--codec {d.codec} needs --impl torchx_diloco (torchft quantizes only on CUDA with Triton)")
+    if num_replica_groups is not None and cfg.cluster.min_replicas > num_replica_groups:
+        raise UserError(
+            f"--min-replicas {cfg.cluster.min_replicas} exceeds the {num_replica_groups} replica groups: lower it"
+        )
     return cfg
 
 
-def _env_int(env: Mapping[str, str], name: str, default: Optional[str] = None) -> int:
-    raw = env.get(name, default)
-    if raw is None or raw == "":
-        raise UserError(f"{name} is not set: set it (e.g. {name}=0) or launch through the TorchX component")
+@dataclass(frozen=True)
+class GroupEnv:
+    """Which replica group this process belongs to, of which run, and where the run's lighthouse is."""
+
+    group_id: int
+    num_groups: int
+    lighthouse: str
+    run_id: Optional[str]
+
+
+def _env_int(env: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
+    raw = env.get(name, "")
+    if raw == "":
+        if default is None:
+            raise UserError(f"{name} is not set: set it (e.g. {name}=0) or launch through the TorchX component")
+        return default
     try:
         return int(raw)
     except ValueError:
         raise UserError(f"{name}={raw!r} is not an integer: set it to a whole number") from None
 
 
+def read_group_env(
+    env: Optional[Mapping[str, str]] = None,
+    *,
+    group_id: Optional[int] = None,
+    num_groups: Optional[int] = None,
+    lighthouse: Optional[str] = None,
+    run_id: Optional[str] = None,
+) -> GroupEnv:
+    """The group's identity from the environment the components set (arguments given win over it), checked:
+    a missing or bad value is a :class:`UserError` naming the variable and the fix."""
+    env = os.environ if env is None else env
+    groups = num_groups if num_groups is not None else _env_int(env, NUM_REPLICA_GROUPS_ENV, 1)
+    if groups < 1:
+        raise UserError(f"{NUM_REPLICA_GROUPS_ENV}={groups} must be >= 1")
+    group = group_id if group_id is not None else _env_int(env, REPLICA_GROUP_ID_ENV, 0 if groups == 1 else None)
+    if not 0 <= group < groups:
+        raise UserError(
+            f"{REPLICA_GROUP_ID_ENV}={group} is outside 0..{groups - 1}: set it below {NUM_REPLICA_GROUPS_ENV}={groups}"
+        )
+    url = lighthouse or env.get(LIGHTHOUSE_ENV)
+    if not url:
+        raise UserError(
+            f"{LIGHTHOUSE_ENV} is not set: start a lighthouse (python -m torchx_diloco.lighthouse) and set "
+            f"{LIGHTHOUSE_ENV}=http://HOST:PORT, or launch through the TorchX component"
+        )
+    run = run_id if run_id is not None else (env.get(RUN_ID_ENV) or None)
+    return GroupEnv(group, groups, parse_lighthouse(url), run)
+
+
 def parse_lighthouse(url: str) -> str:
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname or not parsed.port:
         raise UserError(
-            f"TORCHFT_LIGHTHOUSE={url!r} is not a lighthouse URL: set it to http://HOST:PORT "
+            f"{LIGHTHOUSE_ENV}={url!r} is not a lighthouse URL: set it to http://HOST:PORT "
             f"(e.g. http://localhost:{LIGHTHOUSE_PORT})"
         )
     return url.rstrip("/")
@@ -359,27 +512,17 @@ def parse_lighthouse(url: str) -> str:
 
 def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> TrainConfig:
     """The flags plus the group's environment: what one replica group runs with."""
-    env = os.environ if env is None else env
     cfg = parse_flags(argv)
-    num_groups = _env_int(env, "NUM_REPLICA_GROUPS", "1")
-    if num_groups < 1:
-        raise UserError(f"NUM_REPLICA_GROUPS={num_groups} must be >= 1")
-    group_id = _env_int(env, "REPLICA_GROUP_ID", "0" if num_groups == 1 else None)
-    if not 0 <= group_id < num_groups:
+    group = read_group_env(env)
+    if cfg.cluster.min_replicas > group.num_groups:
         raise UserError(
-            f"REPLICA_GROUP_ID={group_id} is outside 0..{num_groups - 1}: set it below NUM_REPLICA_GROUPS={num_groups}"
+            f"--min-replicas {cfg.cluster.min_replicas} exceeds {NUM_REPLICA_GROUPS_ENV}={group.num_groups}: lower it"
         )
-    if "TORCHFT_LIGHTHOUSE" not in env:
-        raise UserError(
-            "TORCHFT_LIGHTHOUSE is not set: start a lighthouse (python -m torchx_diloco.lighthouse) and set "
-            "TORCHFT_LIGHTHOUSE=http://HOST:PORT, or launch through the TorchX component"
-        )
-    if cfg.min_replicas > num_groups:
-        raise UserError(f"--min-replicas {cfg.min_replicas} exceeds NUM_REPLICA_GROUPS={num_groups}: lower it")
-    return replace(
-        cfg,
-        replica_group_id=group_id,
-        num_replica_groups=num_groups,
-        lighthouse=parse_lighthouse(env["TORCHFT_LIGHTHOUSE"]),
-        run_id=env.get(RUN_ID_ENV) or None,
+    cluster = replace(
+        cfg.cluster,
+        group_id=group.group_id,
+        num_groups=group.num_groups,
+        lighthouse=group.lighthouse,
+        run_id=group.run_id,
     )
+    return replace(cfg, cluster=cluster)

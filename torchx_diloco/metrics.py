@@ -10,13 +10,15 @@ import hashlib
 import json
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional
+import time
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import fsspec
 import torch
 from tqdm import tqdm
 
 from torchx_diloco.errors import UserError
+from torchx_diloco.fragment import local_tensor
 
 # JSON field -> TensorBoard tag, written for every committed outer step
 TENSORBOARD_TAGS = {
@@ -114,3 +116,55 @@ class MetricsLog:
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+
+
+def state_bytes(model: torch.nn.Module, optimizers: Sequence[Any], backups: List[torch.Tensor]) -> Dict[str, int]:
+    """Bytes of training state this rank holds (its own shards under FSDP): parameters, the global weights' backup,
+    the optimizers' tensors by kind (``optimizers``: (name, optimizer) pairs, e.g. the outer momentum and the
+    AdamW moments; benchmarks/bench_groups.py reads them)."""
+
+    def size(tensors: Iterable[torch.Tensor]) -> int:
+        return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
+
+    held: Dict[str, int] = {"params": size(model.parameters()), "backups": size(backups)}
+    for name, optimizer in optimizers:
+        held[name] = size(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    return held
+
+
+class Window:
+    """The inner steps of one outer step, as its metrics record reports them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per inner step
+        self.steps = 0
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.steps += 1
+
+    def mean_loss(self) -> torch.Tensor:
+        return self.loss_sum / max(1, self.steps)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+    def committed(
+        self, outer_step: int, inner_steps: int, tokens_per_step: int, loss: float, seconds: float, **values: Any
+    ) -> Dict[str, Any]:
+        """The record of a committed outer step whose window took ``seconds``: ``values`` (eval loss, participants,
+        the sync's numbers, the learning rates, the state's bytes) beside the window's own."""
+        return {
+            "outer_step": outer_step,
+            "committed": True,
+            "inner_steps": inner_steps,
+            "tokens": inner_steps * tokens_per_step,  # this group's, since the run began
+            "loss": loss,
+            "tokens_per_s": self.steps * tokens_per_step / seconds,
+            **values,
+        }

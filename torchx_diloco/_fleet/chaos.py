@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torchx_diloco._fleet.testing import Group, Lighthouse, kill_pid, metrics_url, proc_state, read_metrics
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
+from torchx_diloco.checkpoint.store import MIN_PART_WAIT_S  # a dead peer's part is waited for this long
 from torchx_diloco.metrics import weights_checksum
 
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]
@@ -46,7 +47,6 @@ PHASES = ("inner", "sync", "checkpoint")
 FIRST_ROUND = ("checkpoint", "sync", "inner")  # the last of a short run is a kill that never holds a peer up
 COLLECTIVE_TIMEOUT_S = 10  # bounds an all-reduce with a peer that died at an unlucky instant
 RESTART_EXTRA = ["--checkpoint-every", "2"]  # whole-job kills: some land after a commit with no checkpoint yet
-PART_WAIT_S = 10  # the global writer waits this long for a dead peer's checkpoint part (train.py: max(10, 5x write))
 
 
 def log(msg: str) -> None:
@@ -256,7 +256,7 @@ def time_needed(phase: str, done: List[Kill]) -> float:
     the kill can land between a commit and the victim's checkpoint part, the global writer's wait for that part
     (which holds the writer's group out of the syncs meanwhile), whichever is longer."""
     restart = max([k.recovery_s or 0 for k in done] + [8.0])
-    return 1.2 * max(restart, 0 if phase == "inner" else PART_WAIT_S) + 3
+    return 1.2 * max(restart, 0 if phase == "inner" else MIN_PART_WAIT_S) + 3
 
 
 def describe_recoveries(job: Job, ckpt: str, kill_list: List[Kill]) -> None:

@@ -20,7 +20,7 @@ import os
 import pickle
 import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Generator, Optional
+from typing import TYPE_CHECKING, Any, Dict, Generator, Optional, Set
 
 import fsspec
 import torch
@@ -32,6 +32,10 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from torchx_diloco.checkpoint._io import CorruptCheckpoint, HashingStream, is_local
+from torchx_diloco.fragment import grads_set_aside
+
+if TYPE_CHECKING:
+    from torchx_diloco.outer_loop import OuterLoop
 
 FileDigests = Dict[str, Dict[str, Any]]  # file name (relative to the part's folder) -> {"bytes", "sha256"}
 
@@ -220,3 +224,86 @@ def load_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup
         if "CorruptCheckpoint" in str(e) or "safe loader" in str(e):
             raise CorruptCheckpoint(str(e).splitlines()[0]) from e
         raise
+
+
+def saved_keys(url: str) -> Set[str]:
+    """The (flattened) keys the DCP folder ``url`` holds, from its metadata (read safely)."""
+    return set(_SafeReader(url).read_metadata().state_dict_metadata)
+
+
+# --- what DiLoCo's global state looks like to DCP ------------------------------------------------------------
+def global_state_dict(outer: "OuterLoop", model: torch.nn.Module) -> Dict[str, Any]:
+    """The global state for DCP: each rank's global weights as DTensors where the model is sharded (plain tensors
+    otherwise) and the outer optimizers keyed by parameter name, so a checkpoint written by one layout (ranks per
+    group, ddp or fsdp) loads into another. Loading in place into this very dict, then
+    :func:`load_global_state_dict`, restores it. Its tensors are references: the writer is done with them before
+    the next sync changes them."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
+
+    weights = {
+        name: (
+            DTensor.from_local(backup, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            if isinstance(p, DTensor)
+            else backup
+        )
+        for name, p, backup in outer.global_tensors()
+    }
+    with grads_set_aside([p for _, p, _ in outer.global_tensors()]):  # an optimizer without state gets zeros
+        optimizers = get_optimizer_state_dict(model, outer.outer_optimizers)
+    return {"global_weights": weights, "outer_optimizer": optimizers}
+
+
+def load_global_state_dict(outer: "OuterLoop", model: torch.nn.Module, state: Dict[str, Any], newer: bool) -> None:
+    """Adopt a :func:`global_state_dict` that DCP loaded in place: reset the model to it (``newer``: a step newer
+    than this group's progress, whose inner steps then count for nothing)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    with torch.no_grad():
+        for name, _, backup in outer.global_tensors():
+            loaded = state["global_weights"][name]
+            loaded = loaded.to_local() if hasattr(loaded, "to_local") else loaded
+            if loaded.data_ptr() != backup.data_ptr():
+                backup.copy_(loaded)
+    with grads_set_aside([p for _, p, _ in outer.global_tensors()]):
+        set_optimizer_state_dict(model, outer.outer_optimizers, state["outer_optimizer"])
+    outer.reset_to_global(newer)
+
+
+def group_state_dict(
+    model: torch.nn.Module,
+    inner: torch.optim.Optimizer,
+    rank: int,
+    local_weights: bool,
+    saved: Optional[Set[str]] = None,
+) -> Dict[str, Any]:
+    """A group's own state for DCP: the inner optimizer (keyed by parameter name: any layout loads it), this
+    rank's RNG under a key of its own (a value every rank holds under one key is saved once, for one rank), and
+    the local weights when they differ from the global ones. To load: ``saved``, the keys the part holds (a rank
+    the part has no RNG for keeps its own; a part written before format 3 holds one ``rng`` for all)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: Dict[str, Any] = {"inner_optimizer": get_optimizer_state_dict(model, inner)}
+    if saved is None or rng_key(rank) in saved:
+        state[rng_key(rank)] = torch.get_rng_state()
+    elif "rng" in saved:
+        state["rng"] = torch.get_rng_state()
+    if local_weights:
+        state["local_weights"] = get_model_state_dict(model)
+    return state
+
+
+def rng_key(rank: int) -> str:
+    return f"rng_rank_{rank}"
+
+
+def load_group_state_dict(model: torch.nn.Module, inner: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    """Adopt a :func:`group_state_dict` that DCP loaded in place (its RNG key only if that rank's was saved)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, inner, state["inner_optimizer"])
+    if "local_weights" in state:
+        set_model_state_dict(model, state["local_weights"])
+    for key, value in state.items():
+        if key == "rng" or key.startswith("rng_rank_"):
+            torch.set_rng_state(value)

@@ -43,11 +43,18 @@ from torchx_diloco.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump when a manifest or a part changes in a way older readers would misread
+FORMAT_VERSION = 3  # bump when a manifest or a part changes in a way older readers would misread (3: per-rank RNG)
 _TORCH_FORMAT = 1  # a part written by torch.save: what format 1 readers read (a sharded part is format 2)
 _UNVERSIONED = 1  # the format of a manifest without a "format" field
 GLOBAL_PART = "global"
 _STEP_DIR = re.compile(r"step_(\d{8})$")
+MIN_PART_WAIT_S = 10.0  # the least a global writer waits for its peers' parts of a step (see part_patience)
+
+
+def part_patience(own_write_s: float) -> float:
+    """How long the global writer waits for the quorum's other group parts, given how long its own part took:
+    peers write theirs at the same time as ours, and one that died meanwhile never will."""
+    return max(MIN_PART_WAIT_S, 5 * own_write_s)
 
 
 def group_part(group_id: int) -> str:
@@ -162,7 +169,11 @@ class CheckpointStore:
         resharding). The part was verified by whoever chose the step (:meth:`latest` on rank 0)."""
         from torchx_diloco.checkpoint.dcp import load_sharded
 
-        load_sharded(f"{self._url_of(self.step_dir(step))}/{part}", state, pg)
+        load_sharded(self.sharded_url(step, part), state, pg)
+
+    def sharded_url(self, step: int, part: str) -> str:
+        """The DCP folder of a sharded part, as a URL DCP's fsspec reader opens."""
+        return f"{self._url_of(self.step_dir(step))}/{part}"
 
     def _url_of(self, path: str) -> str:
         """``path`` (inside this store) as a URL DCP's fsspec reader and writer open."""
@@ -192,9 +203,16 @@ class CheckpointStore:
         return True
 
     def prune(self) -> None:
-        """Delete all but the newest ``keep`` step folders."""
-        for step in self.steps()[: -self.keep]:
-            self.fs.rm(self.step_dir(step), recursive=True)
+        """Keep the newest ``keep`` complete steps (a global manifest) and every folder newer than the oldest of
+        them (steps being written); delete the folders older than that."""
+        steps = self.steps()
+        complete = [step for step in steps if self.has_part(step, GLOBAL_PART)]
+        if len(complete) <= self.keep:
+            return
+        oldest_kept = complete[-self.keep]
+        for step in steps:
+            if step < oldest_kept:
+                self.fs.rm(self.step_dir(step), recursive=True)
 
     # --- reading -------------------------------------------------------------------------------------------
     def _fresh_glob(self, pattern: str) -> List[str]:

@@ -1,0 +1,111 @@
+"""What one sync sends between replica groups: a header, then the payload as the codec encodes it.
+
+The header is summed over the quorum first (fp64: exact), so every group learns what the round is before any
+payload moves: how many groups contribute, whether they are syncing or agreeing on initial weights, and a
+signature of their layout (fragments, codec, model size) with its square. ``sum(s)^2 == n sum(s^2)`` only when
+the ``n`` members' signatures are equal, so groups started with different flags are told apart.
+
+With a ``split_group`` (the ranks of a group hold the same weights: DDP) rank r sends only the r-th slice of
+the payload across groups, and the group's ranks then all-gather the summed slices over their own links, so the
+slow link carries the model once per group, not once per rank.
+"""
+
+from __future__ import annotations
+
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from enum import IntEnum
+from typing import Any, Optional
+
+import torch
+from torch.distributed import ReduceOp
+
+from torchx_diloco.codecs import Codec, allreduce_sum, get_codec
+from torchx_diloco.errors import UserError
+
+
+class Slot(IntEnum):
+    """The header's slots."""
+
+    CONTRIBUTORS = 0  # groups whose pseudo-gradient is in the payload (a group that just healed sends zeros)
+    SYNCING = 1  # groups in an outer step's sync
+    AGREEING = 2  # groups agreeing on initial weights (DiLoCo.agree_initial_weights)
+    SIGNATURE = 3  # the layout's signature
+    SIGNATURE_SQUARED = 4  # its square
+
+
+def layout_signature(fragments: int, codec: str, numel: int) -> float:
+    """A number that differs between layouts the groups of one run must share (``numel``: this rank's share)."""
+    return float(zlib.crc32(f"{fragments}/{codec}/{numel}".encode()) % (1 << 20) + 1)
+
+
+def new_header(kind: Slot, signature: float, device: torch.device) -> torch.Tensor:
+    header = torch.zeros(len(Slot), dtype=torch.float64, device=device)
+    header[kind] = 1.0
+    header[Slot.SIGNATURE], header[Slot.SIGNATURE_SQUARED] = signature, signature**2
+    return header
+
+
+def layouts_differ(header: torch.Tensor) -> bool:
+    """After the sum: whether the members' signatures differ."""
+    members = float(header[Slot.SYNCING] + header[Slot.AGREEING])
+    return float(header[Slot.SIGNATURE]) ** 2 != members * float(header[Slot.SIGNATURE_SQUARED])
+
+
+def check_layout(header: torch.Tensor) -> None:
+    if layouts_differ(header):
+        raise UserError(
+            "the groups of this run sync different layouts (--fragments, --codec or the model differ): "
+            "start every group with the same flags"
+        )
+
+
+class Exchange:
+    """Sends (header, payload) rounds through a torchft Manager, in the background when ``background``."""
+
+    def __init__(self, manager: Any, codec: str, split_group: Optional[Any] = None, background: bool = False) -> None:
+        self.manager = manager
+        self.codec: Codec = get_codec(codec)
+        self.split_group = split_group if split_group is not None and split_group.size() > 1 else None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-sync") if background else None
+
+    def start(self, payload: torch.Tensor, header: torch.Tensor) -> "Future[int]":
+        """Sum ``header`` and ``payload`` in place over the quorum; the future gives the bytes this rank sent."""
+        if self._executor is not None:
+            return self._executor.submit(self.run, payload, header)
+        done: Future[int] = Future()
+        done.set_result(self.run(payload, header))
+        return done
+
+    def run(self, payload: torch.Tensor, header: torch.Tensor) -> int:
+        """One round, blocking: the header, then the payload as the codec sends it (every rank of the group calls
+        it: with a split group each sends its slice, then the group all-gathers the sums)."""
+        if self.split_group is None:
+            return self._across_groups(header, payload, payload)
+        import torch.distributed as dist
+
+        ranks, rank = self.split_group.size(), self.split_group.rank()
+        padded = torch.cat([payload, payload.new_zeros(-payload.numel() % ranks)])
+        share = padded.numel() // ranks
+        sent = self._across_groups(header, padded, padded[rank * share : (rank + 1) * share])
+        # always, whatever the round turned out to be, so no rank of the group waits for another in vain
+        dist.all_gather_into_tensor(padded, padded[rank * share : (rank + 1) * share].clone(), group=self.split_group)
+        payload.copy_(padded[: payload.numel()])
+        return sent
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _across_groups(self, header: torch.Tensor, payload: torch.Tensor, share: torch.Tensor) -> int:
+        self.manager.allreduce(header, reduce_op=ReduceOp.SUM).wait()
+        if layouts_differ(header):
+            self.manager.report_error(RuntimeError("the groups' sync layouts differ"))
+            return 0
+        if float(header[Slot.AGREEING]) > 0 and float(header[Slot.SYNCING]) > 0:
+            # a starting group's initial weights met this sync (agree_initial_weights): no average
+            self.manager.report_error(RuntimeError("a starting group's initial weights reached this sync"))
+            return 0
+        if float(header[Slot.AGREEING]) > 0:  # everyone is agreeing on initial weights: those travel exactly
+            return allreduce_sum(self.manager, payload, get_codec("fp32"))
+        return allreduce_sum(self.manager, share, self.codec)

@@ -1,0 +1,164 @@
+"""Fragments: the parameters that sync together, their global weights (the backup) and their outer optimizer.
+
+Streaming DiLoCo cuts the model into P fragments, in module order, of about equal size (:func:`split_evenly`);
+plain DiLoCo is one fragment. A fragment holds this rank's share of its parameters (a shard under FSDP2) and
+knows the three things an outer step needs: its pseudo-gradient ``global - local``, the outer step itself, and
+going back to its global weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Iterator, List, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local shard of an FSDP2 (DTensor) parameter, else the parameter."""
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def param_ids(optimizer: torch.optim.Optimizer) -> set:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+@contextlib.contextmanager
+def grads_set_aside(params: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Parameters without gradients for a moment: torch's optimizer state-dict helpers initialise an optimizer
+    that has no state yet (so a checkpoint has somewhere to load into) only when no parameter has a gradient."""
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def weights_swapped_in(params: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> Iterator[None]:
+    """``params`` (this rank's shards) hold ``weights`` inside the block, their own values again after it."""
+    saved = [local_tensor(p).detach().clone() for p in params]
+    for p, w in zip(params, weights, strict=True):
+        local_tensor(p).copy_(w)
+    try:
+        yield
+    finally:
+        for p, s in zip(params, saved, strict=True):
+            local_tensor(p).copy_(s)
+
+
+def split_evenly(sizes: Sequence[int], parts: int) -> List[range]:
+    """``parts`` contiguous ranges over tensors of ``sizes`` whose totals are as equal as whole tensors allow."""
+    if parts > len(sizes):
+        raise ValueError(f"fragments={parts} exceeds the model's {len(sizes)} trainable parameter tensors")
+    cumulative = list(itertools.accumulate(sizes))
+    total, cuts = cumulative[-1], [0]
+    for k in range(1, parts):
+        lo, hi = cuts[-1] + 1, len(sizes) - (parts - k)  # leave at least one tensor to each later part
+        cuts.append(min(range(lo, hi + 1), key=lambda c: abs(cumulative[c - 1] - k * total / parts)))
+    cuts.append(len(sizes))
+    return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+class Fragment:
+    """Parameters that sync together: their global weights (the backup, as of this fragment's last commit)
+    and the outer optimizer that steps them."""
+
+    def __init__(
+        self,
+        index: int,
+        names: List[str],
+        params: List[nn.Parameter],
+        outer_optimizer: torch.optim.Optimizer,
+        backup_device: torch.device | str,
+    ) -> None:
+        self.index, self.names, self.params, self.outer_optimizer = index, names, params, outer_optimizer
+        self.numel = sum(t.numel() for t in self.locals())  # this rank's share (a shard under FSDP)
+        pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
+        self.backup = [torch.empty(t.shape, dtype=t.dtype, device=backup_device, pin_memory=pin) for t in self.locals()]
+        self.save_backup()
+
+    def locals(self) -> List[torch.Tensor]:
+        return [local_tensor(p) for p in self.params]
+
+    @torch.no_grad()
+    def save_backup(self) -> None:
+        for t, backup in zip(self.locals(), self.backup, strict=True):
+            backup.copy_(t.detach())  # blocking: a checkpoint writer may read the backup next
+
+    @torch.no_grad()
+    def restore_backup(self) -> None:
+        for t, backup in zip(self.locals(), self.backup, strict=True):
+            t.copy_(backup, non_blocking=False)
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> torch.Tensor:
+        """``global - local`` of every parameter (this rank's shards), flat, in fp32."""
+        device = self.params[0].device
+        flat = torch.empty(self.numel, dtype=torch.float32, device=device)
+        offset = 0
+        for t, backup in zip(self.locals(), self.backup, strict=True):
+            n = t.numel()
+            torch.sub(backup.to(device, non_blocking=True).view(-1), t.reshape(-1), out=flat[offset : offset + n])
+            offset += n
+        return flat
+
+    @torch.no_grad()
+    def outer_step(self, average: torch.Tensor) -> None:
+        from torch.distributed.tensor import DTensor
+
+        offset = 0
+        for p, t in zip(self.params, self.locals(), strict=True):
+            n = t.numel()
+            grad = average[offset : offset + n].view_as(t).to(t.dtype)
+            if isinstance(p, DTensor):  # FSDP2: the shard's gradient, as the DTensor the optimizer expects
+                grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            p.grad = grad
+            offset += n
+        self.outer_optimizer.step()
+        self.outer_optimizer.zero_grad(set_to_none=True)
+        self.save_backup()
+
+
+OuterOptimizers = Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]]
+
+
+def build_fragments(
+    named: List[Tuple[str, nn.Parameter]],
+    fragments: Union[int, Sequence[nn.Module]],
+    outer_optimizer: OuterOptimizers,
+    backup_device: torch.device | str,
+) -> List[Fragment]:
+    """The fragments of the trainable parameters ``named``: ``fragments`` P about equal contiguous parts, or one
+    per module given; each stepped by the one outer optimizer, or by its own when a list of them is given."""
+    if isinstance(fragments, int):
+        parts: Sequence[Sequence[int]] = split_evenly([p.numel() for _, p in named], fragments)
+    else:
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        parts = [[index.get(id(p), -1) for p in m.parameters() if p.requires_grad] for m in fragments]
+        flat = sorted(i for part in parts for i in part)
+        if flat != list(range(len(named))) or any(not part for part in parts):
+            raise ValueError("fragments must hold every trainable parameter of the model exactly once")
+    if isinstance(outer_optimizer, torch.optim.Optimizer):
+        if param_ids(outer_optimizer) != {id(p) for _, p in named}:
+            raise ValueError("outer_optimizer must optimise exactly the model's trainable parameters")
+        outers, separate = [outer_optimizer] * len(parts), False
+    else:  # one outer optimizer per fragment
+        outers, separate = list(outer_optimizer), True
+        if len(outers) != len(parts):
+            raise ValueError(f"{len(outers)} outer optimizers for {len(parts)} fragments: pass one per fragment")
+    built = []
+    for i, (part, outer) in enumerate(zip(parts, outers, strict=True)):
+        fragment = Fragment(i, [named[j][0] for j in part], [named[j][1] for j in part], outer, backup_device)
+        if separate and param_ids(outer) != {id(p) for p in fragment.params}:
+            raise ValueError(f"outer optimizer {i} must optimise exactly fragment {i}'s parameters")
+        built.append(fragment)
+    return built
