@@ -309,13 +309,16 @@ class Corpus:
     @classmethod
     def from_bytes(cls, data: bytes, seq_len: int) -> "Corpus":
         tokens = TokenStream([np.frombuffer(data, dtype=np.uint8)])
+        return cls._tail_held_out(tokens, seq_len, BYTE_VOCAB, f"the corpus has {len(tokens)} bytes", "text")
+
+    @classmethod
+    def _tail_held_out(cls, tokens: TokenStream, seq_len: int, vocab: Optional[int], what: str, more: str) -> "Corpus":
+        """The last ``EVAL_FRACTION`` of ``tokens`` held out for evaluation (at least one sequence), the rest to
+        train on; too few tokens for that is one line (``what`` has N tokens, pass more ``more``)."""
         n_eval = max(int(len(tokens) * EVAL_FRACTION), seq_len + 1)
         if len(tokens) - n_eval < 2 * (seq_len + 1):
-            raise UserError(
-                f"the corpus has {len(tokens)} bytes, too few for --seq-len {seq_len}: "
-                "pass more text or a shorter --seq-len"
-            )
-        return cls(tokens.view(0, len(tokens) - n_eval), tokens.view(len(tokens) - n_eval, len(tokens)), BYTE_VOCAB)
+            raise UserError(f"{what}, too few for --seq-len {seq_len}: pass more {more} or a shorter --seq-len")
+        return cls(tokens.view(0, len(tokens) - n_eval), tokens.view(len(tokens) - n_eval, len(tokens)), vocab)
 
     @classmethod
     def load(cls, data: str, seq_len: int, eval_data: Optional[str] = None) -> "Corpus":
@@ -327,13 +330,7 @@ class Corpus:
         else:
             train, vocab = TokenStream([np.frombuffer(read_corpus(data), dtype=np.uint8)]), BYTE_VOCAB
         if eval_data is None:
-            n_eval = max(int(len(train) * EVAL_FRACTION), seq_len + 1)
-            if len(train) - n_eval < 2 * (seq_len + 1):
-                raise UserError(
-                    f"--data {data!r} has {len(train)} tokens, too few for --seq-len {seq_len}: "
-                    "pass more data or a shorter --seq-len"
-                )
-            return cls(train.view(0, len(train) - n_eval), train.view(len(train) - n_eval, len(train)), vocab)
+            return cls._tail_held_out(train, seq_len, vocab, f"--data {data!r} has {len(train)} tokens", "data")
         if is_token_data(eval_data):
             held, eval_vocab = open_tokens(eval_data, "--eval-data")
         else:
