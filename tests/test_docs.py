@@ -188,6 +188,16 @@ def test_the_readme_documents_its_commands():
     assert any(c.startswith("python -m torchx_diloco.lighthouse") for c in commands), commands
 
 
+def test_the_readme_names_every_extra_and_all_holds_the_user_facing_ones():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert [name for name in extras if f"`[{name}]`" not in readme] == [], "extras the README does not name"
+    user_facing = sorted(set(extras) - {"all", "test", "bench", "dev"})
+    (spec,) = extras["all"]  # the package's own extras, by name: one list to keep
+    assert spec.startswith("torchx-diloco[") and sorted(spec[len("torchx-diloco[") : -1].split(",")) == user_facing
+
+
 # --- every documented command runs -------------------------------------------------------------------------------
 
 _ENV_PREFIX = re.compile(r"^([A-Z_][A-Z0-9_]*)=(\S*)$")
