@@ -50,3 +50,26 @@ def bare_logits(vocab_size: int = 256, max_positions: int = 64) -> nn.Module:
             return self.head(self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device)))
 
     return Bigram()
+
+
+def raises_mid_run(after: int = 5) -> nn.Module:
+    """A nano GPT whose ``after``-th training forward raises: an error in the middle of a run."""
+    model = _nano()
+    calls = [0]
+
+    def count(module: nn.Module, args: Any) -> None:
+        if module.training:
+            calls[0] += 1
+            if calls[0] >= after:
+                raise RuntimeError("the model broke mid-run")
+
+    model.register_forward_pre_hook(count)
+    return model
+
+
+def rank_dependent_dropout(dropout: float = 0.1) -> nn.Module:
+    """A nano GPT with dropout whose random stream differs between the ranks of a group (each rank draws RANK
+    numbers first), as any model drawing rank-dependent randomness makes it: a resume must give every rank its
+    own RNG state back."""
+    torch.rand(int(os.environ.get("RANK", "0")))
+    return _nano(dropout=dropout)

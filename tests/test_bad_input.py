@@ -84,6 +84,8 @@ CASES = [
     (["--codec", "int2"], {}, "--codec: invalid choice: 'int2'"),
     (["--impl", "torchft", "--codec", "int8"], {}, "--codec int8 needs --impl torchx_diloco"),
     (["--keep-checkpoints", "0"], {}, "--keep-checkpoints: 0 must be >= 1"),
+    (["--sync-every", "1.5"], {}, "--sync-every: '1.5' is not a whole number"),
+    (["--sync-every", "ten"], {}, "--sync-every: 'ten' is not a number"),
     (["--eval-batches", "-1"], {}, "must be >= 0"),
     (["--device", "tpu"], {}, "--device: 'tpu': use auto, cpu, cuda or cuda:N"),
     (["--device", "cuda"], {}, NO_CUDA),  # skipped where a GPU is visible

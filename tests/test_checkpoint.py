@@ -56,6 +56,20 @@ def test_round_trip_latest_and_retention(url):
     assert CheckpointStore(url).latest(group_id=5).group_state is None  # a group that wrote nothing there
 
 
+def test_prune_keeps_the_newest_complete_steps_not_the_newest_folders(url):
+    """Folders holding only groups' parts (their global part never came) do not count towards ``keep``: two
+    complete steps stay loadable, and the folders newer than them (steps still being written) stay too."""
+    store = CheckpointStore(url, keep=2)
+    for step in (1, 2, 3):
+        write_step(store, step)
+    for step in (4, 5):  # a group's part only: no global manifest yet
+        store.write_part(step, group_part(0), {"data_position": step})
+    store.prune()
+    assert store.steps() == [2, 3, 4, 5]
+    assert [store.has_part(s, GLOBAL_PART) for s in store.steps()] == [True, True, False, False]
+    assert store.latest(0).step == 3
+
+
 def _damage(store: CheckpointStore, step: int, how: str) -> None:
     path = f"{store.step_dir(step)}/global.pt"
     if how == "no manifest":

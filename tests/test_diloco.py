@@ -184,3 +184,62 @@ def test_async_quorum_manager_is_refused(lighthouse):
             )
     finally:
         manager.shutdown(wait=False)
+
+
+def test_sync_applies_the_sync_in_flight_instead_of_sending_another(lighthouse):
+    """With overlap, a fragment's sync is sent tau steps before it is applied. ``sync()`` called in between must
+    apply that very exchange (the pseudo-gradient as of sending), not overwrite it with a new one: with outer
+    lr 1 and no momentum the global weights become exactly the local weights at sending."""
+    x, y = regression_problem()
+    model = nn.Linear(8, 1, bias=False)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    outer = torch.optim.SGD(model.parameters(), lr=1.0)
+    manager = make_manager(lighthouse)
+    try:
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=4, overlap_steps=1)
+        run_inner_steps(model, inner, x, y, 3, diloco)  # the 3rd step sends (4 - 1)
+        at_sending = model.weight.detach().clone()
+        loss = ((model(x) - y) ** 2).mean()  # one more inner step, which the sync in flight does not hold
+        loss.backward()
+        inner.step()
+        assert not torch.equal(model.weight.detach(), at_sending)
+        assert diloco.sync() is True
+        assert manager.current_step() == 1
+        torch.testing.assert_close(diloco.global_weights()[0], at_sending, rtol=0, atol=1e-7)
+        assert diloco.local_step == 0
+    finally:
+        manager.shutdown(wait=False)
+
+
+def test_sync_seconds_count_only_the_time_step_holds_training_up(lighthouse):
+    """``last_sync["sync_s"]`` is measured inside ``step()``: never more than the time spent in its calls of that
+    window, whatever the inner optimizer's own step costs (here: a slow one)."""
+    import time
+
+    x, y = regression_problem()
+    model = nn.Linear(8, 1, bias=False)
+
+    class SlowSGD(torch.optim.SGD):
+        def step(self, closure=None):  # noqa: ANN001 - torch's signature
+            time.sleep(0.05)
+            return super().step(closure)
+
+    inner = SlowSGD(model.parameters(), lr=0.05)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7)
+    manager = make_manager(lighthouse)
+    try:
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=3, overlap_steps=1)
+        in_step = 0.0
+        for _ in range(3):
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            inner.step()
+            inner.zero_grad()
+            started = time.perf_counter()
+            committed = diloco.step()
+            in_step += time.perf_counter() - started
+        assert committed
+        assert 0 < diloco.last_sync["sync_s"] <= in_step
+        assert {"fragment", "sent_bytes", "sync_s"} <= set(diloco.last_sync)
+    finally:
+        manager.shutdown(wait=False)

@@ -3,16 +3,19 @@ group's ranks take every decision together, and the groups still agree on the gl
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import pytest
 import torch
 
 from tests.test_groups import SMALL
+from torchx_diloco._fleet.faulty import FAULTS_ENV
 from torchx_diloco._fleet.testing import (
+    REPO,
     TORCHRUN,
     Group,
     Lighthouse,
@@ -48,14 +51,16 @@ def test_ranks_of_a_group_read_disjoint_parts_of_its_shard():
 
 
 def test_rank0_decides_for_the_group(tmp_path):
-    """Two Gloo ranks that saw different things leave with rank 0's decision; one rank needs no collective."""
+    """Two Gloo ranks that saw different things leave with rank 0's decision, and with the mean of their values
+    (a group's recorded loss); one rank needs no collective."""
     script = tmp_path / "decide.py"
     script.write_text(
-        "import os, torch.distributed as dist\n"
-        "from torchx_diloco.cluster import rank0_decides\n"
+        "import os, torch, torch.distributed as dist\n"
+        "from torchx_diloco.cluster import group_mean, rank0_decides\n"
         "dist.init_process_group('gloo')\n"
         "rank = dist.get_rank()\n"
         "print(f'rank {rank} decided {rank0_decides(10 + rank)}', flush=True)\n"
+        "print(f'rank {rank} mean {group_mean(torch.tensor(float(rank + 1)))}', flush=True)\n"
     )
     out = subprocess.run(
         [TORCHRUN, "--standalone", "--nproc_per_node", "2", str(script)],
@@ -66,10 +71,11 @@ def test_rank0_decides_for_the_group(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "rank 0 decided 10" in out.stdout and "rank 1 decided 10" in out.stdout, out.stdout
+    assert "rank 0 mean 1.5" in out.stdout and "rank 1 mean 1.5" in out.stdout, out.stdout
     # a one-rank group: the value back, without a process group to broadcast over
-    from torchx_diloco.cluster import rank0_decides
+    from torchx_diloco.cluster import group_mean, rank0_decides
 
-    assert rank0_decides(5) == 5
+    assert rank0_decides(5) == 5 and group_mean(torch.tensor(2.5)) == 2.5
 
 
 def checksums(records: Dict[int, List[dict]]) -> Dict[int, Dict[int, str]]:
@@ -222,3 +228,42 @@ def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
     out = groups[1].output()
     assert "failed (exitcode: -9) local_rank: 1" in out, out[-3000:]  # torchrun saw it die, and restarted:
     assert "group 1 resumed from" in out or "healed from a peer" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_two_rank_group_with_dropout_resumes_as_if_never_stopped(tmp_path, faulty_url):
+    """One group of 2 ranks, a model with dropout whose random stream differs per rank: a run killed after outer
+    step 2 (held at step 3's checkpoint write, so it cannot have gone further) and resumed ends bit for bit where
+    an uninterrupted run ends. The sharded group part keeps each rank's RNG (with one rank's for both, rank 1's
+    dropout masks after the resume would be rank 0's)."""
+    lighthouse = Lighthouse(tmp_path, min_replicas=1, idle_exit=0)
+    model = ["--model", "tests.model_factories:rank_dependent_dropout", "--seq-len", str(SEQ), "--batch-size", "4"]
+    args = [*model, "--eval-batches", "0", "--device", "cpu", "--sync-every", "4", "--group-wait", "0"]
+    args += ["--outer-steps", "4"]
+    hold = {FAULTS_ENV: json.dumps([{"match": "step_00000003/", "action": "hold", "until": str(tmp_path / "go")}])}
+
+    def group(ckpt: str, tag: str, faults: Optional[Dict[str, str]] = None) -> Group:
+        env = {"PYTHONPATH": str(REPO), **(faults or {})}  # the factory is in tests/
+        return Group(0, 1, lighthouse.url, [*args, "--checkpoint-dir", ckpt], tmp_path, env, tag=tag, nproc=2)
+
+    def weights(folder: Path) -> Dict[int, str]:
+        return {r["outer_step"]: r["weights_sha"] for r in committed(read_metrics(metrics_url(folder, 0)))}
+
+    whole = group(str(tmp_path / "whole"), "whole")
+    assert whole.wait(120) == 0, whole.output()[-3000:]
+    folder = Path(faulty_url.removeprefix("faulty://"))
+    first = group(faulty_url, "first", hold)
+    deadline = time.monotonic() + 120
+    while 2 not in weights(folder):  # step 2's parts and metrics are written; step 3's write waits for "go"
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.output()[-3000:]
+        time.sleep(0.1)
+    first.kill()
+    from torchx_diloco.checkpoint.dcp import saved_keys
+
+    store = CheckpointStore(faulty_url)
+    assert {"rng_rank_0", "rng_rank_1"} <= saved_keys(store.sharded_url(2, "replica_group_0"))
+    second = group(faulty_url, "second")
+    assert second.wait(120) == 0, second.output()[-3000:]
+    lighthouse.kill()
+    assert "group 0 resumed from" in second.output() and "(outer step 2)" in second.output(), second.output()
+    assert weights(folder)[4] == weights(tmp_path / "whole")[4]

@@ -186,6 +186,10 @@ def test_fragments_split_in_module_order_into_about_equal_parts() -> None:
         ({"sync_every": 8, "fragments": 4, "overlap_steps": 2}, "overlap_steps 2 must be below H/P = 2"),
         ({"sync_every": 8, "mix_alpha": 1.5}, "mix_alpha 1.5 must be in"),
         ({"sync_every": 8, "codec": "fp8"}, "unknown codec 'fp8'"),
+        # the values as given: a negative number or a dash in a name is not rewritten
+        ({"sync_every": 8, "overlap_steps": -1}, r"^overlap_steps -1 must be below H/P = 8 .* raise sync_every$"),
+        ({"sync_every": 8, "mix_alpha": -0.5}, r"^mix_alpha -0\.5 must be in \[0, 1\]$"),
+        ({"sync_every": 8, "codec": "fp-16"}, r"^unknown codec 'fp-16': use one of fp32, "),
     ],
 )
 def test_bad_streaming_settings_fail_with_one_line(kwargs: Dict[str, Any], message: str) -> None:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import threading
+
+import pytest
 import torch
 
+from torchx_diloco._fleet.testing import committed, metrics_url, read_metrics
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.config import parse_config
+from torchx_diloco.data import eval_batches
+from torchx_diloco.modeling import forward_loss
 from torchx_diloco.train import Trainer
 
 
@@ -55,3 +62,57 @@ def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out
     assert trainer.progress.inner_steps == 2 * cfg.diloco.sync_every
     adam_steps = {int(state["step"]) for state in trainer.inner_opt.state.values()}
     assert adam_steps == {trainer.progress.inner_steps - 1}, adam_steps
+
+
+def _trainer(lighthouse: str, tmp_path, *args: str) -> Trainer:
+    env = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "1", "TORCHFT_LIGHTHOUSE": lighthouse}
+    flags = ["--seq-len", "32", "--batch-size", "2", "--group-wait", "0", "--device", "cpu"]
+    return Trainer(parse_config([*flags, "--checkpoint-dir", str(tmp_path / "ckpt"), *args], env))
+
+
+def _our_threads() -> set:
+    return {t.name for t in threading.enumerate() if t.name.startswith(("checkpoint-writer", "diloco-sync"))}
+
+
+def test_an_exception_mid_run_still_closes_the_writer_the_sync_thread_and_the_manager(lighthouse, tmp_path):
+    """The model raises after a few committed outer steps (checkpoints written, a sync overlapped): run() raises
+    it, and the writer's and the overlapped sync's threads are gone, the Manager shut down."""
+    assert not _our_threads()
+    trainer = _trainer(
+        lighthouse,
+        tmp_path,
+        *("--model", "tests.model_factories:raises_mid_run", "--model-args", '{"after": 9}'),
+        *("--sync-every", "4", "--overlap-steps", "1", "--outer-steps", "5", "--eval-batches", "0"),
+    )
+    with pytest.raises(RuntimeError, match="the model broke mid-run"):
+        trainer.run()
+    assert trainer.manager.current_step() == 2  # two outer steps committed before the error
+    assert not _our_threads(), _our_threads()
+    assert trainer.checkpointer.writer._pool._shutdown
+    with pytest.raises(RuntimeError):  # a Manager that was shut down takes no more quorums
+        trainer.manager.start_quorum()
+
+
+def test_eval_loss_is_the_global_weights_loss_when_the_local_weights_differ(lighthouse, tmp_path):
+    """With 2 fragments the model holds local weights after a commit (the other fragment trained on): the
+    recorded eval loss is that of the global weights, computed here independently, not of the model as it is."""
+    trainer = _trainer(
+        lighthouse,
+        tmp_path,
+        *("--model", "nano", "--sync-every", "4", "--fragments", "2", "--outer-steps", "3", "--eval-batches", "2"),
+    )
+    assert trainer.run() == 0
+    records = read_metrics(metrics_url(tmp_path / "ckpt", 0))
+    recorded = committed(records)[-1]["eval_loss"]
+
+    def eval_loss(model: torch.nn.Module) -> float:
+        model.eval()
+        with torch.no_grad():
+            batches = eval_batches(trainer.eval_tokens, 2, 32, 2)
+            losses = [forward_loss(model, x, y).item() for x, y in batches]
+        return sum(losses) / len(losses)
+
+    on_global = copy.deepcopy(trainer.model)
+    on_global.load_state_dict(trainer.diloco.state_dict()["global_weights"], strict=False)
+    assert recorded == pytest.approx(eval_loss(on_global), rel=1e-6)
+    assert eval_loss(copy.deepcopy(trainer.model)) != pytest.approx(recorded, rel=1e-6), "local == global here"
