@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -10,7 +11,8 @@ from datetime import timedelta
 
 import pytest
 
-from torchx_diloco._fleet.testing import PYTHON, REPO, Group, Lighthouse, free_port
+from torchx_diloco._fleet.testing import PYTHON, REPO, Group, Lighthouse, clean_env, free_port, train_workers
+from torchx_diloco.errors import ERROR_FILE_ENV, read_error_file
 from torchx_diloco.lighthouse import default_bind_host
 
 
@@ -220,9 +222,14 @@ def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(
 
 
 def test_a_group_that_fails_for_good_ends_the_lighthouse_with_one_line(tmp_path):
-    """A group of the run reports an error no restart can fix: the lighthouse ends the run (exit 1) at once,
-    instead of waiting for groups that will never come."""
-    lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a"])
+    """A group of the run (two ranks under torchrun, 3 restarts allowed) reports an error no restart can fix: the
+    lighthouse ends the run (exit 1) at once instead of waiting for groups that will never come. torchrun restarts
+    nothing and prints no traceback; its reply file (TorchX's TORCHELASTIC_ERROR_FILE, what `torchx run` and
+    `torchx status` show) holds the group's line, the lighthouse's its own."""
+    replies = {name: tmp_path / name / "error.json" for name in ("lighthouse", "group")}
+    lighthouse = Lighthouse(
+        tmp_path, extra=["--run-id", "run-a"], env={**clean_env(), ERROR_FILE_ENV: str(replies["lighthouse"])}
+    )
     try:
         doomed = Group(
             1,
@@ -230,13 +237,26 @@ def test_a_group_that_fails_for_good_ends_the_lighthouse_with_one_line(tmp_path)
             lighthouse.url,
             [*NANO, "--data", str(tmp_path / "missing.txt")],
             tmp_path,
-            extra_env={"TORCHX_DILOCO_RUN_ID": "run-a"},
+            extra_env={"TORCHX_DILOCO_RUN_ID": "run-a", ERROR_FILE_ENV: str(replies["group"])},
+            max_restarts=3,
+            nproc=2,
         )
-        assert doomed.wait(120) == 2
-        assert "missing.txt does not exist" in doomed.output()
+        assert doomed.wait(120) == -signal.SIGKILL  # the agent, ended by the worker: nothing restarted
+        out = doomed.output()
+        assert "missing.txt does not exist" in out
+        assert "will restart worker group" not in out and "Traceback" not in out, out[-3000:]
         start = time.monotonic()
         assert lighthouse.proc.wait(timeout=30) == 1
         assert time.monotonic() - start < 10
-        assert "replica_group_1 stopped with an error no restart can fix" in lighthouse.output()
+        fatal = "replica_group_1 stopped with an error no restart can fix"
+        assert fatal in lighthouse.output()
+        assert read_error_file(str(replies["group"])).endswith(
+            "missing.txt does not exist; pass an existing file, glob or fsspec URL"
+        )
+        assert read_error_file(str(replies["lighthouse"])).startswith(fatal)
+        deadline = time.monotonic() + 60  # the worker that failed exits after the agent, its peer on SIGTERM
+        while train_workers(TORCHFT_LIGHTHOUSE=lighthouse.url):
+            assert time.monotonic() < deadline, "a rank of the group outlived its torchrun"
+            time.sleep(0.2)
     finally:
         lighthouse.kill()

@@ -33,8 +33,11 @@ from torchx_diloco.cluster import (
     split_replica_id,
 )
 from torchx_diloco.config import LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S, LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT
+from torchx_diloco.errors import report_error
+from torchx_diloco.logs import libraries_level, quiet_libraries
 
 logger = logging.getLogger("torchx_diloco.lighthouse")
+PROG = "torchx_diloco.lighthouse"
 
 
 def default_bind_host() -> Tuple[str, str]:
@@ -63,7 +66,7 @@ def default_bind_host() -> Tuple[str, str]:
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m torchx_diloco.lighthouse",
+        prog=f"python -m {PROG}",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -172,8 +175,7 @@ def serve(args: argparse.Namespace) -> int:
             heartbeat_timeout_ms=args.heartbeat_timeout_ms,
         )
     except Exception as e:  # noqa: BLE001 - the Rust server raises a plain RuntimeError on bind failures
-        print(f"torchx_diloco.lighthouse: error: cannot listen on {bind} ({e}): pick a free --port", file=sys.stderr)
-        return 1
+        return report_error(PROG, f"cannot listen on {bind} ({e}): pick a free --port", 1)
     local = host in ("127.0.0.1", "::1", "0.0.0.0", "::")
     url = f"http://{'localhost' if local else host}:{args.port}"
     run = f", run {args.run_id}" if args.run_id else ""
@@ -197,13 +199,10 @@ def serve(args: argparse.Namespace) -> int:
             mark.show(not live)
             now = time.monotonic()
             if watch.fatal:
-                print(
-                    f"torchx_diloco.lighthouse: error: {watch.fatal} stopped with an error no restart can fix "
-                    "(its log has the line): ending the run",
-                    file=sys.stderr,
-                    flush=True,
+                message = (
+                    f"{watch.fatal} stopped with an error no restart can fix (its log has the line): ending the run"
                 )
-                return 1
+                return report_error(PROG, message, 1)
             if live:
                 last_live = now
             elif watch.seen and args.idle_exit > 0 and now - last_live > args.idle_exit:
@@ -213,12 +212,11 @@ def serve(args: argparse.Namespace) -> int:
                 )
                 return 0
             elif not watch.seen and args.first_join_timeout > 0 and now - started > args.first_join_timeout:
-                print(
-                    f"torchx_diloco.lighthouse: error: no replica group joined within {args.first_join_timeout:g}s: "
-                    "check that the groups started and that TORCHFT_LIGHTHOUSE points here",
-                    file=sys.stderr,
+                message = (
+                    f"no replica group joined within {args.first_join_timeout:g}s: check that the groups started "
+                    "and that TORCHFT_LIGHTHOUSE points here"
                 )
-                return 1
+                return report_error(PROG, message, 1)
         print(f"lighthouse: stopped by signal {stop['signal']}", flush=True)
         return 0
     finally:
@@ -226,8 +224,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    os.environ.setdefault("RUST_LOG", "warn")  # torchft's Rust side logs every quorum at INFO otherwise
-    logging.basicConfig(level=logging.WARNING)
+    quiet_libraries()  # torchft's Rust side logs every quorum at INFO otherwise
+    logging.basicConfig(level=libraries_level())
     return serve(parse_args(argv))
 
 
