@@ -50,6 +50,12 @@ def read(path: Optional[Path]) -> str:
     return path.read_text(errors="replace") if path and path.exists() else ""
 
 
+def outer_steps_done(log_dir: Path, group: int) -> int:
+    """The last outer step the group's log says it committed (0 before the first)."""
+    found = OUTER.findall(read(role_log(log_dir, f"replica_group_{group}")))
+    return int(found[-1]) if found else 0
+
+
 def train_worker_pid(group: int, port: int) -> int:
     """The training process (torchrun's worker, not the torchrun agent) of ``group`` in the run on ``port``."""
     for worker in train_workers(lighthouse_port=port, REPLICA_GROUP_ID=str(group)):
@@ -91,16 +97,18 @@ def start_nano_run(
     train_flags: List[str],
     sync_every: int = 40,
     extra: List[str] = (),
+    log_dir_cfg: bool = True,
 ) -> subprocess.Popen:
-    """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs, checkpoints in tmp_path/ckpt,
-    the console in tmp_path/torchx.log. ``port`` None: the component's own choice (a free port per run)."""
+    """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs (without ``log_dir_cfg``
+    where the scheduler puts them by default), checkpoints in tmp_path/ckpt, the console in tmp_path/torchx.log.
+    ``port`` None: the component's own choice (a free port per run). `torchx run` runs in a session of its own,
+    as in a terminal: a signal to its process group reaches it, not the roles (TorchX starts them in theirs)."""
     cmd = [
         str(BIN / "torchx"),
         "run",
         "-s",
         "local_cwd",
-        "-cfg",
-        f"log_dir={tmp_path / 'logs'}",
+        *(["-cfg", f"log_dir={tmp_path / 'logs'}"] if log_dir_cfg else []),
         "diloco.diloco",
         *(["--lighthouse_port", str(port)] if port else []),
         "--outer_steps",
@@ -126,7 +134,9 @@ def start_nano_run(
         *train_flags,
     ]
     with open(tmp_path / "torchx.log", "wb") as console:
-        return subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            cmd, cwd=tmp_path, env=run_env(), stdout=console, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 @pytest.mark.slow
@@ -239,22 +249,76 @@ def test_group_out_of_restarts_fails_the_app_while_its_peer_trains_to_the_end(tm
 @pytest.mark.timeout(120)
 def test_an_error_no_restart_can_fix_is_not_retried_and_the_app_fails_within_30s(tmp_path):
     """A missing data file (found in the group, not before launch): torchrun does not restart the worker 3 times,
-    the lighthouse does not wait 10 minutes for groups that will never come, and the console shows the line."""
+    the lighthouse does not wait 10 minutes for groups that will never come, and `torchx run` ends with the line:
+    its last line, and the failure of TorchX's status (reply files), without a traceback. Launched outside the
+    repository with no log_dir: the logs stay, in torchx_logs/ of the launch directory."""
     missing = tmp_path / "no-such-corpus.txt"
     start = time.monotonic()
-    proc = start_nano_run(tmp_path, None, outer=3, max_restarts=3, idle_exit=3, train_flags=["--data", str(missing)])
+    proc = start_nano_run(
+        tmp_path, None, outer=3, max_restarts=3, idle_exit=3, train_flags=["--data", str(missing)], log_dir_cfg=False
+    )
+    log_dir = tmp_path / "torchx_logs"
     try:
         rc = proc.wait(timeout=90)
     finally:
-        stop(proc, lighthouse_port(tmp_path / "logs"))
+        stop(proc, lighthouse_port(log_dir))
     elapsed = time.monotonic() - start
     console = read(tmp_path / "torchx.log")
+    fix = f"--data {str(missing)!r}: {missing} does not exist; pass an existing file, glob or fsspec URL"
     assert rc != 0 and "job finished: FAILED" in console, console[-4000:]
-    assert f"torchx_diloco.train: error: --data {str(missing)!r}: {missing} does not exist" in console, console[-4000:]
+    assert f"torchx_diloco.train: error: {fix}" in console, console[-4000:]
     assert "stopped with an error no restart can fix" in console, console[-4000:]
-    logs = "".join(read(role_log(tmp_path / "logs", f"replica_group_{g}", "stderr")) for g in range(2))
+    last, before = console.rstrip().splitlines()[-1], console.rstrip().splitlines()[-2]
+    assert re.fullmatch(rf"torchx_diloco: error: replica_group_[01]: {re.escape(fix)}", last), console[-4000:]
+    status = console[console.index("AppStatus:") :]  # the status TorchX prints (what `torchx status` shows)
+    assert "msg: 'replica_group_" in status and "errorCode: 2" in status, status
+    assert "Traceback" not in console and "SignalException" not in console, console[-4000:]
+    assert "temporary log dir" not in console, console[-4000:]
+    group_log = Path(before.split("'s log: ", 1)[1])  # the line before the last says where the log is
+    assert group_log.is_relative_to(log_dir) and fix in read(group_log), before
+    logs = "".join(read(role_log(log_dir, f"replica_group_{g}", "stderr")) for g in range(2))
     assert "will restart worker group" not in logs, logs[-4000:]  # torchrun retried nothing
     assert elapsed < 45, f"{elapsed:.0f}s: an app that cannot succeed must end about as fast as it starts"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_the_run_in_one_line_naming_how_to_resume_and_the_group_logs_are_quiet(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) mid-run: `torchx run` stops the app and ends with one line
+    saying how to resume, no traceback and no group's last words; nothing of the run is left running. The
+    groups' logs (kept, no log_dir given) hold no torchft INFO line and no HTTP access line of the heal at the
+    first sync (torchft re-syncs every group from one at step 0)."""
+    proc = start_nano_run(tmp_path, None, outer=200, max_restarts=0, idle_exit=3, train_flags=[], log_dir_cfg=False)
+    log_dir = tmp_path / "torchx_logs"
+    port = 0
+    try:
+        deadline = time.monotonic() + 180
+        while not all(
+            [int(k) for k in OUTER.findall(read(role_log(log_dir, f"replica_group_{g}")))][-1:] >= [2] for g in range(2)
+        ):
+            assert proc.poll() is None, read(tmp_path / "torchx.log")[-3000:]
+            assert time.monotonic() < deadline, "the groups never committed 2 outer steps"
+            time.sleep(0.5)
+        port = lighthouse_port(log_dir)
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while pids_of_run(port):
+            assert time.monotonic() < deadline, f"processes of the run outlived torchx run: {pids_of_run(port)}"
+            time.sleep(0.5)
+    finally:
+        stop(proc, port)
+    console = read(tmp_path / "torchx.log")
+    app_id = role_log(log_dir, "lighthouse").parts[-4]
+    assert rc == 128 + signal.SIGINT, console[-3000:]
+    resume = f"run {app_id} stopped (Ctrl-C); run the same command again to resume it from its checkpoints in "
+    assert console.rstrip().splitlines()[-1] == f"torchx_diloco: {resume}{tmp_path / 'ckpt'}", console[-3000:]
+    for unwanted in ("Traceback", "Connection reset", "ERROR", "SignalException"):
+        assert unwanted not in console, console[-3000:]
+    for g in range(2):
+        text = read(role_log(log_dir, f"replica_group_{g}")) + read(role_log(log_dir, f"replica_group_{g}", "stderr"))
+        assert "[INFO] [torchft" not in text and "INFO torchft" not in text, text[-3000:]
+        assert '"GET /checkpoint/' not in text, text[-3000:]
 
 
 @pytest.mark.slow
