@@ -1,0 +1,125 @@
+"""The lease on a checkpoint folder (torchx_diloco/lease.py), on a local disk, memory:// and the moto S3 server:
+one run holds it, another is refused while it is fresh, takes it once it is stale (or at once with take_over),
+two runs racing for a stale lease never both win."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from torchx_diloco.lease import LEASE_FILE, Lease, LeaseHeld, run_identity
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def folder(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "ckpt")
+    if request.param == "memory":
+        return f"memory://{tmp_path.name}/ckpt"
+    return request.getfixturevalue("s3_url")
+
+
+def files(lease: Lease) -> dict:
+    """Every file under the folder with its bytes (the lock file of a local disk aside)."""
+    found = lease.fs.find(lease.root) if lease.fs.exists(lease.root) else []
+    return {f: lease.fs.cat_file(f) for f in found if not f.endswith(".lock")}
+
+
+def age(lease: Lease, seconds: float) -> None:
+    """Make the lease look renewed ``seconds`` ago (as a holder that died then left it)."""
+    record = json.loads(lease.fs.cat_file(lease.path))
+    record["renewed"] -= seconds
+    lease.fs.pipe_file(lease.path, json.dumps(record).encode())
+
+
+def test_a_fresh_lease_refuses_another_run_in_one_line_and_nothing_changes(folder):
+    mine = Lease(folder, "run-a", ttl_s=60)
+    mine.acquire()
+    mine.acquire()  # the same run (another group of it, a restarted worker) holds it too
+    before = files(mine)
+    other = Lease(folder, "run-b", ttl_s=60)
+    for attempt in (other.check, other.acquire):
+        with pytest.raises(LeaseHeld) as e:
+            attempt()
+        line = str(e.value)
+        assert "\n" not in line and folder in line and "'run-a'" in line, line
+        assert "another --checkpoint-dir" in line and "--take-over" in line and "goes stale 60s" in line, line
+    assert files(other) == before, "the refused run changed the holder's folder"
+    assert mine.holder().run == "run-a"
+
+
+def test_a_stale_lease_is_taken_without_a_flag_and_the_old_holder_finds_out(folder):
+    dead = Lease(folder, "run-a", ttl_s=5)
+    dead.acquire()
+    age(dead, 6)  # its last renewal is older than its time-to-live
+    Lease(folder, "run-b", ttl_s=5).acquire()
+    assert dead.holder().run == "run-b"
+    assert dead.renew() is False and dead.lost.is_set()
+    with pytest.raises(Exception, match="another run took --checkpoint-dir .* over"):
+        dead.check_held()
+
+
+def test_take_over_takes_a_fresh_lease_and_release_deletes_only_ones_own(folder):
+    holder = Lease(folder, "run-a", ttl_s=60)
+    holder.acquire()
+    taker = Lease(folder, "run-b", ttl_s=60)
+    taker.acquire(take_over=True)
+    assert holder.renew() is False
+    holder.release()  # not its own any more: left alone
+    assert taker.holder().run == "run-b"
+    taker.release()
+    assert taker.holder() is None and not taker.fs.exists(f"{taker.root}/{LEASE_FILE}")
+    Lease(folder, "run-c", ttl_s=60).acquire()  # a released folder is free at once
+
+
+def race(folder: str, names: list) -> tuple:
+    """Runs ``names`` acquire the lease at one instant; (the winners, the refused)."""
+    winners, refused = [], []
+    start = threading.Barrier(len(names))
+
+    def contend(name: str) -> None:
+        lease = Lease(folder, name, ttl_s=60)
+        start.wait()
+        try:
+            lease.acquire()
+            winners.append(name)
+        except LeaseHeld:
+            refused.append(name)
+
+    threads = [threading.Thread(target=contend, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return winners, refused
+
+
+def test_two_runs_racing_for_a_stale_lease_never_both_win(folder):
+    for round_ in range(3):
+        first = Lease(folder, f"old-{round_}", ttl_s=1)
+        first.acquire(take_over=True)
+        age(first, 2)
+        winners, refused = race(folder, [f"run-{round_}-{i}" for i in range(4)])
+        assert len(winners) == 1 and len(refused) == 3, (winners, refused)
+        assert first.holder().run == winners[0]
+
+
+def test_the_heartbeat_renews_until_released(folder):
+    lease = Lease(folder, "run-a", ttl_s=0.4)
+    lease.acquire()
+    first = lease.holder().renewed
+    lease.start()
+    deadline = time.monotonic() + 30
+    while lease.holder().renewed == first:
+        assert time.monotonic() < deadline, "the heartbeat never renewed the lease"
+        time.sleep(0.05)
+    lease.release()
+    assert lease.holder() is None
+
+
+def test_a_run_without_a_run_id_is_its_lighthouse():
+    assert run_identity("app-1", "http://h:1") == "app-1"
+    assert run_identity(None, "http://h:1") == run_identity(None, "http://h:1") != run_identity(None, "http://h:2")
