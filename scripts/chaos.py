@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
-from torchx_diloco import chaos  # the harness, shared with tests/test_chaos.py
+from torchx_diloco._fleet import chaos  # the harness, shared with tests/test_chaos.py
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from torchx_diloco import chaos
+from torchx_diloco._fleet import chaos
 
 pytestmark = pytest.mark.slow
 
