@@ -7,9 +7,12 @@ Faults come from the environment variable ``TORCHX_DILOCO_FAULTS``, a JSON list 
 
     [{"match": "step_00000003/global.pt", "action": "crash"},   # write half the bytes, then os._exit(137)
      {"match": "step_00000005/", "action": "error"},            # OSError(EIO) half way through the write
-     {"match": "step_00000006/", "action": "full"}]             # OSError(ENOSPC): disk full
+     {"match": "step_00000006/", "action": "full"},             # OSError(ENOSPC): disk full
+     {"match": "step_00000003/", "action": "hold", "until": "/tmp/go"}]  # wait until /tmp/go exists, then write
 
 A rule applies to every write whose path contains ``match``; other writes and all reads behave as local files.
+``hold`` lets a test stop a trainer at a chosen step whatever the machine's speed: the trainer waits for its
+background writer before its next sync, and the writer waits for the test.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import os
 import runpy
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import fsspec
@@ -76,11 +80,14 @@ class FaultyFileSystem(LocalFileSystem):
         return super()._strip_protocol(path)
 
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        rules = [r for r in _fault_rules() if r["match"] in str(path)] if "w" in mode or "a" in mode else []
+        for rule in rules:
+            while rule["action"] == "hold" and not os.path.exists(rule["until"]):
+                time.sleep(0.05)
         real = super()._open(path, mode, *args, **kwargs)
-        if "w" in mode or "a" in mode:
-            for rule in _fault_rules():
-                if rule["match"] in str(path):
-                    return _FaultyFile(real, rule["action"], str(path))
+        for rule in rules:
+            if rule["action"] != "hold":
+                return _FaultyFile(real, rule["action"], str(path))
         return real
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
