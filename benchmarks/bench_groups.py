@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # noqa: E402
-from torchx_diloco import netlab  # noqa: E402
+from torchx_diloco._fleet import netlab  # noqa: E402
 from torchx_diloco._fleet.netlab import HUB_ADDR  # noqa: E402
 from torchx_diloco._fleet.testing import Group, Proc, metrics_url  # noqa: E402
 

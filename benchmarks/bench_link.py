@@ -22,7 +22,7 @@ from typing import Any, Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import benchlib as bl  # noqa: E402
-from torchx_diloco import netlab  # noqa: E402
+from torchx_diloco._fleet import netlab  # noqa: E402
 
 SETTLE_S = 0.2  # > the tx sampling period
 DP_WORKER = str(Path(__file__).resolve().parent / "dp_worker.py")

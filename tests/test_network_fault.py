@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from torchx_diloco import chaos, netlab
+from torchx_diloco._fleet import chaos, netlab
 from torchx_diloco._fleet.testing import Group, Lighthouse
 
 pytestmark = pytest.mark.slow
