@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Dict
 
 import pytest
 import torch
@@ -228,13 +229,33 @@ def test_grad_accum_draws_k_batches_per_inner_step_and_resumes_exactly(accum_run
     assert last_state(resumed, group_part(0))["data_position"] == 16
 
 
+def global_weights(ckpt: Path, step: int) -> Dict[str, torch.Tensor]:
+    return CheckpointStore(str(ckpt)).read_part(step, GLOBAL_PART)["diloco"]["global_weights"]
+
+
 @pytest.mark.slow
 def test_compiled_run_trains_to_the_eager_weights(accum_run, tmp_path):
-    train(tmp_path, tmp_path / "compiled", *ACCUM, "--compile")
-    losses = [r["loss"] for r in committed(read_metrics(metrics_url(tmp_path / "compiled", 0)))]
-    assert len(losses) == 2 and losses[1] < losses[0], losses
-    eager = last_state(accum_run)["diloco"]["global_weights"]
-    compiled = last_state(tmp_path / "compiled")["diloco"]["global_weights"]
-    assert eager.keys() == compiled.keys()
-    for name in eager:  # not bit-identical: inductor fuses and reorders the float arithmetic
-        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-4, msg=name)
+    """What compile must keep: the same parameters trained, the same losses, and global weights that differ from
+    the eager run's by a small part of what one outer step moves them. Not a fixed tolerance: inductor's code and
+    float order depend on the CPU (1e-4 apart here, more on others), and the differences grow with every step."""
+    compiled_run = tmp_path / "compiled"
+    train(tmp_path, compiled_run, *ACCUM, "--compile")
+    losses = {
+        name: [r["loss"] for r in committed(read_metrics(metrics_url(run, 0)))]
+        for name, run in (("eager", accum_run), ("compiled", compiled_run))
+    }
+    assert len(losses["compiled"]) == 2 and losses["compiled"][1] < losses["compiled"][0], losses
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2), losses
+    eager = [global_weights(accum_run, s) for s in (1, 2)]
+    compiled = [global_weights(compiled_run, s) for s in (1, 2)]
+    assert {n: w.shape for n, w in compiled[1].items()} == {n: w.shape for n, w in eager[1].items()}
+    for name in eager[1]:  # every parameter moved at the second outer step, in both runs
+        assert not torch.equal(eager[1][name], eager[0][name]) and not torch.equal(compiled[1][name], compiled[0][name])
+    # apart by at most a small part of the eager run's own step: a tenth in all (seen: 1e-4), half per parameter
+    # (seen: 5e-4; a small bias whose tiny gradients change sign between the two float orders moves by ~lr)
+    flat = lambda w: torch.cat([w[n].reshape(-1) for n in sorted(w)])  # noqa: E731
+    step = flat(eager[1]) - flat(eager[0])
+    assert float((flat(compiled[1]) - flat(eager[1])).norm()) < 0.1 * float(step.norm())
+    for name in eager[1]:
+        apart, moved = (compiled[1][name] - eager[1][name]).norm(), (eager[1][name] - eager[0][name]).norm()
+        assert float(apart) < 0.5 * float(moved), (name, float(apart), float(moved))
