@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List
 import pytest
 import torch
 
+from tests.conftest import lighthouse_server
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.config import parse_config
 from torchx_diloco.modeling import build_model, logits_of
@@ -29,20 +30,9 @@ SEQ = 32
 COMMON = ["--seq-len", str(SEQ), "--batch-size", "2", "--eval-batches", "0", "--group-wait", "0", "--device", "cpu"]
 
 
-@contextmanager
-def lighthouse() -> Iterator[str]:
-    from torchft.coordination import LighthouseServer
-
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=100)
-    try:
-        yield server.address()
-    finally:
-        server.shutdown()
-
-
 def train(ckpt: Path, args: List[str]) -> Trainer:
     """One group in this process, against a real lighthouse, to the end; the trainer (its model) is returned."""
-    with lighthouse() as url:
+    with lighthouse_server() as url:
         env = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "1", "TORCHFT_LIGHTHOUSE": url}
         trainer = Trainer(parse_config([*COMMON, *args, "--checkpoint-dir", str(ckpt)], env))
         assert trainer.run() == 0
