@@ -27,6 +27,7 @@ from torchx_diloco._fleet.testing import (
 )
 from torchx_diloco.checkpoint import GLOBAL_PART, CheckpointStore
 from torchx_diloco.data import Corpus, read_corpus
+from torchx_diloco.lease import run_identity
 from torchx_diloco.model import build_model
 from torchx_diloco.train import build_optimizers
 
@@ -156,8 +157,9 @@ def test_fsdp_groups_shard_the_model_and_agree(tmp_path):
     assert resumed[0][0]["loss"] < records[0][0]["loss"], (resumed[0][0], records[0])
 
 
-def write_newer_step(ckpt: Path, step: int) -> None:
-    """What the peers of a group left behind would have published: global weights at outer step ``step``."""
+def write_newer_step(ckpt: Path, step: int, lighthouse: str) -> None:
+    """What the peers of a group left behind would have published: global weights at outer step ``step``, in a
+    manifest of their run (groups without a run id are their lighthouse's)."""
     torch.manual_seed(0)
     model = build_model("nano", block_size=SEQ)
     _, outer = build_optimizers(model, 1e-3, 0.7, 0.9, 0.1)
@@ -169,6 +171,7 @@ def write_newer_step(ckpt: Path, step: int) -> None:
             "manager": {"step": step, "batches_committed": 2 * step},
             "diloco": {"global_weights": weights, "outer_optimizer": outer.state_dict()},
         },
+        run=run_identity(None, lighthouse),
     )
 
 
@@ -177,8 +180,8 @@ def test_a_group_of_two_ranks_catches_up_with_storage_as_one(tmp_path):
     """A 2-rank group whose peers published outer step 5 after it started adopts that step at its next sync, on
     rank 0's word (its log says so once), and both ranks train on from there to the end together."""
     staging = tmp_path / "staging"
-    write_newer_step(staging, 5)
     lighthouse = Lighthouse(tmp_path, min_replicas=1)
+    write_newer_step(staging, 5, lighthouse.url)
     ckpt = tmp_path / "ckpt"
     args = [*SMALL, "--device", "cpu", "--sync-every", "16", "--outer-steps", "7", "--group-wait", "2"]
     group = Group(0, 2, lighthouse.url, [*args, "--checkpoint-dir", str(ckpt)], tmp_path, nproc=2)

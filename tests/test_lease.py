@@ -123,3 +123,21 @@ def test_the_heartbeat_renews_until_released(folder):
 def test_a_run_without_a_run_id_is_its_lighthouse():
     assert run_identity("app-1", "http://h:1") == "app-1"
     assert run_identity(None, "http://h:1") == run_identity(None, "http://h:1") != run_identity(None, "http://h:2")
+
+
+@pytest.mark.parametrize("folder", ["local", "s3"], indirect=True)  # (memory:// is one process's)
+def test_a_lease_whose_process_died_on_this_host_is_taken_at_once(folder):
+    """A holder killed on this very host (its pid is gone) does not hold the folder for its time-to-live."""
+    import subprocess
+    import sys
+
+    script = "from torchx_diloco.lease import Lease; import sys; Lease(sys.argv[1], 'run-dead', 600).acquire()"
+    done = subprocess.run([sys.executable, "-c", script, folder], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lease = Lease(folder, "run-new", ttl_s=600)
+    held = lease.holder()
+    assert held.run == "run-dead" and held.age() < 600 and held.died_here()
+    lease.acquire()  # no flag, no wait
+    assert lease.holder().run == "run-new"
+    mine = lease.holder()
+    assert mine.fresh() and not mine.died_here()  # this process lives

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from typing import Optional
 
 import pytest
 import torch
@@ -16,37 +17,15 @@ from torchx_diloco.modeling import forward_loss
 from torchx_diloco.train import Trainer
 
 
-def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out_of_adamw(lighthouse, tmp_path):
-    """Group 0 is left behind: its peers published outer step 5 while it trained its first window. At that
-    window's sync it adopts step 5; the H-th gradient, computed on the weights it just dropped, must not reach
-    AdamW's moments (every other inner step's gradient does)."""
+def _left_behind(lighthouse: str, tmp_path, peers_run: Optional[str]) -> Trainer:
+    """Group 0 of 2, H=4, 7 outer steps; after it started, step 5 appears in its folder, written by ``peers_run``
+    (None: by this very run, as its peers would)."""
     env = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "2", "TORCHFT_LIGHTHOUSE": lighthouse}
-    cfg = parse_config(
-        [
-            "--model",
-            "nano",
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "2",
-            "--eval-batches",
-            "0",
-            "--sync-every",
-            "4",
-            "--outer-steps",
-            "7",
-            "--group-wait",
-            "0",
-            "--device",
-            "cpu",
-            "--checkpoint-dir",
-            str(tmp_path / "ckpt"),
-        ],
-        env,
-    )
-    trainer = Trainer(cfg)
+    flags = ["--model", "nano", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "0", "--sync-every", "4"]
+    flags += ["--outer-steps", "7", "--group-wait", "0", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    trainer = Trainer(parse_config(flags, env))
     peers = {name: torch.full_like(p, 0.01) for name, p in trainer.model.named_parameters()}
-    CheckpointStore(cfg.checkpoint.dir).write_part(
+    CheckpointStore(trainer.cfg.checkpoint.dir).write_part(
         5,
         GLOBAL_PART,
         {
@@ -54,14 +33,33 @@ def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out
             "manager": {"step": 5, "batches_committed": 10},
             "diloco": {"global_weights": peers, "outer_optimizer": trainer.outer_opt.state_dict()},
         },
+        run=peers_run or trainer.checkpointer.run,
     )
+    return trainer
 
+
+def test_a_gradient_computed_on_weights_replaced_by_a_newer_checkpoint_stays_out_of_adamw(lighthouse, tmp_path):
+    """Group 0 is left behind: its peers published outer step 5 while it trained its first window. At that
+    window's sync it adopts step 5; the H-th gradient, computed on the weights it just dropped, must not reach
+    AdamW's moments (every other inner step's gradient does)."""
+    trainer = _left_behind(lighthouse, tmp_path, peers_run=None)
     assert trainer.run() == 0
 
     assert trainer.manager.current_step() == 7  # adopted 5 at its first sync, which committed 6; then 7
-    assert trainer.progress.inner_steps == 2 * cfg.diloco.sync_every
+    assert trainer.progress.inner_steps == 2 * trainer.cfg.diloco.sync_every
     adam_steps = {int(state["step"]) for state in trainer.inner_opt.state.values()}
     assert adam_steps == {trainer.progress.inner_steps - 1}, adam_steps
+
+
+def test_a_step_another_run_wrote_is_never_taken_for_a_peers(lighthouse, tmp_path):
+    """The same, but step 5 was written by another run (its manifest says so): the group trains on alone, all
+    7 outer steps, and never adopts it."""
+    trainer = _left_behind(lighthouse, tmp_path, peers_run="someone-else")
+    assert trainer.run() == 0
+    assert trainer.manager.current_step() == 7
+    assert trainer.progress.inner_steps == 7 * trainer.cfg.diloco.sync_every
+    steps = [r["outer_step"] for r in committed(read_metrics(metrics_url(tmp_path / "ckpt", 0)))]
+    assert steps == list(range(1, 8)), steps
 
 
 def _trainer(lighthouse: str, tmp_path, *args: str) -> Trainer:

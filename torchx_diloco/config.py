@@ -271,6 +271,16 @@ class CheckpointConfig:
     )
     every: int = flag(1, positive_int, "write a checkpoint every k committed outer steps", name="checkpoint_every")
     keep: int = flag(3, positive_int, "how many checkpoints to keep", name="keep_checkpoints")
+    lease_s: float = flag(
+        60.0,
+        positive_float,
+        "a live run holds --checkpoint-dir (renewing a lease there every quarter of this): a run of another id is "
+        "refused until this many seconds after the holder's last renewal (a run that ends releases it at once)",
+        name="checkpoint_lease_s",
+    )
+    take_over: bool = flag(
+        False, bool, "take --checkpoint-dir over from the run holding it now (that run stops at its next renewal)"
+    )
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ run renews it every quarter of its ``ttl_s`` (``--checkpoint-lease-s``). While i
 is refused in one line (before launch by the components, at start by the trainer) and writes nothing there.
 All groups of one run share the lease: the run is its run id (TorchX's app id, which a Slurm requeue keeps, or
 ``--run_id`` for groups submitted as separate jobs), or, for groups started without one, their lighthouse's
-address (groups of one run share a lighthouse). A run that ends releases the lease; one that died leaves it to go
-stale ``ttl_s`` after its last renewal, and then any run takes the folder over. ``--take-over`` takes it at once;
-the run that held it finds out at its next renewal and stops.
+address (groups of one run share a lighthouse). A run that ends, or is stopped (SIGTERM, Ctrl-C), releases the
+lease. One that died leaves it to go stale ``ttl_s`` after its last renewal, or at once for a run starting on the
+host the dead holder ran on (its process is seen to be gone); then any run takes the folder over.
+``--take-over`` takes it at once; the run that held it finds out at its next renewal and stops.
 
 Taking the lease is a compare-and-swap, so two runs never both believe they hold it:
 - on a local (or mounted) disk: an exclusive ``flock`` around read, compare and replace;
@@ -63,7 +64,21 @@ class Holder:
         return time.time() - self.renewed
 
     def fresh(self) -> bool:
-        return self.age() < self.ttl_s
+        """Renewed within its time-to-live, and not by a process of this host that is gone."""
+        return self.age() < self.ttl_s and not self.died_here()
+
+    def died_here(self) -> bool:
+        """Its process ran on this host and exists no more (killed, crashed): no need to wait for the lease to go
+        stale. (Another host's process cannot be seen from here; a reused pid only makes us wait.)"""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+        return False
 
 
 class LeaseHeld(UserError):

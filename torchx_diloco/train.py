@@ -33,6 +33,7 @@ from torchx_diloco.data import Corpus, eval_batches
 from torchx_diloco.diloco import DiLoCo
 from torchx_diloco.errors import UserError
 from torchx_diloco.fragment import weights_swapped_in
+from torchx_diloco.lease import run_identity
 from torchx_diloco.metrics import TensorBoardLog, Window, print_outer_step, progress_bar, state_bytes
 from torchx_diloco.modeling import build_model, check_against_data, data_vocab_size, fingerprint, forward_loss
 from torchx_diloco.outer_loop import OuterLoop
@@ -93,7 +94,8 @@ class Trainer:
         tensorboard = None
         if cfg.tensorboard and group_rank() == 0:
             tensorboard = TensorBoardLog(cfg.tensorboard, self.group, cfg.steps_per_outer_step)
-        self.checkpointer = Checkpointer(cfg.checkpoint, self.group, self.device, tensorboard)
+        run = run_identity(cfg.cluster.run_id, cfg.cluster.lighthouse)
+        self.checkpointer = Checkpointer(cfg.checkpoint, self.group, run, self.device, tensorboard)
 
         corpus = Corpus.load(data.path, data.seq_len, data.eval_path)
         # each rank its own part of the group's shard: G ranks train on G times the tokens, none twice
@@ -139,6 +141,13 @@ class Trainer:
             self.diloco.agree_initial_weights()
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except KeyboardInterrupt:  # stopped by hand: the next run may have the folder at once
+            self.checkpointer.release()
+            raise
+
+    def _run(self) -> int:
         cfg = self.cfg
         with contextlib.ExitStack() as cleanup:  # whatever happens, the threads and the Manager end
             cleanup.callback(self.checkpointer.close)
@@ -169,6 +178,8 @@ class Trainer:
                     bar.update(int(committed))
                     window.reset()
             logger.info("group %d rank %d holds training state of %s bytes", self.group, group_rank(), self._held())
+            self.checkpointer.writer.wait()
+            self.checkpointer.release()  # the run is done with the folder: the next run may have it at once
         if group_rank() == 0:
             print(f"DiLoCo: group {self.group} finished at outer step {self.manager.current_step()}", flush=True)
         return 0

@@ -10,7 +10,10 @@ quorum published its part (or a patience ran out).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from torchx_diloco.checkpoint.writer import AsyncWriter
 from torchx_diloco.cluster import group_rank, group_world_size, rank0_decides
 from torchx_diloco.config import CheckpointConfig
 from torchx_diloco.errors import UserError
+from torchx_diloco.lease import Lease
 from torchx_diloco.metrics import MetricsLog, TensorBoardLog, weights_checksum
 from torchx_diloco.modeling import fingerprint_mismatch
 from torchx_diloco.outer_loop import OuterLoop
@@ -72,15 +76,22 @@ class Checkpointer:
         self,
         cfg: CheckpointConfig,
         group: int,
+        run: str,
         device: torch.device,
         tensorboard: Optional[TensorBoardLog] = None,
     ) -> None:
-        self.group, self.device = group, device
+        self.group, self.run, self.device = group, run, device
         self.leader = group_rank() == 0
         self.store = CheckpointStore(cfg.dir, cfg.keep)
         self.every = cfg.every
-        if self.leader:
+        # the run's hold on the folder: the group's rank 0 takes and renews it (lease.py)
+        self.lease = Lease(cfg.dir, run, cfg.lease_s) if self.leader else None
+        if self.lease is not None:
+            self.lease.check(cfg.take_over)  # refused: nothing of the holder's folder changes
             self.store.check_writable()  # fail now, with one line, rather than at the first outer step
+            self.lease.acquire(cfg.take_over)
+            self.lease.start()
+            _release_on_sigterm(self.lease)
         self.metrics = MetricsLog(f"{cfg.dir.rstrip('/')}/metrics/{group_part(group)}.jsonl", tensorboard)
         self.writer = AsyncWriter()
         self.publish_now = threading.Event()  # set while the loop waits for the writer (see before_sync)
@@ -186,6 +197,8 @@ class Checkpointer:
         self.publish_now.set()
         self.writer.wait()
         self.publish_now.clear()
+        if self.lease is not None:
+            self.lease.check_held()  # another run took the folder over: stop before writing there again
 
     def catch_up(self, state: TrainState, num_groups: int) -> bool:
         """A group left behind (frozen, or back after its peers moved on or even finished) must not train on
@@ -195,8 +208,8 @@ class Checkpointer:
             return False
         current = state.manager.current_step()
         ckpt, adopt = None, 0
-        if self.leader and self.store.newest_published_step() > current:
-            ckpt = self.store.latest(self.group)
+        if self.leader and self.store.newest_published_step(self.run) > current:  # this run's steps only
+            ckpt = self.store.latest(self.group, self.run)
             if ckpt is not None and ckpt.step > current:
                 adopt = ckpt.step
         adopt = rank0_decides(adopt, self.device)
@@ -218,7 +231,7 @@ class Checkpointer:
     def save(self, step: int, state: TrainState, record: Dict[str, Any]) -> None:
         """Queue step ``step``'s durable state and then its metrics ``record`` (written even when storage fails,
         then without ``checkpoint``). The global part only if this group is the quorum's first."""
-        manager, outer, progress = state.manager, state.outer, state.progress
+        manager, outer, progress, run = state.manager, state.outer, state.progress, self.run
         writes_global = bool(rank0_decides(int(manager.participating_rank() == 0), self.device))
         participants = manager.num_participants()
         global_values = {"outer_step": step, "model_fingerprint": self.fingerprint, "manager": manager.state_dict()}
@@ -231,17 +244,17 @@ class Checkpointer:
             shards = to_cpu(dcp.group_state_dict(state.model, state.inner_optimizer, group_rank(), local_weights))
             group_values["local_weights"] = local_weights
             pg, part = self._pg, group_part(self.group)
-            write_group = lambda: self.store.write_sharded_part(step, part, shards, group_values, pg)  # noqa: E731
+            write_group = lambda: self.store.write_sharded_part(step, part, shards, group_values, pg, run)  # noqa: E731
             write_global = lambda: self.store.write_sharded_part(  # noqa: E731
-                step, GLOBAL_PART, global_shards, global_values, pg
+                step, GLOBAL_PART, global_shards, global_values, pg, run
             )
         else:
             global_values["diloco"] = outer.state_dict()  # references: waited for before the next sync
             group_values.update(inner_optimizer=to_cpu(state.inner_optimizer.state_dict()), rng=torch.get_rng_state())
             if local_weights:
                 group_values["local_weights"] = to_cpu(dict(state.model.named_parameters()))
-            write_group = lambda: self.store.write_part(step, group_part(self.group), group_values)  # noqa: E731
-            write_global = lambda: self.store.write_part(step, GLOBAL_PART, global_values)  # noqa: E731
+            write_group = lambda: self.store.write_part(step, group_part(self.group), group_values, run)  # noqa: E731
+            write_global = lambda: self.store.write_part(step, GLOBAL_PART, global_values, run)  # noqa: E731
         weights = outer.global_weights()
         record = {**record, "group": self.group, "time": time.time()}
 
@@ -274,6 +287,33 @@ class Checkpointer:
             record["weights_sha"] = weights_checksum(weights)
         self.metrics.write(record)
 
+    def release(self) -> None:
+        """The run is done with the folder (it ended, or was stopped): let the next run have it at once."""
+        if self.lease is not None:
+            self.lease.release()
+
     def close(self) -> None:
+        """Wait for the writer; stop renewing the lease (a run that crashed leaves it to go stale, so that its
+        restart, which holds the same run id, finds the folder still its own)."""
         self.writer.close()
         self.metrics.close()
+        if self.lease is not None:
+            self.lease.stop()
+
+
+def _release_on_sigterm(lease: Lease) -> None:
+    """A group stopped on purpose (Ctrl-C through TorchX, scancel, a preempted Slurm job: SIGTERM) releases the
+    folder before it dies as SIGTERM would have made it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):  # best effort: it goes stale anyway
+            lease.release()
+        if callable(previous):
+            previous(signum, frame)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)

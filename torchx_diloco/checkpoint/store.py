@@ -57,6 +57,11 @@ def part_patience(own_write_s: float) -> float:
     return max(MIN_PART_WAIT_S, 5 * own_write_s)
 
 
+def _by(run: Optional[str]) -> Dict[str, str]:
+    """The manifest's record of the run that wrote the part (none for a store used outside a run)."""
+    return {"run": run} if run is not None else {}
+
+
 def group_part(group_id: int) -> str:
     return f"replica_group_{group_id}"
 
@@ -117,8 +122,9 @@ class CheckpointStore:
         return f"{self.root}/step_{step:08d}"
 
     # --- writing -------------------------------------------------------------------------------------------
-    def write_part(self, step: int, part: str, payload: Dict[str, Any]) -> None:
-        """Write one part of step ``step``; its manifest last, so a crash leaves no half part visible."""
+    def write_part(self, step: int, part: str, payload: Dict[str, Any], run: Optional[str] = None) -> None:
+        """Write one part of step ``step``; its manifest last, so a crash leaves no half part visible. ``run``:
+        the run that wrote it, in the manifest (see :meth:`newest_published_step`)."""
         folder = self.step_dir(step)
         manifest = f"{folder}/MANIFEST.{part}.json"
         self.fs.makedirs(folder, exist_ok=True)
@@ -135,15 +141,21 @@ class CheckpointStore:
             torch.save(payload, stream)
             self.fs.pipe_file(path, buf.getvalue())
         entry = {"file": f"{part}.pt", "bytes": stream.bytes, "sha256": stream.hexdigest()}
-        body = json.dumps({"format": _TORCH_FORMAT, "step": step, "part": part, **entry}).encode()
+        body = json.dumps({"format": _TORCH_FORMAT, "step": step, "part": part, **entry, **_by(run)}).encode()
         with self.fs.open(manifest, "wb") as f:
             f.write(body)
 
     def write_sharded_part(
-        self, step: int, part: str, state: Dict[str, Any], values: Dict[str, Any], pg: Optional[Any]
+        self,
+        step: int,
+        part: str,
+        state: Dict[str, Any],
+        values: Dict[str, Any],
+        pg: Optional[Any],
+        run: Optional[str] = None,
     ) -> None:
         """Every rank of ``pg`` writes its shard of ``state`` (DCP, hashed as written); rank 0 then writes the
-        manifest, last: the files' sizes and checksums, and ``values`` (JSON: the part's plain values)."""
+        manifest, last: the files' sizes and checksums, ``values`` (JSON: the part's plain values), ``run``."""
         import torch.distributed as dist
 
         from torchx_diloco.checkpoint.dcp import save_sharded
@@ -159,7 +171,7 @@ class CheckpointStore:
         files = save_sharded(f"{self._url_of(folder)}/{part}", state, pg)
         if leader:
             assert files is not None
-            body = {"format": FORMAT_VERSION, "step": step, "part": part, "layout": "dcp", "folder": part}
+            body = {"format": FORMAT_VERSION, "step": step, "part": part, "layout": "dcp", "folder": part, **_by(run)}
             body.update(files=files, values=values)
             with self.fs.open(manifest, "wb") as f:
                 f.write(json.dumps(body).encode())
@@ -277,15 +289,26 @@ class CheckpointStore:
         self.fs.invalidate_cache(self.step_dir(step))
         return self.fs.exists(f"{self.step_dir(step)}/MANIFEST.{part}.json")
 
-    def newest_published_step(self) -> int:
-        """The newest step with a global manifest (not verified: cheap enough to ask at every sync); 0 if none."""
+    def written_by(self, step: int, run: Optional[str]) -> bool:
+        """Whether ``run`` wrote step ``step``'s global part (any run does when ``run`` is None)."""
+        if run is None:
+            return True
+        try:
+            return self.read_manifest(step, GLOBAL_PART).get("run") == run
+        except CorruptCheckpoint:
+            return False
+
+    def newest_published_step(self, run: Optional[str] = None) -> int:
+        """The newest step with a global manifest (of ``run``, when given; not verified: cheap enough to ask at
+        every sync); 0 if none."""
         for step in reversed(self.steps()):
-            if self.has_part(step, GLOBAL_PART):
+            if self.has_part(step, GLOBAL_PART) and self.written_by(step, run):
                 return step
         return 0
 
-    def latest(self, group_id: int) -> Optional[Checkpoint]:
-        """The newest step whose global part is complete and sound, with this group's part if it has one.
+    def latest(self, group_id: int, run: Optional[str] = None) -> Optional[Checkpoint]:
+        """The newest step whose global part is complete and sound (and written by ``run``, when given), with this
+        group's part if it has one.
 
         A corrupt or partial step is reported and skipped in favour of the one before; a step of a newer format
         raises ``UserError`` (see :func:`check_format`).
@@ -293,6 +316,8 @@ class CheckpointStore:
         for step in reversed(self.steps()):
             if not self.has_part(step, GLOBAL_PART):
                 logger.warning("checkpoint %s is incomplete (no manifest): skipping it", self.step_dir(step))
+                continue
+            if not self.written_by(step, run):
                 continue
             try:
                 return self.at(step, group_id)
