@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 import socket
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 import torchx.specs as specs
@@ -190,21 +191,20 @@ def diloco(
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
     roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, run_id=macros.app_id)]
+    spec = _Groups(
+        replica_groups,
+        url,
+        resource,
+        max_restarts,
+        env,
+        train_args,
+        run_id=macros.app_id,
+        min_replicas=min_replicas,
+        nodes=nodes_per_group,
+    )
+    # het group 0 is the lighthouse; each group's first node follows
     roles += [
-        _group_role(
-            g,
-            replica_groups,
-            url,
-            resource,
-            devices[g] if devices else None,
-            max_restarts,
-            env,
-            train_args,
-            run_id=macros.app_id,
-            min_replicas=min_replicas,
-            nodes=nodes_per_group,
-            first_het_group=1 + g * nodes_per_group,  # het group 0 is the lighthouse
-        )
+        _group_role(g, spec, devices[g] if devices else None, first_het_group=1 + g * nodes_per_group)
         for g in range(replica_groups)
     ]
     return specs.AppDef(name=name, roles=roles)
@@ -305,19 +305,8 @@ def replica_group(
     trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
     train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args))
     url = shlex.quote(lighthouse_url.rstrip("/"))
-    role = _group_role(
-        group,
-        replica_groups,
-        url,
-        resource,
-        devices[0] if devices else None,
-        max_restarts,
-        env,
-        train_args,
-        run_id,
-        min_replicas=min_replicas,
-        nodes=nodes_per_group,
-    )
+    spec = _Groups(replica_groups, url, resource, max_restarts, env, train_args, run_id, min_replicas, nodes_per_group)
+    role = _group_role(group, spec, devices[0] if devices else None)
     return specs.AppDef(name=name, roles=[role])
 
 
@@ -505,31 +494,33 @@ def _lighthouse_role(
     )
 
 
-def _group_role(
-    group: int,
-    groups: int,
-    lighthouse_url: str,
-    resource: specs.Resource,
-    devices: Optional[List[int]],
-    max_restarts: int,
-    env: Optional[Dict[str, str]],
-    program: List[str],
-    run_id: Optional[str] = None,
-    min_replicas: int = MIN_REPLICAS,
-    nodes: int = 1,
-    first_het_group: int = 0,
-) -> specs.Role:
-    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'`` (``program``:
-    what follows torchrun's own flags, see :func:`_program`).
+@dataclass(frozen=True)
+class _Groups:
+    """What every group role of an app shares."""
 
-    ``lighthouse_url`` is shell text (bash expands the rank0 host variable in it). torchrun's standalone
-    rendezvous picks a free port per group, so groups on one machine never share a master port.
+    groups: int  # NUM_REPLICA_GROUPS
+    lighthouse_url: str  # shell text: bash expands the rank0 host variable in it
+    resource: specs.Resource
+    max_restarts: int
+    env: Optional[Dict[str, str]]
+    program: List[str]  # what follows torchrun's own flags (see _program)
+    run_id: Optional[str] = None
+    min_replicas: int = MIN_REPLICAS
+    nodes: int = 1
+
+
+def _group_role(group: int, spec: _Groups, devices: Optional[List[int]], first_het_group: int = 0) -> specs.Role:
+    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``.
+
+    torchrun's standalone rendezvous picks a free port per group, so groups on one machine never share a master
+    port; a group of several nodes meets on its first het component (``first_het_group``, Slurm).
     """
+    resource, program, nodes, run_id = spec.resource, spec.program, spec.nodes, spec.run_id
     nproc = max(1, resource.gpu)
-    role_env = dict(env or {})
-    role_env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(groups), PYTHONUNBUFFERED="1")
+    role_env = dict(spec.env or {})
+    role_env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(spec.groups), PYTHONUNBUFFERED="1")
     if program[:2] != ["-m", TRAIN_MODULE]:  # the trainer has its flag; torchx_diloco.group_manager reads this
-        role_env[MIN_REPLICAS_ENV] = str(min_replicas)
+        role_env[MIN_REPLICAS_ENV] = str(spec.min_replicas)
     role_env.setdefault("OMP_NUM_THREADS", str(max(1, resource.cpu // nproc)))
     if devices is not None:
         role_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
@@ -558,7 +549,7 @@ def _group_role(
         "--nproc_per_node",
         str(nproc),
         "--max_restarts",
-        str(max_restarts),
+        str(spec.max_restarts),
         *program,
     ]
     # a TORCHFT_MANAGER_PORT inherited from the shell would make groups on one machine collide
@@ -566,7 +557,7 @@ def _group_role(
     # the run id is a macro TorchX expands in args (on Slurm into "$SLURM_JOB_ID"), so it is set in the command
     run = f"export {RUN_ID_ENV}={run_id if run_id == macros.app_id else shlex.quote(run_id)}; " if run_id else ""
     line = " ".join(a if a.startswith("$$host") else shlex.quote(a) for a in torchrun)  # bash expands $host:$port
-    cmd = f"{unset}{run}export TORCHFT_LIGHTHOUSE={lighthouse_url}; {rdzv_host}exec {line}"
+    cmd = f"{unset}{run}export TORCHFT_LIGHTHOUSE={spec.lighthouse_url}; {rdzv_host}exec {line}"
     return specs.Role(
         name=f"replica_group_{group}",
         image=os.getcwd(),
