@@ -33,9 +33,17 @@ import torchx.specs as specs
 from torchx.specs import builders, file_linter, macros
 from torchx.specs.finder import ComponentValidationException
 
-from torchx_diloco.config import FLAG_DEFAULTS, LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT, RUN_ID_ENV, parse_flags
+from torchx_diloco.config import (
+    FLAG_DEFAULTS,
+    LIGHTHOUSE_IDLE_EXIT_S,
+    LIGHTHOUSE_PORT,
+    RUN_ID_ENV,
+    CheckpointConfig,
+    parse_flags,
+)
 from torchx_diloco.errors import UserError
 from torchx_diloco.gpus import GPUS_ENV, check_devices_exist
+from torchx_diloco.lease import Lease, run_identity
 from torchx_diloco.local import NODES_METADATA  # the local_cwd scheduler refuses groups of several nodes
 
 __all__ = ["diloco", "lighthouse", "replica_group", "GPUS_ENV"]
@@ -303,7 +311,8 @@ def replica_group(
     _check_nodes(nodes_per_group)
     resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
     trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
-    train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args))
+    run = run_identity(run_id, lighthouse_url.rstrip("/"))  # as the trainer names its run
+    train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args), run)
     url = shlex.quote(lighthouse_url.rstrip("/"))
     spec = _Groups(replica_groups, url, resource, max_restarts, env, train_args, run_id, min_replicas, nodes_per_group)
     role = _group_role(group, spec, devices[0] if devices else None)
@@ -431,11 +440,12 @@ def _program(
     min_replicas: int,
     trainer: Dict[str, str],
     script_args: List[str],
+    run: Optional[str] = None,
 ) -> List[str]:
     """What torchrun runs in each group: ``-m torchx_diloco.train <checked flags>``, or the user's script or
     module with the user's arguments (not ours to check)."""
     if script is None and module is None:
-        return ["-m", TRAIN_MODULE, *_train_args(groups, min_replicas, trainer, script_args)]
+        return ["-m", TRAIN_MODULE, *_train_args(groups, min_replicas, trainer, script_args, run)]
     if script is not None and module is not None:
         raise ComponentError("--script and --m both given: pass one of them (a script path or a module name)")
     if trainer:
@@ -453,17 +463,36 @@ def _program(
     return [script, *script_args]
 
 
-def _train_args(groups: int, min_replicas: int, trainer: Dict[str, str], script_args: List[str]) -> List[str]:
-    """The training module's flags, checked now with its own parser: a typo fails before anything starts."""
+def _train_args(
+    groups: int, min_replicas: int, trainer: Dict[str, str], script_args: List[str], run: Optional[str]
+) -> List[str]:
+    """The training module's flags, checked now with its own parser (a typo fails before anything starts), and
+    the checkpoint folder they name, which another live run may hold (``run``: this app's run, where known)."""
     args = ["--min-replicas", str(min_replicas)]
     for name, value in trainer.items():
         args += [f"--{name.replace('_', '-')}", value]
     args += script_args  # argparse: the last occurrence wins, so the user's flags override ours
     try:
-        parse_flags(args, num_replica_groups=groups)
+        cfg = parse_flags(args, num_replica_groups=groups)
     except UserError as e:
         raise ComponentError(str(e)) from None
+    _check_folder_free(cfg.checkpoint, run)
     return args
+
+
+def _check_folder_free(cfg: CheckpointConfig, run: Optional[str]) -> None:
+    """Refuse, before launch, a checkpoint folder that another live run holds (what the trainer would refuse at
+    start, seconds later). ``run`` None (a new app: TorchX names it later): any live holder is another run. A
+    folder this machine cannot read (a bucket without credentials here) is left to the trainer to check."""
+    if cfg.take_over:
+        return
+    try:
+        lease = Lease(cfg.dir, run or "", cfg.lease_s)
+        holder = lease.holder()
+    except Exception:  # noqa: BLE001 - not readable from here: the trainer checks it where it runs
+        return
+    if holder is not None and holder.run != run and holder.fresh():
+        raise ComponentError(lease.refusal(holder))
 
 
 def _lighthouse_role(

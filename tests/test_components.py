@@ -471,3 +471,30 @@ def test_slurm_checks_each_group_against_one_nodes_gpus(eight_gpus):
         assert script.count("#SBATCH hetjob") == 4
         with pytest.raises(InvalidRunConfigException, match="a group asks for 16 GPUs but a Slurm node has at most 8"):
             sched.submit_dryrun(comp.diloco(replica_groups=2, gpus_per_group=16), {})
+
+
+def test_a_checkpoint_folder_another_live_run_holds_is_refused_before_launch(tmp_path):
+    """A live run's lease in --checkpoint_dir (this test process holds it, as a run's group would): `torchx run`
+    refuses in one line naming the folder, the holder and the fixes, before anything starts; --take-over after
+    `--` goes ahead, and so do groups of the holder's own run (diloco.replica_group --run_id)."""
+    from torchx_diloco.lease import Lease
+
+    folder = tmp_path / "ckpt"
+    holder = Lease(str(folder), "the-other-run", ttl_s=600)
+    holder.acquire()
+    held = folder / "LEASE.json"
+    before = held.read_bytes()
+    out = torchx_cli(
+        "run", "--dryrun", "-s", "local_cwd", "diloco.diloco", "--checkpoint_dir", str(folder), cwd=tmp_path
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert f"{folder} is held by run 'the-other-run'" in line and "--take-over" in line, out.stderr
+    assert "Traceback" not in out.stderr and held.read_bytes() == before
+    comp.diloco("--take-over", checkpoint_dir=str(folder))  # explicit take-over: launched (the trainer takes it)
+    url = "http://localhost:29510"
+    comp.replica_group(lighthouse_url=url, run_id="the-other-run", checkpoint_dir=str(folder))
+    with pytest.raises(comp.ComponentError, match="is held by run 'the-other-run'"):
+        comp.replica_group(lighthouse_url=url, run_id="mine", checkpoint_dir=str(folder))
+    holder.release()
+    comp.diloco(checkpoint_dir=str(folder))  # released: free

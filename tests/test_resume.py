@@ -87,20 +87,40 @@ def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable
     assert CheckpointStore(url).latest(0).step == 4
 
 
-def test_training_checkpoints_to_s3_and_resumes_from_there(tmp_path, s3_url):
-    """The same run on an S3-protocol server (moto, on loopback): write, then resume from the bucket."""
-    lighthouse = Lighthouse(tmp_path, idle_exit=0)  # serves both runs
-    args = [*SMALL, "--sync-every", "5", "--checkpoint-dir", s3_url]
-    first = Group(0, 1, lighthouse.url, [*args, "--outer-steps", "2"], tmp_path)
-    assert first.wait() == 0, first.output()[-2000:]
-    assert CheckpointStore(s3_url).latest(0).step == 2
-    second = Group(0, 1, lighthouse.url, [*args, "--outer-steps", "3"], tmp_path, tag="-second")
+@pytest.fixture(params=["local", "s3"])
+def folder_url(request, tmp_path):
+    return str(tmp_path / "ckpt") if request.param == "local" else request.getfixturevalue("s3_url")
+
+
+def test_a_killed_runs_folder_is_resumed_by_a_new_run_without_a_flag(tmp_path, folder_url):
+    """A run SIGKILLed mid-training leaves its lease behind; a new run (another lighthouse: another run) on the same
+    folder, here on a local disk or the moto S3 server, takes it without a flag (its holder's process is gone from
+    this host), resumes from the newest checkpoint, and releases the folder when it ends."""
+    from torchx_diloco.lease import Lease
+
+    args = [*SMALL, "--sync-every", "5", "--checkpoint-dir", folder_url]
+    first_lighthouse = Lighthouse(tmp_path, idle_exit=0)
+    first = Group(0, 1, first_lighthouse.url, [*args, "--outer-steps", "1000"], tmp_path)
+    store, deadline = CheckpointStore(folder_url), time.monotonic() + 120
+    while store.newest_published_step() < 2:
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.output()[-2000:]
+        time.sleep(0.1)
+    first.kill()
+    first_lighthouse.kill()
+    newest = store.latest(0).step
+    held = Lease(folder_url, "?", 60).holder()
+    assert held is not None and held.run == f"lighthouse {first_lighthouse.url}" and held.died_here()
+    lighthouse = Lighthouse(tmp_path, idle_exit=0)  # another run
+    second = Group(0, 1, lighthouse.url, [*args, "--outer-steps", str(newest + 1)], tmp_path, tag="-second")
     assert second.wait() == 0, second.output()[-2000:]
     lighthouse.kill()
-    assert "[3] loss" in second.output() and "[1] loss" not in second.output()
-    latest = CheckpointStore(s3_url).latest(0)
-    assert latest.step == 3 and latest.group_state["inner_steps"] == 15
-    assert [r["outer_step"] for r in read_metrics(metrics_url(s3_url, 0))] == [1, 2, 3]
+    assert f"[{newest + 1}] loss" in second.output() and f"(outer step {newest})" in second.output()
+    latest = store.latest(0)
+    assert latest.step == newest + 1 and latest.group_state["inner_steps"] == 5 * (newest + 1)
+    steps = [r["outer_step"] for r in read_metrics(metrics_url(folder_url, 0))]
+    # the killed run's lines (its last one may be lost with the kill), then the new run's one outer step
+    assert steps[-1] == newest + 1 and steps[:-1] == list(range(1, len(steps))) and len(steps) >= newest, steps
+    assert Lease(folder_url, "?", 60).holder() is None, "the second run ended: the folder is free"
 
 
 @pytest.mark.parametrize("action, text", [("error", "Input/output error"), ("full", "No space left on device")])

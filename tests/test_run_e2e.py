@@ -98,6 +98,7 @@ def start_nano_run(
     sync_every: int = 40,
     extra: List[str] = (),
     log_dir_cfg: bool = True,
+    ckpt: Optional[Path] = None,
 ) -> subprocess.Popen:
     """`torchx run` of diloco.diloco with the tiniest model; logs in tmp_path/logs (without ``log_dir_cfg``
     where the scheduler puts them by default), checkpoints in tmp_path/ckpt, the console in tmp_path/torchx.log.
@@ -122,7 +123,7 @@ def start_nano_run(
         "--lighthouse_idle_exit",
         str(idle_exit),
         "--checkpoint_dir",
-        str(tmp_path / "ckpt"),
+        str(ckpt or tmp_path / "ckpt"),
         *extra,
         "--",
         "--seq-len",
@@ -325,7 +326,9 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_how_to_resume_and_the_group_log
 @pytest.mark.timeout(300)
 def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alone(tmp_path):
     """Each run gets its own lighthouse port and run id: no group trains in the other run's quorum (which would
-    average the two runs' pseudo-gradients), and a run's weights are those it has when it runs alone."""
+    average the two runs' pseudo-gradients), and a run's weights are those it has when it runs alone. A third
+    run pointed at the second's --checkpoint_dir while it trains is refused in about a second, in one line, and
+    the second run's weights are still those it has alone."""
     runs = {seed: tmp_path / f"seed{seed}" for seed in (0, 1)}
     flags = ["--min-replicas", "2", "--group-wait", "60"]  # both groups in every quorum: deterministic weights
     procs = {}
@@ -334,6 +337,18 @@ def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alon
         procs[seed] = start_nano_run(
             folder, None, outer=3, max_restarts=0, idle_exit=3, sync_every=10, train_flags=[*flags, "--seed", str(seed)]
         )
+    lease, deadline = runs[1] / "ckpt" / "LEASE.json", time.monotonic() + 120
+    while not lease.exists():  # the second run's groups hold their folder
+        assert time.monotonic() < deadline and procs[1].poll() is None, read(runs[1] / "torchx.log")[-3000:]
+        time.sleep(0.1)
+    intruder = tmp_path / "intruder"
+    intruder.mkdir()
+    started = time.monotonic()
+    third = start_nano_run(intruder, None, outer=3, max_restarts=0, idle_exit=3, train_flags=[], ckpt=runs[1] / "ckpt")
+    assert third.wait(timeout=60) != 0
+    refusal = read(intruder / "torchx.log").strip().splitlines()[-1]
+    assert f"{runs[1] / 'ckpt'} is held by run 'diloco-" in refusal and "another --checkpoint-dir" in refusal, refusal
+    assert time.monotonic() - started < 30 and not (intruder / "logs").exists()  # about a second; nothing started
     try:
         for seed, proc in procs.items():
             assert proc.wait(timeout=240) == 0, read(runs[seed] / "torchx.log")[-4000:]
