@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 from typing import Optional
 
 import pytest
@@ -114,3 +115,38 @@ def test_eval_loss_is_the_global_weights_loss_when_the_local_weights_differ(ligh
     on_global.load_state_dict(trainer.diloco.state_dict()["global_weights"], strict=False)
     assert recorded == pytest.approx(eval_loss(on_global), rel=1e-6)
     assert eval_loss(copy.deepcopy(trainer.model)) != pytest.approx(recorded, rel=1e-6), "local == global here"
+
+
+def test_a_run_whose_folder_is_taken_over_stops_in_one_line_before_its_next_sync(lighthouse, tmp_path):
+    """Another run takes the folder over (--take-over) while this one trains: at its next renewal this run
+    learns of it and stops before its next sync, with one line; the folder stays the other run's."""
+    from torchx_diloco.errors import UserError
+    from torchx_diloco.lease import Lease
+
+    trainer = _trainer(
+        lighthouse,
+        tmp_path,
+        *("--model", "nano", "--sync-every", "2", "--outer-steps", "100000", "--eval-batches", "0"),
+        *("--checkpoint-lease-s", "0.4"),  # renewed every 0.1 s
+    )
+    failure: list = []
+    worker = threading.Thread(target=lambda: failure.append(_raised(trainer.run)), daemon=True)
+    worker.start()
+    folder = tmp_path / "ckpt"
+    deadline = time.monotonic() + 60
+    while not committed(read_metrics(metrics_url(folder, 0))):  # training: outer steps committed
+        assert time.monotonic() < deadline and worker.is_alive(), failure
+        time.sleep(0.05)
+    Lease(str(folder), "the-new-owner", ttl_s=60).acquire(take_over=True)
+    worker.join(60)
+    assert not worker.is_alive(), "the run went on in a folder another run took over"
+    assert isinstance(failure[0], UserError) and "another run took --checkpoint-dir" in str(failure[0]), failure
+    assert Lease(str(folder), "?", 60).holder().run == "the-new-owner"
+
+
+def _raised(fn) -> Optional[BaseException]:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+        return e
+    return None
