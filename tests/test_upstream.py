@@ -365,6 +365,42 @@ def _describe_sacct(request: pytest.FixtureRequest) -> None:
     assert found is None, found
 
 
+@checks(
+    "torchft.checkpointing.http_transport: its request handler, a BaseHTTPRequestHandler subclass defined in "
+    "torchft that keeps the standard library's log_request"
+)
+def _torchft_http_handler(request: pytest.FixtureRequest) -> None:
+    """The module defines its handler (tests/test_logs.py moves a real checkpoint through it) and overrides
+    neither log_request nor log_message, which logs.py relies on to take the access line."""
+    import torchft.checkpointing.http_transport as transport
+
+    source = inspect.getsource(transport)
+    assert "BaseHTTPRequestHandler" in source, "torchft's checkpoint server no longer uses http.server"
+    assert "def log_request" not in source and "def log_message" not in source, "torchft logs requests itself now"
+
+
+@checks(
+    "torchx.schedulers.local_scheduler.LocalScheduler._submit_dryrun and PopenRequest's app_id, log_dir, "
+    "role_log_dirs, role_params[role][i].env/.args"
+)
+def _local_scheduler_request(request: pytest.FixtureRequest) -> None:
+    """A real dry run through our local_cwd scheduler: the request has the fields local.py reads."""
+    from torchx.schedulers.local_scheduler import LocalScheduler, PopenRequest
+
+    from torchx_diloco.local import create_scheduler
+    from torchx_diloco_components.diloco import diloco
+
+    assert "_submit_dryrun" in vars(LocalScheduler), "LocalScheduler._submit_dryrun is gone"
+    folder = request.getfixturevalue("tmp_path")
+    scheduler = create_scheduler("test")
+    info = scheduler.submit_dryrun(diloco(checkpoint_dir=str(folder / "ckpt")), {"log_dir": str(folder)})
+    req = info.request
+    assert isinstance(req, PopenRequest) and req.app_id and req.log_dir
+    assert set(req.role_log_dirs) == set(req.role_params) >= {"lighthouse", "replica_group_0"}
+    replica = req.role_params["replica_group_0"][0]
+    assert isinstance(replica.env, dict) and all(isinstance(a, str) for a in replica.args)
+
+
 # --- the table and the checks ------------------------------------------------------------------------------
 def test_every_listed_member_has_a_check_and_every_check_is_listed() -> None:
     listed = {u.name for u in PRIVATE_USES}

@@ -344,6 +344,9 @@ def group_manager(
     ``TORCHX_DILOCO_RUN_ID`` (no run check when unset) and ``TORCHX_DILOCO_MIN_REPLICAS`` (default 1).
     Bad or missing values raise :class:`~torchx_diloco.errors.UserError` with a one-line fix.
     """
+    from torchx_diloco.logs import quiet_libraries
+
+    quiet_libraries()  # torchft's chatter at the libraries' level, as in the trainer's groups
     group = read_group_env(group_id=group_id, num_groups=num_groups, lighthouse=lighthouse, run_id=run_id)
     if min_replicas is None:
         raw = os.environ.get(MIN_REPLICAS_ENV, "1") or "1"

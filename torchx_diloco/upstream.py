@@ -106,7 +106,21 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         "invalidate a listing cache before a glob, create the metrics file's folder",
         ("torchx_diloco/checkpoint/store.py", "torchx_diloco/metrics.py"),
     ),
+    PrivateUse(
+        "torchft.checkpointing.http_transport: its request handler, a BaseHTTPRequestHandler subclass defined in "
+        "torchft that keeps the standard library's log_request",
+        "route the access line torchft's checkpoint server writes per heal to logging at DEBUG (logs.py replaces "
+        "BaseHTTPRequestHandler.log_request for handler classes of torchft modules)",
+        ("torchx_diloco/logs.py",),
+    ),
     # --- TorchX --------------------------------------------------------------------------------------------
+    PrivateUse(
+        "torchx.schedulers.local_scheduler.LocalScheduler._submit_dryrun and PopenRequest's app_id, log_dir, "
+        "role_log_dirs, role_params[role][i].env/.args",
+        "refuse on local_cwd what it cannot run (GPUs, several nodes) and default log_dir before TorchX builds the "
+        "request; name the failed group's log, its one-line error and the checkpoint folder to resume from",
+        ("torchx_diloco/local.py",),
+    ),
     PrivateUse(
         "torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string",
         'stop `torchx run diloco.diloco --help` from marking the optional *script_args "(required)"',
