@@ -34,7 +34,14 @@ import torch.nn as nn
 
 from torchx_diloco.cluster import start_quorum
 from torchx_diloco.config import streaming_problem
-from torchx_diloco.exchange import Exchange, Slot, check_layout, layout_signature, new_header
+from torchx_diloco.exchange import (
+    Exchange,
+    Slot,
+    check_layout,
+    exchange_initial_weights,
+    layout_signature,
+    new_header,
+)
 from torchx_diloco.fragment import Fragment, OuterOptimizers, build_fragments, local_tensor, param_ids, split_evenly
 from torchx_diloco.outer_loop import Schedule, Upcoming
 
@@ -141,6 +148,9 @@ class DiLoCo:
         self.last_sync: Dict[str, Any] = {}  # the last outer step: fragment, sent_bytes, sync_s
         manager.register_state_dict_fn(STATE_KEY, self._load_healed_state, self.state_dict)
 
+    def _locals(self) -> List[torch.Tensor]:
+        return [t for f in self._fragments for t in f.locals()]
+
     @property
     def local_differs_from_global(self) -> bool:
         """Whether the model can hold weights other than the global ones right after an outer step (then a
@@ -207,10 +217,10 @@ class DiLoCo:
         if self.manager.current_step() == self._step_at_sync:
             # Same step (torchft re-syncs everyone at step 0): our inner steps started from these very
             # weights, so they still count; adopt the peer's copy of the global state and keep them.
-            local = [t.detach().clone() for f in self._fragments for t in f.locals()]
+            local = [t.detach().clone() for t in self._locals()]
             self.load_state_dict(state)
             with torch.no_grad():
-                for t, mine in zip([t for f in self._fragments for t in f.locals()], local, strict=True):
+                for t, mine in zip(self._locals(), local, strict=True):
                     t.copy_(mine)
             return
         self.adopt_newer_global_state(state)
@@ -315,13 +325,9 @@ class DiLoCo:
                 self._send(quorum=False)
                 self._apply()
                 return
-            header = new_header(Slot.AGREEING, self._signature, self._params[0].device)
-            locals_ = [t for f in self._fragments for t in f.locals()]
-            flat = torch.zeros(sum(t.numel() for t in locals_), dtype=torch.float32, device=header.device)
-            if self.manager.participating_rank() == 0:
-                torch.cat([t.detach().reshape(-1).float() for t in locals_], out=flat)
-            self._exchange.run(flat, header)
-            check_layout(header)
+            locals_ = self._locals()
+            sender = self.manager.participating_rank() == 0
+            flat, header = exchange_initial_weights(self._exchange, locals_, self._signature, sender)
             if self.manager.errored() is None and float(header[Slot.SYNCING]) == 0:
                 with torch.no_grad():  # everyone in the quorum is starting: take rank 0's weights
                     for t, part in zip(locals_, flat.split([t.numel() for t in locals_]), strict=True):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from enum import IntEnum
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch.distributed import ReduceOp
@@ -109,3 +109,17 @@ class Exchange:
         if float(header[Slot.AGREEING]) > 0:  # everyone is agreeing on initial weights: those travel exactly
             return allreduce_sum(self.manager, payload, get_codec("fp32"))
         return allreduce_sum(self.manager, share, self.codec)
+
+
+def exchange_initial_weights(
+    exchange: Exchange, tensors: List[torch.Tensor], signature: float, sender: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One agreement round (``Slot.AGREEING``): the sender's ``tensors`` flat in fp32, zeros from everyone else;
+    returns the summed flat weights and the summed header (the caller reads what the round turned out to be)."""
+    header = new_header(Slot.AGREEING, signature, tensors[0].device)
+    flat = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32, device=header.device)
+    if sender:
+        torch.cat([t.detach().reshape(-1).float() for t in tensors], out=flat)
+    exchange.run(flat, header)
+    check_layout(header)
+    return flat, header
