@@ -243,14 +243,16 @@ def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
             COMPONENT + ":diloco",
             "--replica_groups",
             "2",
+            "--min_replicas",
+            "2",  # group 0 waits for the restarted group instead of finishing alone, however fast it trains
             "--outer_steps",
-            "30",
+            "8",
             "--max_restarts",
             "2",
             "--lighthouse_port",
             str(free_port()),
             "--lighthouse_idle_exit",
-            "6",
+            "3",  # group 0 stays live while group 1 restarts (min_replicas 2): only the end is quiet
             "--checkpoint_dir",
             str(ckpt),
             *TRAIN,
@@ -274,10 +276,10 @@ def test_killed_worker_is_restarted_by_torchrun_and_heals(tmp_path, jobs):
     assert restarted[0]["TORCHELASTIC_RESTART_COUNT"] == "1"
     assert wait_done(jid, 180) == "COMPLETED", group_log(tmp_path, jid, 1, "err").read_text()[-3000:]
     for g in (0, 1):
-        assert f"DiLoCo: group {g} finished at outer step 30" in group_log(tmp_path, jid, g).read_text()
+        assert f"DiLoCo: group {g} finished at outer step 8" in group_log(tmp_path, jid, g).read_text()
     # the restarted group rejoined the others (healed) instead of training alone
     records = read_metrics(metrics_url(ckpt, 1))
-    assert records[-1]["outer_step"] == 30 and records[-1]["participants"] == 2, records[-3:]
+    assert records[-1]["outer_step"] == 8 and records[-1]["participants"] == 2, records[-3:]
 
 
 @needs_slurm
@@ -364,6 +366,7 @@ def test_a_hugging_face_model_trains_on_slurm_with_identical_weights_in_both_gro
     ckpt = tmp_path / "ckpt"
     model_args = json.dumps({"arch": "llama", "hidden_size": 32})
     component = f"--replica_groups 2 --outer_steps 2 --sync_every 5 --min_replicas 2 --checkpoint_dir {ckpt}"
+    component += " --lighthouse_idle_exit 3"  # not the default 30 s after the last group finished
     train = "--batch-size 4 --seq-len 32 --eval-batches 0 --model torchx_diloco.hf:causal_lm --model-args"
     handle = submit([COMPONENT + ":diloco", *component.split(), "--", *train.split(), model_args], tmp_path, jobs)
     jid = job_id(handle)
@@ -560,7 +563,7 @@ def test_groups_of_two_nodes_heal_a_killed_rank_and_end_with_identical_weights(t
             "--lighthouse_port",
             str(free_port()),
             "--lighthouse_idle_exit",
-            "10",
+            "4",  # group 0 stays live while group 1 restarts (min_replicas 2): only the end is quiet
             "--checkpoint_dir",
             str(ckpt),
             "--model",
