@@ -180,12 +180,19 @@ def test_make_run_in_a_fresh_clone(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_killed_worker_is_restarted_by_torchrun_heals_and_the_app_succeeds(tmp_path):
-    port, outer = free_port(), 15
+    port, outer = free_port(), 5
     log_dir, ckpt = tmp_path / "logs", tmp_path / "ckpt"
     # no durable checkpoint before the last step: the restarted worker starts from nothing and must
-    # heal from group 0 (with one, it would resume from disk at the step the peer is at)
+    # heal from group 0 (with one, it would resume from disk at the step the peer is at); --min_replicas 2:
+    # group 0 waits for it (live, so the lighthouse does not see the run quiet) instead of racing to the end
     proc = start_nano_run(
-        tmp_path, port, outer, max_restarts=2, idle_exit=15, train_flags=["--checkpoint-every", "1000"]
+        tmp_path,
+        port,
+        outer,
+        max_restarts=2,
+        idle_exit=3,
+        train_flags=["--checkpoint-every", "1000"],
+        extra=["--min_replicas", "2"],
     )
     try:
         deadline = time.monotonic() + 180
