@@ -1,14 +1,17 @@
 """What the test files share: real servers on loopback (an S3-protocol endpoint, moto's server mode; an in-process
 torchft lighthouse), real torchft Managers built as the trainer builds its own, groups as threads of this process,
-and ``faulty://`` folders."""
+``faulty://`` folders, and waits for what groups started as processes do (never for how fast they do it)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
 import uuid
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, List
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import pytest
 
@@ -131,3 +134,28 @@ def run_in_groups(n: int, work: Callable[[int, Any], Any], timeout: float = 120.
         raise errors[0]
     assert not any(t.is_alive() for t in threads), "a group did not finish"
     return results
+
+
+# --- groups as processes: waiting for what they do, not for how fast they do it ----------------------------------
+def wait_until(what: str, ready: Callable[[], bool], alive: Sequence[Any], timeout: float = 240) -> None:
+    """Poll ``ready`` until true; fail at once when one of ``alive`` exits, and (a hang) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for p in alive:
+            assert p.proc.poll() is None, f"group {p.group} exited before {what}:\n{p.output()[-3000:]}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout:g}s"
+        time.sleep(0.1)
+
+
+def hold_at(step: int, release: Path) -> Dict[str, str]:
+    """The environment of a group held at ``step``: its checkpoint of that step waits (``faulty://``'s ``hold``)
+    until the file ``release`` exists, so the group stops before its next sync, heartbeating, until the test lets
+    it go, however fast it trains."""
+    from torchx_diloco._fleet.faulty import FAULTS_ENV
+
+    return {FAULTS_ENV: json.dumps([{"match": f"step_{step:08d}/", "action": "hold", "until": str(release)}])}
+
+
+def printed_step(group: Any, step: int) -> Callable[[], bool]:
+    """True once the group (a :class:`~torchx_diloco._fleet.testing.Group`) printed that it committed ``step``."""
+    return lambda: f"Number of outer optimizer steps completed: [{step}]" in group.output()

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import re
-import time
-from pathlib import Path
-from typing import Callable, Dict, Sequence
 
 import pytest
 import torch
 
-from torchx_diloco._fleet.faulty import FAULTS_ENV
+from tests.conftest import hold_at, printed_step, wait_until
 from torchx_diloco._fleet.testing import (
     Group,
     Lighthouse,
@@ -109,27 +105,6 @@ def test_same_global_weights_as_torchft_diloco(tmp_path, extra):
 
     init = dict(build_model("nano", block_size=32).named_parameters())
     assert any(not torch.allclose(ours[n], init[n].detach()) for n in ours)
-
-
-def wait_until(what: str, ready: Callable[[], bool], alive: Sequence[Group], timeout: float = 240) -> None:
-    """Poll ``ready`` until true; fail at once when one of ``alive`` exits, and (a hang) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        for p in alive:
-            assert p.proc.poll() is None, f"group {p.group} exited before {what}:\n{p.output()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} after {timeout:g}s"
-        time.sleep(0.1)
-
-
-def hold_at(step: int, release: Path) -> Dict[str, str]:
-    """The environment of a group held at ``step``: its checkpoint of that step waits (``faulty://``'s ``hold``)
-    until the file ``release`` exists, so the group stops before its next sync, heartbeating, until the test lets
-    it go, however fast it trains."""
-    return {FAULTS_ENV: json.dumps([{"match": f"step_{step:08d}/", "action": "hold", "until": str(release)}])}
-
-
-def printed_step(group: Group, step: int) -> Callable[[], bool]:
-    return lambda: f"Number of outer optimizer steps completed: [{step}]" in group.output()
 
 
 def waiting_for_quorum(url: str) -> int:

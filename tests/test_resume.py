@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from tests.conftest import hold_at, printed_step, wait_until
 from tests.test_groups import SMALL
 from torchx_diloco._fleet.faulty import FAULTS_ENV
 from torchx_diloco._fleet.testing import (
@@ -18,40 +19,44 @@ from torchx_diloco._fleet.testing import (
     read_metrics,
     run_groups,
 )
-from torchx_diloco.checkpoint import Checkpoint, CheckpointStore
+from torchx_diloco.checkpoint import CheckpointStore
 
 pytestmark = pytest.mark.slow
 
-ARGS = [*SMALL, "--outer-steps", "6", "--sync-every", "20", "--min-replicas", "2"]
+ARGS = [*SMALL, "--outer-steps", "6", "--sync-every", "10", "--min-replicas", "2"]
 # Streaming: every fragment sync is an outer step, the local weights differ from the global ones after it
 STREAMING = ["--fragments", "2", "--overlap-steps", "1", "--mix-alpha", "0.5", "--codec", "int8"]
 
 
 @pytest.mark.parametrize("extra", [[], STREAMING], ids=["blocking", "streaming-int8"])
-def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path, extra):
+def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path, faulty_url, extra):
     args = [*ARGS, *extra]
     reference = tmp_path / "uninterrupted"
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
     run_groups(2, lighthouse.url, [*args, "--checkpoint-dir", str(reference)], tmp_path)
     lighthouse.kill()
 
-    ckpt = tmp_path / "interrupted"
+    # killed once both committed step 4, whose checkpoint they are held from writing (hold_at): step 3 is the
+    # newest on disk, and neither group can be further along, however fast it trains
+    ckpt, release = faulty_url, tmp_path / "release"
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
+    held = hold_at(4, release)
     groups = [
-        Group(g, 2, lighthouse.url, [*args, "--checkpoint-dir", str(ckpt)], tmp_path, tag="-first") for g in range(2)
+        Group(g, 2, lighthouse.url, [*args, "--checkpoint-dir", ckpt], tmp_path, extra_env=held, tag="-first")
+        for g in range(2)
     ]
-    deadline = time.monotonic() + 120
-    while (CheckpointStore(str(ckpt)).latest(0) or Checkpoint(0, {}, None)).step < 3:
-        assert time.monotonic() < deadline, "no checkpoint of step 3 in time"
-        time.sleep(0.05)
-    for g in groups:
-        g.kill()  # SIGKILL, no chance to flush anything
-    lighthouse.kill()
-    killed_at = CheckpointStore(str(ckpt)).latest(0).step
-    assert 3 <= killed_at < 6
+    try:
+        for g in groups:
+            wait_until(f"outer step 4 of group {g.group}", printed_step(g, 4), groups)
+    finally:
+        for g in groups:
+            g.kill()  # SIGKILL, no chance to flush anything
+        lighthouse.kill()
+    killed_at = CheckpointStore(ckpt).latest(0).step
+    assert killed_at == 3
 
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
-    resumed = run_groups(2, lighthouse.url, [*args, "--checkpoint-dir", str(ckpt)], tmp_path)
+    resumed = run_groups(2, lighthouse.url, [*args, "--checkpoint-dir", ckpt], tmp_path)
     lighthouse.kill()
     for g in resumed:
         out = g.output().split("resumed from")[-1]
