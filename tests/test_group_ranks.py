@@ -206,11 +206,11 @@ def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
     checkpoint or a peer) and train to the end; both groups hold one set of global weights at every common step.
     """
     # min 2 groups per step: group 0 waits for group 1's return instead of racing alone to the end (a loaded
-    # machine once took longer to restart group 1 than group 0 took to finish)
+    # machine once took longer to restart group 1 than group 0 took to finish), so a short run will do
     lighthouse = Lighthouse(tmp_path, min_replicas=2)
     ckpt = tmp_path / "ckpt"
     streaming = ["--fragments", "2", "--overlap-steps", "1", "--codec", "int8"]
-    args = [*SMALL, "--device", "cpu", "--sync-every", "8", "--outer-steps", "40", "--min-replicas", "2"]
+    args = [*SMALL, "--device", "cpu", "--sync-every", "8", "--outer-steps", "16", "--min-replicas", "2"]
     args += ["--checkpoint-dir", str(ckpt), *streaming]
     groups = [Group(g, 2, lighthouse.url, args, tmp_path, nproc=2, max_restarts=2) for g in range(2)]
     victim_metrics = metrics_url(ckpt, 1)
@@ -225,7 +225,7 @@ def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
         assert g.wait(150) == 0, g.output()[-3000:]
     lighthouse.kill()
     sums = checksums({g: committed(read_metrics(metrics_url(ckpt, g))) for g in range(2)})
-    assert max(sums[0]) == max(sums[1]) == 40, (sorted(sums[0])[-3:], sorted(sums[1])[-3:])
+    assert max(sums[0]) == max(sums[1]) == 16, (sorted(sums[0])[-3:], sorted(sums[1])[-3:])
     common = sorted(set(sums[0]) & set(sums[1]))
     assert len(common) >= 10 and all(sums[0][s] == sums[1][s] for s in common), (sums[0], sums[1])
     out = groups[1].output()
