@@ -304,3 +304,53 @@ def test_every_documented_command_runs(where, command, dry_runs):
         build_parser().parse_args(args)  # its flags; the checkpoint folders are examples
     else:
         raise AssertionError(f"{where}: no dry run known for {module}: teach this test one")
+
+
+# --- the README's way from data to a model, for real --------------------------------------------------------------
+QUICK_START = "### From your text to a Hugging Face model"
+
+
+def quick_start_commands() -> List[str]:
+    """The commands of the README's block under QUICK_START, as a user copies them."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index(QUICK_START) :]
+    section = section[: section.index("\n## ")]  # up to the next section
+    page = REPO / ".quick-start.md"
+    try:
+        page.write_text(section, encoding="utf-8")
+        return shell_commands(page)
+    finally:
+        page.unlink()
+
+
+def test_the_quick_start_block_is_found():
+    commands = quick_start_commands()
+    assert [c.split()[:3] for c in commands] == [
+        ["python", "-m", "torchx_diloco.prepare"],
+        ["torchx", "run", "diloco.diloco"],
+        ["python", "-m", "torchx_diloco.export"],
+        ["python", "-c", '"from'],
+    ], commands
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_readme_goes_from_text_to_a_hugging_face_model_as_written(tmp_path):
+    """The README's four commands, run as written in a fresh directory (which holds the package's sources, their
+    input): shards and a trained tokenizer, a real `torchx run` of two groups, the export, and transformers'
+    own pipeline loading the folder and generating."""
+    import subprocess
+
+    from torchx_diloco._fleet.testing import cli_env
+
+    (tmp_path / "torchx_diloco").symlink_to(REPO / "torchx_diloco")
+    env = cli_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    outputs = []
+    for command in quick_start_commands():
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        outputs.append(done.stdout + done.stderr)
+        assert done.returncode == 0, f"{command}\n{outputs[-1][-4000:]}"
+    assert "job finished: SUCCEEDED" in outputs[1], outputs[1][-3000:]
+    assert "wrote the global weights of outer step 10" in outputs[2], outputs[2]
+    assert "'generated_text': 'def " in outputs[3], outputs[3][-2000:]
+    assert (tmp_path / "exported" / "code" / "tokenizer.json").exists()

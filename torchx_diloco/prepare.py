@@ -4,7 +4,9 @@ Inputs: text files (one document each), ``.jsonl`` (one document per line, its `
 (its ``text`` column, read with pyarrow), as paths, globs or fsspec URLs; the kind comes from the file's suffix,
 or from ``--kind`` for all inputs (``--kind text``: any UTF-8 file, e.g. ``.py`` sources). The tokenizer is a
 Hugging Face ``tokenizers`` file (``tokenizer.json``) or ``bytes`` (UTF-8 bytes, vocab 256, what text ``--data``
-trains on). Documents are joined with ``--eot`` (a token of the tokenizer) or, by default, the tokens of a blank line.
+trains on), or ``train:VOCAB``: a byte-level BPE of VOCAB tokens trained here on the inputs and saved beside the
+shards (``tokenizer.json``, what ``python -m torchx_diloco.export --tokenizer`` takes). Documents are joined with
+``--eot`` (a token of the tokenizer; a trained one's ``<|endoftext|>``) or, by default, the tokens of a blank line.
 
 Output (local or any fsspec URL, e.g. ``s3://``): ``shard-00000.bin``, ... of at most ``--shard-tokens`` tokens
 each, in llm.c's format (a 256-int32 header: magic 20240520, version 1 for uint16 / 2 for uint32, token count;
@@ -36,6 +38,10 @@ AUTO = "auto"  # --kind's default: each input's kind from its suffix (KINDS)
 TEXT_CHUNK = 1 << 20  # characters of a text file tokenized at a time (cut at a line end)
 BATCH_DOCS = 256  # documents tokenized together (in parallel by tokenizers) ...
 BATCH_CHARS = 16 << 20  # ... or fewer, up to this much text: memory stays bounded
+TRAIN_PREFIX = "train:"  # --tokenizer train:VOCAB
+TRAINED_NAME = "tokenizer.json"  # where a trained tokenizer is saved, in --out
+EOT_TOKEN = "<|endoftext|>"  # a trained tokenizer's one special token, between documents
+MIN_TRAINED_VOCAB = 260
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -59,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="directory (local path or fsspec URL) for the shards and meta.json")
     p.add_argument(
-        "--tokenizer", required=True, help="a Hugging Face tokenizers file (tokenizer.json), or 'bytes' (vocab 256)"
+        "--tokenizer",
+        required=True,
+        type=_tokenizer_spec,
+        help="a Hugging Face tokenizers file (tokenizer.json), 'bytes' (vocab 256), or 'train:VOCAB': a byte-level "
+        f"BPE of VOCAB tokens trained on the inputs, saved as OUT/{TRAINED_NAME}, {EOT_TOKEN} its end of text",
     )
     p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard, at most")
     p.add_argument("--eot", default=None, help="a token of the tokenizer put between documents (default: a blank line)")
@@ -73,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _tokenizer_spec(text: str) -> str:
+    if text.startswith(TRAIN_PREFIX):
+        size = text[len(TRAIN_PREFIX) :]
+        if not size.isdigit() or int(size) < MIN_TRAINED_VOCAB:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: train:VOCAB needs a whole number of at least {MIN_TRAINED_VOCAB} (256 bytes and more)"
+            )
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -135,6 +155,27 @@ class Tokenizer:
         if tid is None:
             raise UserError(f"--eot {eot!r} is not a token of {self.name}; pass one of its special tokens")
         return [tid]
+
+
+def train_tokenizer(files: List[Any], vocab_size: int, field: str, kind: str) -> Any:
+    """A byte-level BPE (GPT-2's kind: any text encodes, no unknown token) of ``vocab_size`` tokens, trained on
+    the inputs' documents with the ``tokenizers`` library; ``EOT_TOKEN`` is its one special token."""
+    try:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+    except ImportError as e:
+        raise UserError("--tokenizer train: needs the tokenizers package: pip install 'torchx-diloco[data]'") from e
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((text for f in files for text, _ in documents(f, field, kind)), trainer)
+    return tok
 
 
 # --- inputs ---------------------------------------------------------------------------------------------------
@@ -276,18 +317,17 @@ def _emit(
 
 def prepare(args: argparse.Namespace) -> dict:
     files = resolve_inputs(args.inputs, args.kind)
-    tok = Tokenizer(args.tokenizer)
-    sep = tok.separator(args.eot)
+    spec, eot = args.tokenizer, args.eot
+    if spec.startswith(TRAIN_PREFIX):  # trained here, saved beside the shards, used as a file would be
+        trained = train_tokenizer(files, int(spec[len(TRAIN_PREFIX) :]), args.text_field, args.kind)
+        spec, eot = posixpath.join(args.out.rstrip("/"), TRAINED_NAME), eot or EOT_TOKEN
+        _check_new_out(args.out)
+        with fsspec.open(spec, "w", encoding="utf-8") as fh:
+            fh.write(trained.to_str())
+    tok = Tokenizer(spec)
+    sep = tok.separator(eot)
     dtype = np.dtype(np.uint16) if tok.vocab_size <= 65536 else np.dtype(np.uint32)
-    try:
-        fs, root = fsspec.core.url_to_fs(args.out)
-        if fs.exists(posixpath.join(root, META_NAME)):
-            raise UserError(f"--out {args.out!r} already holds shards ({META_NAME}); pass a new --out directory")
-        fs.makedirs(root, exist_ok=True)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"--out {args.out!r}: cannot write there ({e}); pass a writable path or fsspec URL") from e
+    fs, root = _check_new_out(args.out)
     writer = ShardWriter(args.out, args.shard_tokens, dtype)
     total_bytes = sum(int(f.fs.size(f.path) or 0) for f in files)
     from tqdm import tqdm
@@ -326,6 +366,20 @@ def prepare(args: argparse.Namespace) -> dict:
     with fs.open(posixpath.join(root, META_NAME), "w") as fh:
         json.dump(meta, fh, indent=1)
     return meta
+
+
+def _check_new_out(out: str) -> tuple[Any, str]:
+    """``--out``'s filesystem and path, created; refused in one line if it holds shards already or is not writable."""
+    try:
+        fs, root = fsspec.core.url_to_fs(out)
+        if fs.exists(posixpath.join(root, META_NAME)):
+            raise UserError(f"--out {out!r} already holds shards ({META_NAME}); pass a new --out directory")
+        fs.makedirs(root, exist_ok=True)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"--out {out!r}: cannot write there ({e}); pass a writable path or fsspec URL") from e
+    return fs, root
 
 
 def main(argv: Optional[List[str]] = None) -> int:
