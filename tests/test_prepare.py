@@ -231,3 +231,32 @@ def test_a_large_text_file_is_one_document_in_pieces(tmp_path, monkeypatch):
     stream, _ = open_tokens(str(out))
     assert bytes(stream.window(0, len(stream)).astype(np.uint8)) == (text + "\n\nthe second file").encode()
     assert json.loads((out / "meta.json").read_text())["documents"] == 2
+
+
+def test_a_tokenizer_trained_on_the_inputs_is_saved_beside_the_shards_and_used(tmp_path):
+    """--tokenizer train:VOCAB: a byte-level BPE of that many tokens learnt from the inputs, saved as
+    OUT/tokenizer.json; the shards are its ids, documents joined by its <|endoftext|>, and it reads back."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"m{i}.py").write_text("def add(a, b):\n    return a + b\n" * 200 + f"# file {i}\n")
+    out = tmp_path / "shards"
+    assert prepare.main([f"{src}/*.py", "--kind", "text", "--tokenizer", "train:300", "--out", str(out)]) == 0
+    tok = HFTokenizer.from_file(str(out / "tokenizer.json"))
+    assert 256 < tok.get_vocab_size() <= 300  # (as many merges as the text has, up to the size asked for)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "tokenizer.json" and meta["documents"] == 3
+    assert meta["vocab_size"] == tok.get_vocab_size()
+    tokens, vocab = open_tokens(str(out), "--data")
+    ids = np.asarray(tokens.window(0, len(tokens)))
+    eot = tok.token_to_id("<|endoftext|>")
+    assert int((ids == eot).sum()) == 2  # between the three documents
+    assert tok.decode(list(ids[: int(np.argmax(ids == eot))])).startswith("def add(a, b):")
+    assert len(ids) < sum(len(f.read_bytes()) for f in src.glob("*.py")) / 3  # merges learnt: far fewer tokens
+
+
+def test_a_trained_tokenizer_needs_room_for_the_bytes(capsys, tmp_path):
+    assert prepare.main(["x.py", "--kind", "text", "--tokenizer", "train:100", "--out", str(tmp_path)]) == 2
+    assert "train:VOCAB needs a whole number of at least 260" in capsys.readouterr().err

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=_tokenizer_spec,
         help="a Hugging Face tokenizers file (tokenizer.json), 'bytes' (vocab 256), or 'train:VOCAB': a byte-level "
-        f"BPE of VOCAB tokens trained on the inputs, saved as OUT/{TRAINED_NAME}, {EOT_TOKEN} its end of text",
+        f"BPE of up to VOCAB tokens trained on the inputs, saved as OUT/{TRAINED_NAME}, {EOT_TOKEN} its end of text",
     )
     p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard, at most")
     p.add_argument("--eot", default=None, help="a token of the tokenizer put between documents (default: a blank line)")
