@@ -254,7 +254,7 @@ def test_a_tokenizer_trained_on_the_inputs_is_saved_beside_the_shards_and_used(t
     eot = tok.token_to_id("<|endoftext|>")
     assert int((ids == eot).sum()) == 2  # between the three documents
     assert tok.decode(list(ids[: int(np.argmax(ids == eot))])).startswith("def add(a, b):")
-    assert len(ids) < sum(len(f.read_bytes()) for f in src.glob("*.py")) / 3  # merges learnt: far fewer tokens
+    assert len(ids) < sum(len(f.read_bytes()) for f in src.glob("*.py")) / 2  # merges learnt: far fewer tokens
 
 
 def test_a_trained_tokenizer_needs_room_for_the_bytes(capsys, tmp_path):
