@@ -164,7 +164,8 @@ class ModelConfig:
         f"a GPT size preset ({_PRESET_SHAPES}) or package.module:factory, a callable returning a torch.nn.Module "
         "(e.g. torchx_diloco.hf:causal_lm); called as model(input_ids), it may return a Hugging Face output "
         "(.logits), a tuple whose first element is the logits, or the logits; the loss is their cross-entropy "
-        "against the next tokens (labels are never passed)",
+        "against the next tokens (labels are never passed); torchx_diloco.hf:causal_lm's arguments (arch, config "
+        "fields, defaults): python -m pydoc torchx_diloco.hf.causal_lm, or docs/training-options.md",
         name="model",
     )
     args: str = flag(
