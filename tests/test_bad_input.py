@@ -203,3 +203,24 @@ def test_cli_prints_help_for_every_flag():
         "--tensorboard",
     ):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("torchx_diloco.train", ["--outer-step", "3"]),
+        ("torchx_diloco.lighthouse", ["--idle", "3"]),
+        ("torchx_diloco.prepare", ["x.txt", "--out", "o", "--tokenizer", "bytes", "--kin", "text"]),
+        ("torchx_diloco.plot", ["run", "--ou", "x.png"]),
+        ("torchx_diloco.export", ["ckpt", "--out", "x", "--ste", "3"]),
+    ],
+)
+def test_no_entry_point_takes_an_abbreviated_flag(module, args):
+    """A prefix of a flag is a typo, refused in one line, never taken for the flag it begins."""
+    import subprocess
+
+    from torchx_diloco._fleet.testing import PYTHON, clean_env
+
+    done = subprocess.run([PYTHON, "-m", module, *args], env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"unrecognized arguments: {args[-2]}" in done.stderr, done.stderr

@@ -69,6 +69,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         prog=f"python -m {PROG}",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # --idle is a typo, not --idle-exit
     )
     p.add_argument("--port", type=int, default=LIGHTHOUSE_PORT, help="port of the lighthouse (gRPC and HTTP /status)")
     p.add_argument(
