@@ -150,3 +150,13 @@ def _raised(fn) -> Optional[BaseException]:
     except BaseException as e:  # noqa: BLE001 - handed to the test's thread
         return e
     return None
+
+
+def test_a_run_refused_at_start_does_not_hold_the_folder(lighthouse, tmp_path):
+    """Bad input found after the folder was checked (here: --data that does not exist) ends the run before it
+    takes the folder's lease: the next run is not kept waiting."""
+    from torchx_diloco.errors import UserError
+
+    with pytest.raises(UserError, match="does not exist"):
+        _trainer(lighthouse, tmp_path, "--model", "nano", "--data", str(tmp_path / "missing.txt"))
+    assert (tmp_path / "ckpt").is_dir() and not (tmp_path / "ckpt" / "LEASE.json").exists()

@@ -84,14 +84,12 @@ class Checkpointer:
         self.leader = group_rank() == 0
         self.store = CheckpointStore(cfg.dir, cfg.keep)
         self.every = cfg.every
-        # the run's hold on the folder: the group's rank 0 takes and renews it (lease.py)
+        # the run's hold on the folder: the group's rank 0 takes it once the group is ready to train (open)
         self.lease = Lease(cfg.dir, run, cfg.lease_s) if self.leader else None
+        self.take_over = cfg.take_over
         if self.lease is not None:
             self.lease.check(cfg.take_over)  # refused: nothing of the holder's folder changes
             self.store.check_writable()  # fail now, with one line, rather than at the first outer step
-            self.lease.acquire(cfg.take_over)
-            self.lease.start()
-            _release_on_sigterm(self.lease)
         self.metrics = MetricsLog(f"{cfg.dir.rstrip('/')}/metrics/{group_part(group)}.jsonl", tensorboard)
         self.writer = AsyncWriter()
         self.publish_now = threading.Event()  # set while the loop waits for the writer (see before_sync)
@@ -103,7 +101,7 @@ class Checkpointer:
     def open(self, model: nn.Module, fingerprint: Dict[str, Any], sharded_only: bool) -> Optional[Checkpoint]:
         """Pick the step to resume from: rank 0 chooses (and verifies) it, the group's other ranks read that very
         step. A step of another model, or (``sharded_only``: fsdp over several ranks) a one-file step, is refused
-        in one line. Collective over the group's ranks."""
+        in one line. Then rank 0 takes the folder's lease. Collective over the group's ranks."""
         self.fingerprint = fingerprint
         if group_world_size() > 1:
             import torch.distributed as dist
@@ -121,6 +119,10 @@ class Checkpointer:
                     "fsdp group of several ranks resumes only from a sharded one; resume it once with --parallel ddp "
                     "(its checkpoints are sharded from then on) or pass a new --checkpoint-dir"
                 )
+        if self.lease is not None:  # every check passed: this run holds the folder from now on
+            self.lease.acquire(self.take_over)
+            self.lease.start()
+            _release_on_sigterm(self.lease)
         self.resume_from = newest
         return newest
 
