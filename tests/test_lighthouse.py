@@ -188,10 +188,12 @@ NANO = [
 ]
 
 
+@pytest.mark.slow
 def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(tmp_path):
     """Groups of two runs in one quorum would average each other's pseudo-gradients: one line, exit 2, and the
     lighthouse's own run still trains there afterwards."""
-    lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a"])
+    # its run mark, a heartbeat, holds the run's first quorum until it expires: 1 s here, not the default 5 s
+    lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a", "--heartbeat-timeout-ms", "1000"])
     try:
         intruder = Group(
             0,
@@ -221,6 +223,7 @@ def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(
         lighthouse.kill()
 
 
+@pytest.mark.slow
 def test_a_group_that_fails_for_good_ends_the_lighthouse_with_one_line(tmp_path):
     """A group of the run (two ranks under torchrun, 3 restarts allowed) reports an error no restart can fix: the
     lighthouse ends the run (exit 1) at once instead of waiting for groups that will never come. torchrun restarts

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import wait_until
 from torchx_diloco._fleet.testing import BIN, PYTHON, REPO, Lighthouse, clean_env, cli_env, group_env
+from torchx_diloco.cluster import lighthouse_status, live_replicas
 from torchx_diloco_components import diloco as component
 
 EXAMPLE = "examples/own_loop/train.py"
@@ -47,6 +49,7 @@ def test_the_readme_documents_the_api_and_stays_short():
         assert name in code
 
 
+@pytest.mark.slow
 def test_the_readme_python_api_snippet_runs_and_resumes(tmp_path):
     """The snippet as a script, against a real lighthouse, with the environment a component sets; run twice:
     the second run resumes at the last outer step and has nothing left to do."""
@@ -69,38 +72,47 @@ def test_the_readme_python_api_snippet_runs_and_resumes(tmp_path):
     ]
 
 
-def _group_manager_error(tmp_path: Path, code: str, **env: str) -> str:
-    run = subprocess.run(
-        [PYTHON, "-c", f"import torchx_diloco as t\n{code}"],
-        cwd=tmp_path,
-        env=clean_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert run.returncode != 0
-    return run.stderr.strip().splitlines()[-1]
+@pytest.mark.parametrize(
+    "kwargs, env, message",
+    [
+        ({}, {}, "TORCHFT_LIGHTHOUSE is not set"),
+        ({}, {"NUM_REPLICA_GROUPS": "2"}, "REPLICA_GROUP_ID is not set"),
+        ({"group_id": 2, "num_groups": 2}, {}, "REPLICA_GROUP_ID=2 is outside 0..1"),
+        ({"lighthouse": "localhost:1"}, {}, "is not a lighthouse URL"),
+    ],
+    ids=["no-lighthouse", "no-group-id", "group-out-of-range", "not-a-url"],
+)
+def test_group_manager_says_what_is_missing(monkeypatch, kwargs, env, message):
+    """In this process, with the environment a component sets emptied first (the check comes before any Manager)."""
+    import torchx_diloco as t
+
+    for name in ("TORCHFT_LIGHTHOUSE", "REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS", "TORCHX_DILOCO_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(t.UserError) as e:
+        t.group_manager(**kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_group_manager_says_what_is_missing(tmp_path):
-    assert "TORCHFT_LIGHTHOUSE is not set" in _group_manager_error(tmp_path, "t.group_manager()")
-    line = _group_manager_error(tmp_path, "t.group_manager()", NUM_REPLICA_GROUPS="2")
-    assert "UserError: REPLICA_GROUP_ID is not set" in line
-    line = _group_manager_error(tmp_path, "t.group_manager(group_id=2, num_groups=2)")
-    assert "REPLICA_GROUP_ID=2 is outside 0..1" in line
-    line = _group_manager_error(tmp_path, "t.group_manager(lighthouse='localhost:1')")
-    assert "is not a lighthouse URL" in line
+def test_group_manager_refuses_a_lighthouse_of_another_run(tmp_path, monkeypatch):
+    """A real lighthouse of another run (its own process, showing its run id): refused before any heartbeat."""
+    import torchx_diloco as t
 
-
-def test_group_manager_refuses_a_lighthouse_of_another_run(tmp_path):
+    for name in ("REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS"):
+        monkeypatch.delenv(name, raising=False)
     lighthouse = Lighthouse(tmp_path, extra=["--run-id", "someone-else"], idle_exit=60)
-    try:
-        line = _group_manager_error(
-            tmp_path, "t.group_manager()", TORCHFT_LIGHTHOUSE=lighthouse.url, TORCHX_DILOCO_RUN_ID="mine"
+    try:  # once it shows its run on /status (its launcher's first look, half a second in)
+        wait_until(
+            "the run mark", lambda: "someone-else.lighthouse_0" in live_replicas(lighthouse_status(lighthouse.url)), []
         )
+        monkeypatch.setenv("TORCHFT_LIGHTHOUSE", lighthouse.url)
+        monkeypatch.setenv("TORCHX_DILOCO_RUN_ID", "mine")
+        with pytest.raises(t.UserError) as e:
+            t.group_manager().shutdown(wait=False)
     finally:
         lighthouse.kill()
-    assert "serves another run" in line and "not run mine" in line
+    assert "serves another run" in str(e.value) and "not run mine" in str(e.value)
 
 
 # --- the components: --script and --m ------------------------------------------------------------------------

@@ -77,6 +77,7 @@ def _run(args, world):
     return out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "save,load",
     [(("fsdp", 2), ("plain", 1)), (("plain", 1), ("fsdp", 2))],
