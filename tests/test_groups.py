@@ -30,7 +30,7 @@ def final_weights(ckpt_url: str) -> dict:
     return store.read_part(store.steps()[-1], GLOBAL_PART)["diloco"]["global_weights"]
 
 
-@pytest.mark.parametrize("groups", [2, 3])
+@pytest.mark.parametrize("groups", [3])  # 2 groups agreeing step by step: every other test of this file
 def test_groups_end_every_outer_step_with_identical_weights(tmp_path, groups):
     lighthouse = Lighthouse(tmp_path, min_replicas=groups)
     ckpt = tmp_path / "ckpt"
