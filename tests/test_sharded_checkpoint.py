@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from torchx_diloco.checkpoint import CheckpointStore, CorruptCheckpoint
+from torchx_diloco.checkpoint import FORMAT_VERSION, CheckpointStore, CorruptCheckpoint
 from torchx_diloco.checkpoint._io import HashingStream
 from torchx_diloco.checkpoint.dcp import safe_load_metadata
 
@@ -22,7 +22,7 @@ def test_round_trip_checksums_written_as_hashed_and_damage_falls_back(tmp_path):
     _write(store, 1, 1)
     _write(store, 2, 2)
     manifest = json.loads((tmp_path / "step_00000002" / "MANIFEST.global.json").read_text())
-    assert manifest["format"] == 2 and manifest["layout"] == "dcp" and ".metadata" in manifest["files"]
+    assert manifest["format"] == FORMAT_VERSION and manifest["layout"] == "dcp" and ".metadata" in manifest["files"]
     for name, entry in manifest["files"].items():  # the checksums taken while writing are those of the files
         data = (tmp_path / "step_00000002" / "global" / name).read_bytes()
         assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}

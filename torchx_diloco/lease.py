@@ -114,7 +114,7 @@ class Lease:
             if self._kind != "local":
                 self.fs.invalidate_cache(self.root)
             return self.fs.cat_file(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def holder(self) -> Optional[Holder]:
@@ -129,8 +129,12 @@ class Lease:
         )
 
     def check(self, take_over: bool = False) -> None:
-        """Refuse (``LeaseHeld``) while another run holds the folder; reads only."""
-        holder = self.holder()
+        """Refuse (``LeaseHeld``) while another run holds the folder; reads only. A folder that cannot be read is
+        left for the writability check to explain."""
+        try:
+            holder = self.holder()
+        except OSError:
+            return
         if holder is not None and holder.run != self.run and holder.fresh() and not take_over:
             raise LeaseHeld(self.refusal(holder))
 
