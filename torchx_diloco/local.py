@@ -62,6 +62,7 @@ class LocalCwdScheduler(LocalScheduler):
         self._requests: Dict[str, PopenRequest] = {}
         self._states: Dict[str, AppState] = {}
         self._stopped_by: Optional[int] = None
+        self._states_at_stop: Dict[str, AppState] = {}
         if threading.current_thread() is threading.main_thread():  # where TorchX registered its own handlers
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._stop)
@@ -69,6 +70,7 @@ class LocalCwdScheduler(LocalScheduler):
     def _stop(self, signum: int, _frame: Optional[FrameType]) -> None:
         if self._stopped_by is None:
             self._stopped_by = signum
+            self._states_at_stop = dict(self._states)  # what stopping does to the apps (agents end FAILED) is ours
             raise RunStopped(128 + signum)
 
     def _submit_dryrun(self, app: AppDef, cfg: Opts) -> AppDryRunInfo[PopenRequest, Opts]:
@@ -113,7 +115,7 @@ class LocalCwdScheduler(LocalScheduler):
         super().close()
         requests, self._requests = self._requests, {}
         for app_id, request in requests.items():
-            state = self._states.get(app_id)
+            state = self._states_at_stop.get(app_id) if self._stopped_by is not None else self._states.get(app_id)
             if self._stopped_by is not None and state not in (AppState.SUCCEEDED, AppState.FAILED):
                 say(stopped_line(request, self._stopped_by))
             elif state == AppState.FAILED:
