@@ -76,7 +76,8 @@ def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable
     """The process dies (os._exit) half way through writing step 3's global part, on a real filesystem."""
     url = faulty_url
     args = [*SMALL, "--outer-steps", "4", "--sync-every", "5", "--checkpoint-dir", url]
-    lighthouse = Lighthouse(tmp_path, idle_exit=0)  # serves both runs
+    # serves both runs; the crashed run's heartbeats count (and hold the next quorum) until this timeout
+    lighthouse = Lighthouse(tmp_path, idle_exit=0, extra=["--heartbeat-timeout-ms", "1500"])
     crash = {FAULTS_ENV: json.dumps([{"match": "step_00000003/global.pt", "action": "crash"}])}
     g = Group(0, 1, lighthouse.url, args, tmp_path, extra_env=crash)
     assert g.wait() == 137
