@@ -26,6 +26,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import fsspec
 import numpy as np
 
+from torchx_diloco.config import positive_int
 from torchx_diloco.errors import UserError
 
 PROG = "python -m torchx_diloco.prepare"
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Hugging Face tokenizers file (tokenizer.json), 'bytes' (vocab 256), or 'train:VOCAB': a byte-level "
         f"BPE of up to VOCAB tokens trained on the inputs, saved as OUT/{TRAINED_NAME}, {EOT_TOKEN} its end of text",
     )
-    p.add_argument("--shard-tokens", type=_positive_int, default=100_000_000, help="tokens per shard, at most")
+    p.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard, at most")
     p.add_argument("--eot", default=None, help="a token of the tokenizer put between documents (default: a blank line)")
     p.add_argument("--text-field", default="text", help="the field (.jsonl) or column (.parquet) holding the text")
     p.add_argument(
@@ -93,16 +94,6 @@ def _tokenizer_spec(text: str) -> str:
                 f"{text!r}: train:VOCAB needs a whole number of at least {MIN_TRAINED_VOCAB} (256 bytes and more)"
             )
     return text
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
-    return value
 
 
 # --- the tokenizer --------------------------------------------------------------------------------------------
