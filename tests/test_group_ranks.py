@@ -239,7 +239,9 @@ def test_a_two_rank_group_with_dropout_resumes_as_if_never_stopped(tmp_path, fau
     step 2 (held at step 3's checkpoint write, so it cannot have gone further) and resumed ends bit for bit where
     an uninterrupted run ends. The sharded group part keeps each rank's RNG (with one rank's for both, rank 1's
     dropout masks after the resume would be rank 0's)."""
-    lighthouse = Lighthouse(tmp_path, min_replicas=1, idle_exit=0)
+    # serves the three runs one after the other: a run's heartbeats hold the next one's first quorum until they
+    # expire (1.5 s here, not 5 s)
+    lighthouse = Lighthouse(tmp_path, min_replicas=1, idle_exit=0, extra=["--heartbeat-timeout-ms", "1500"])
     model = ["--model", "tests.model_factories:rank_dependent_dropout", "--seq-len", str(SEQ), "--batch-size", "4"]
     args = [*model, "--eval-batches", "0", "--device", "cpu", "--sync-every", "4", "--group-wait", "0"]
     args += ["--outer-steps", "4"]
