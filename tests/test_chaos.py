@@ -24,11 +24,11 @@ STREAMING = ["--fragments", "4", "--overlap-steps", "1", "--codec", "int8"]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("extra, outer_steps", [([], 50), (STREAMING, 120)], ids=["blocking", "streaming-overlap-int8"])
+@pytest.mark.parametrize("extra, outer_steps", [([], 40), (STREAMING, 160)], ids=["blocking", "streaming-overlap-int8"])
 def test_worker_kills_during_inner_steps_sync_and_checkpoint_leave_one_history(tmp_path, extra, outer_steps):
     print(f"chaos seed {SEED} (set CHAOS_SEED to replay)")
     kills, audit = chaos.worker_kills(
-        tmp_path, kills=3, rng=random.Random(SEED), outer_steps=outer_steps, sync_every=40, extra=extra
+        tmp_path, kills=3, rng=random.Random(SEED), outer_steps=outer_steps, sync_every=40, extra=[*chaos.PACED, *extra]
     )
     assert len(kills) == 3, "the run ended before three kills: give it more outer steps"
     assert {k.phase for k in kills} == set(chaos.PHASES)

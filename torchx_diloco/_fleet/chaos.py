@@ -43,6 +43,9 @@ from torchx_diloco.checkpoint.store import MIN_PART_WAIT_S  # a dead peer's part
 from torchx_diloco.metrics import weights_checksum
 
 SMALL = ["--model", "nano", "--seq-len", "32", "--batch-size", "4", "--eval-batches", "0"]
+# nano with a floor of 15 ms per inner step: a run lasts about as long on a fast CPU as on a slow one, so the
+# worker kills, which are made only while enough of the run is left to come back, fit on any machine
+PACED = ["--model", "torchx_diloco._fleet.models:paced_nano", "--model-args", '{"step_s": 0.015}']
 PHASES = ("inner", "sync", "checkpoint")
 FIRST_ROUND = ("checkpoint", "sync", "inner")  # the last of a short run is a kill that never holds a peer up
 COLLECTIVE_TIMEOUT_S = 10  # bounds an all-reduce with a peer that died at an unlucky instant
