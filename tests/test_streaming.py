@@ -16,7 +16,7 @@ torchft = pytest.importorskip("torchft")
 from torchft.local_sgd import DiLoCo as TorchftDiLoCo  # noqa: E402
 
 from tests.conftest import run_in_groups  # noqa: E402
-from torchx_diloco.codecs import BLOCK, CODEC_TABLE, allreduce_sum, get_codec  # noqa: E402
+from torchx_diloco.codecs import BLOCK, CODEC_TABLE, TOPK_CHUNK, Feedback, allreduce_sum, get_codec  # noqa: E402
 from torchx_diloco.diloco import DiLoCo  # noqa: E402
 from torchx_diloco.errors import UserError  # noqa: E402
 from torchx_diloco.fragment import split_evenly  # noqa: E402
@@ -36,7 +36,14 @@ def data_of(group: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(
-    impl: str, fragments: int, tau: int, alpha: float, steps: int, codec: str = "fp32", groups: int = 2
+    impl: str,
+    fragments: int,
+    tau: int,
+    alpha: float,
+    steps: int,
+    codec: str = "fp32",
+    groups: int = 2,
+    **options: Any,  # DiLoCo's error_feedback, topk_density
 ) -> List[Dict[str, torch.Tensor]]:
     """Each group's global and local weights after ``steps`` inner steps of ``impl``."""
     models = [make_model() for _ in range(groups)]
@@ -57,7 +64,7 @@ def train(
         else:
             diloco = DiLoCo(
                 manager, model, inner, outers, sync_every=H, fragments=modules, overlap_steps=tau, mix_alpha=alpha,
-                codec=codec,
+                codec=codec, **options,
             )  # fmt: skip
         for _ in range(steps):
             ((model(x) - y) ** 2).mean().backward()
@@ -99,16 +106,23 @@ def test_same_weights_as_torchft_streaming_diloco(fragments: int, tau: int, alph
     assert not torch.allclose(ours[0]["global"], initial)  # the outer steps did move the weights
 
 
-@pytest.mark.parametrize("codec", ["bf16", "int8", "int4"])
-def test_low_bit_syncs_give_every_group_the_same_weights_close_to_fp32(codec: str) -> None:
+LOW_BIT = [("bf16", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("int2", {"error_feedback": True})]
+LOW_BIT += [("topk", {"topk_density": 0.05}), ("topk", {"topk_density": 0.05, "error_feedback": True})]
+
+
+@pytest.mark.parametrize(
+    "codec,options", LOW_BIT, ids=[f"{c}{'-ef' if o.get('error_feedback') else ''}" for c, o in LOW_BIT]
+)
+def test_low_bit_syncs_give_every_group_the_same_weights_close_to_fp32(codec: str, options: Dict[str, Any]) -> None:
     """Three groups (chunks of unequal owners), streaming and overlap on: bit-identical global weights in every
     group, near the fp32 run's; the nearer the more bits."""
     exact = train("torchx_diloco", 2, 1, 0.0, 2 * H, groups=3)
-    low = train("torchx_diloco", 2, 1, 0.0, 2 * H, codec=codec, groups=3)
+    low = train("torchx_diloco", 2, 1, 0.0, 2 * H, codec=codec, groups=3, **options)
     assert torch.equal(low[0]["global"], low[1]["global"]) and torch.equal(low[1]["global"], low[2]["global"])
     error = (low[0]["global"] - exact[0]["global"]).abs().max().item()
     moved = (exact[0]["global"] - torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])).abs().max()
-    bound = {"bf16": 0.02, "int8": 0.02, "int4": 0.25}[codec]
+    bound = {"bf16": 0.02, "int8": 0.02, "int4": 0.25, "int2": 0.6, "topk": 0.45}[codec]
+    bound *= {"int2": 0.85, "topk": 0.7}.get(codec, 1.0) if options.get("error_feedback") else 1.0
     assert 0 < error < bound * float(moved), f"{codec}: {error} vs the {float(moved)} the weights moved"
 
 
@@ -133,11 +147,130 @@ def test_codec_round_trip_errors_and_sizes() -> None:
     zeros = torch.zeros(3 * BLOCK + 5)
     for codec in CODEC_TABLE.values():
         assert torch.equal(codec.round_trip(zeros), zeros)  # a healed group's zeros stay zeros
-    with pytest.raises(ValueError, match="unknown codec 'int2'"):
-        get_codec("int2")
+    with pytest.raises(ValueError, match="unknown codec 'int3'"):
+        get_codec("int3")
 
 
-@pytest.mark.parametrize("codec", ["int8", "int4", "fp32"])
+def test_int2_sends_a_sign_and_one_of_two_magnitudes_per_block_four_values_a_byte() -> None:
+    """A block's magnitudes are the means of its values' magnitudes below and at-or-above their mean (bf16); an
+    outlier takes its block's high level alone, and the other blocks keep their own."""
+    torch.manual_seed(0)
+    x = torch.randn(4 * BLOCK) * 1e-3
+    x[5] = 10.0
+    codec = get_codec("int2")
+    y = codec.round_trip(x)
+    assert codec.encode(x).numel() == codec.encoded_bytes(x.numel()) == x.numel() // 4 + 4 * 4
+    for block, out in zip(x.view(-1, BLOCK), y.view(-1, BLOCK), strict=True):
+        magnitude = block.abs()
+        high = magnitude >= magnitude.mean()
+        levels = torch.stack([magnitude[~high].mean(), magnitude[high].mean()]).to(torch.bfloat16).float()
+        torch.testing.assert_close(out, torch.where(high, levels[1], levels[0]) * torch.sign(block))
+    assert float(y[5]) == pytest.approx(10.0, rel=1e-2) and float(y[BLOCK:].abs().max()) < 1e-2
+    assert torch.equal(codec.round_trip(torch.zeros(BLOCK + 3)), torch.zeros(BLOCK + 3))
+
+
+def test_topk_keeps_each_chunks_largest_values_their_indices_and_two_magnitudes() -> None:
+    """Per chunk of TOPK_CHUNK values: exactly the k largest magnitudes survive, at their own indices (the last
+    index of a chunk too: 12 bits), with their signs and one of the chunk's two magnitudes; the rest are zeros.
+    The payload is what the formula says (padded to 4 bytes), and twice the density keeps twice the values."""
+    torch.manual_seed(0)
+    x = torch.randn(3 * TOPK_CHUNK + 100)  # padded to 4 chunks
+    x[TOPK_CHUNK - 1] = 50.0
+    codec = get_codec("topk", 0.01)
+    k = round(0.01 * TOPK_CHUNK)
+    y = codec.round_trip(x)
+    padded = torch.cat([x, x.new_zeros(-x.numel() % TOPK_CHUNK)])
+    received = torch.cat([y, y.new_zeros(padded.numel() - y.numel())])
+    for c, (chunk, out) in enumerate(zip(padded.split(TOPK_CHUNK), received.split(TOPK_CHUNK), strict=True)):
+        kept = set(torch.nonzero(out).view(-1).tolist())
+        if c < 3:
+            assert kept == set(chunk.abs().topk(k).indices.tolist())
+        assert torch.equal(torch.sign(out[list(kept)]), torch.sign(chunk[list(kept)]))
+        assert len(set(out[list(kept)].abs().tolist())) <= 2
+    assert float(y[TOPK_CHUNK - 1]) > 10
+    kept_values = 4 * k
+    expected = 4 * 4 + 3 * ((kept_values + 1) // 2) + (kept_values + 3) // 4
+    assert codec.encode(padded).numel() == codec.encoded_bytes(padded.numel()) == expected + -expected % 4
+    assert int((get_codec("topk", 0.02).round_trip(x) != 0).sum()) == 2 * int((y != 0).sum())
+    assert torch.equal(codec.round_trip(torch.zeros(TOPK_CHUNK + 1)), torch.zeros(TOPK_CHUNK + 1))
+
+
+def test_topk_sum_is_an_all_gather_of_every_groups_payload() -> None:
+    """Three members: each gets the fp32 sum of every member's decoded payload, bit-identical, and sends (n-1)
+    times its payload; with feedback, the residual left is exactly the payload minus what it sent."""
+    numel, codec = 2 * TOPK_CHUNK + 7, get_codec("topk", 0.03)
+
+    def work(g: int, manager: Any) -> Tuple[torch.Tensor, int, torch.Tensor, bool]:
+        manager.register_state_dict_fn("none", lambda state: None, dict)
+        manager.start_quorum()
+        payload = torch.randn(numel, generator=torch.Generator().manual_seed(g))
+        feedback = Feedback(torch.full((numel,), 0.01), torch.empty(numel))
+        sent = allreduce_sum(manager, payload, codec, feedback)
+        return payload, sent, feedback.left, manager.should_commit()
+
+    results = run_in_groups(3, work)
+    meant = [torch.randn(numel, generator=torch.Generator().manual_seed(g)) + 0.01 for g in range(3)]
+    decoded = [codec.round_trip(x) for x in meant]
+    total = torch.zeros(numel)
+    for d in decoded:  # in rank order, in fp32
+        total += d
+    payload_bytes = codec.encoded_bytes(3 * TOPK_CHUNK)
+    for g, (payload, sent, left, committed) in enumerate(results):
+        assert committed and torch.equal(payload, total)
+        assert sent == 2 * payload_bytes
+        assert torch.equal(left, meant[g] - decoded[g])
+    assert payload_bytes < 0.06 * 3 * TOPK_CHUNK  # under half a bit a value at 3%: 16-bit values would be 1.5
+
+
+@pytest.mark.parametrize("codec", ["int2", "topk"])
+def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(codec: str) -> None:
+    """Error feedback on, three groups: a sync commits, then group 2's process group fails inside the payload's
+    collective (aborted, as a broken link): no group commits the next round, every group keeps its global weights
+    and its residuals, and says it sent nothing; the groups' global weights stay identical."""
+    models = [make_model() for _ in range(3)]
+    collective = "allgather_into_tensor_coalesced" if codec == "topk" else "alltoall_base"
+
+    def work(g: int, manager: Any) -> Dict[str, Any]:
+        model = models[g]
+        x, y = data_of(g)
+        inner, outer = torch.optim.AdamW(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.7)
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=3, codec=codec, error_feedback=True)
+
+        def train(steps: int) -> bool:
+            committed = False
+            for _ in range(steps):
+                ((model(x) - y) ** 2).mean().backward()
+                inner.step()
+                inner.zero_grad()
+                committed = diloco.step()
+            return committed
+
+        assert train(3)
+        before = {"global": [t.clone() for t in diloco.global_weights()], "residuals": dict(diloco.residuals())}
+        if g == 2:
+            pg = manager._pg
+
+            def broken(*args: Any, **kwargs: Any) -> Any:
+                pg.abort()
+                raise RuntimeError("link down")
+
+            setattr(pg, collective, broken)
+        committed = train(3)
+        diloco.close()
+        return {"committed": committed, "before": before, "diloco": diloco, "sent": diloco.last_sync["sent_bytes"]}
+
+    results = run_in_groups(3, work)
+    for r in results:
+        assert not r["committed"] and r["sent"] == 0
+        assert all(torch.equal(a, b) for a, b in zip(r["diloco"].global_weights(), r["before"]["global"], strict=True))
+        assert r["diloco"].residuals() == r["before"]["residuals"]  # the very tensors: not replaced
+        assert all(float(t.abs().max()) > 0 for t in r["before"]["residuals"].values())
+    assert all(
+        torch.equal(a, b) for a, b in zip(results[0]["before"]["global"], results[1]["before"]["global"], strict=True)
+    )
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4", "int2", "fp32"])
 def test_sum_is_a_reduce_scatter_not_an_all_gather_of_everything(codec: str) -> None:
     """Three members: every member gets the same sum, within the codec's error, and sends 2 (n-1)/n of the
     encoded payload (an all-gather of everything would send n-1 times it)."""
@@ -154,7 +287,7 @@ def test_sum_is_a_reduce_scatter_not_an_all_gather_of_everything(codec: str) -> 
     inputs = [torch.randn(numel, generator=torch.Generator().manual_seed(g)) for g in range(3)]
     exact = sum(inputs)
     # each member's values are off by at most half a step of their block, and so is the encoded sum
-    qmax = {"int8": 127, "int4": 7, "fp32": 1e7}[codec]
+    qmax = {"int8": 127, "int4": 7, "int2": 1, "fp32": 1e7}[codec]  # (int2: a loose bound, not its own)
     first = sum(float(x.abs().max()) for x in inputs) / (2 * qmax)
     tolerance = first + (float(exact.abs().max()) + first) / (2 * qmax)
     for payload, sent, committed in results:
@@ -190,6 +323,9 @@ def test_fragments_split_in_module_order_into_about_equal_parts() -> None:
         ({"sync_every": 8, "overlap_steps": -1}, r"^overlap_steps -1 must be below H/P = 8 .* raise sync_every$"),
         ({"sync_every": 8, "mix_alpha": -0.5}, r"^mix_alpha -0\.5 must be in \[0, 1\]$"),
         ({"sync_every": 8, "codec": "fp-16"}, r"^unknown codec 'fp-16': use one of fp32, "),
+        ({"sync_every": 8, "codec": "int2", "topk_density": 0.01}, r"^topk_density applies to codec topk only"),
+        ({"sync_every": 8, "codec": "topk", "topk_density": 1.5}, r"^topk_density 1\.5 must be in \(0, 1\]$"),
+        ({"sync_every": 8, "error_feedback": True}, r"^error_feedback needs a lossy codec \(fp32 sends every bit\)"),
     ],
 )
 def test_bad_streaming_settings_fail_with_one_line(kwargs: Dict[str, Any], message: str) -> None:
@@ -199,14 +335,23 @@ def test_bad_streaming_settings_fail_with_one_line(kwargs: Dict[str, Any], messa
         DiLoCo(object(), model, inner, outer, **kwargs)
 
 
-def test_groups_with_different_layouts_are_refused_not_mixed() -> None:
-    """One group with 2 fragments, the other with 1: the header tells them apart before any payload moves."""
+DIFFERING = [
+    [{"fragments": 1}, {"fragments": 2}],
+    [{"codec": "int2"}, {"codec": "topk"}],
+    [{"codec": "topk", "topk_density": 0.01}, {"codec": "topk", "topk_density": 0.03}],
+]
+
+
+@pytest.mark.parametrize("layouts", DIFFERING, ids=["fragments", "int2-topk", "densities"])
+def test_groups_with_different_layouts_are_refused_not_mixed(layouts: List[Dict[str, Any]]) -> None:
+    """Groups with other fragments, codecs or top-k densities: the header tells them apart before any payload
+    moves, and each group stops with the one line naming the flags."""
     models = [make_model() for _ in range(2)]
 
     def work(g: int, manager: Any) -> str:
         model = models[g]
         inner, outer = torch.optim.AdamW(model.parameters()), torch.optim.SGD(model.parameters(), lr=0.7)
-        diloco = DiLoCo(manager, model, inner, outer, sync_every=4, fragments=1 + g)
+        diloco = DiLoCo(manager, model, inner, outer, sync_every=4, **layouts[g])
         try:
             diloco.sync()
         except UserError as e:

@@ -29,7 +29,8 @@ from torchx_diloco.presets import PRESETS
 PROG = "python -m torchx_diloco.train"
 IMPLEMENTATIONS = ("torchx_diloco", "torchft")
 DTYPES = ("fp32", "bf16")
-CODECS = ("fp32", "bf16", "int8", "int4")
+CODECS = ("fp32", "bf16", "int8", "int4", "int2", "topk")
+DEFAULT_TOPK_DENSITY = 0.02  # --codec topk's share of values sent when --topk-density is not given
 PARALLEL = ("ddp", "fsdp")  # how the ranks of one group share the work
 DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
 
@@ -83,6 +84,10 @@ def unit_float(text: str) -> float:
 
 def closed_unit_float(text: str) -> float:
     return _number(text, float, lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+def density(text: str) -> float:
+    return _number(text, float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def device_name(text: str) -> str:
@@ -247,9 +252,21 @@ class DiLoCoConfig:
     codec: str = flag(
         "fp32",
         str,
-        "what the pseudo-gradient crosses the link as: fp32, bf16, int8 or int4 (block-scaled; a quantized "
-        "reduce-scatter + all-gather on Gloo and NCCL)",
+        "what the pseudo-gradient crosses the link as: fp32, bf16, int8, int4 or int2 (block-scaled; a quantized "
+        "reduce-scatter + all-gather on Gloo and NCCL), or topk (sparse: each 4096 values' largest, all-gathered: "
+        "fewer bytes than int2 while the groups number under about 0.3 / --topk-density, more beyond)",
         choices=CODECS,
+    )
+    topk_density: Optional[float] = flag(
+        None,
+        density,
+        f"--codec topk: the share of values each chunk sends (default {DEFAULT_TOPK_DENSITY}; 0.01-0.05 typical)",
+    )
+    error_feedback: bool = flag(
+        False,
+        bool,
+        "carry what a lossy --codec did not send of a fragment's pseudo-gradient into its next sync (each rank's "
+        "residual, kept beside the global weights and in checkpoints)",
     )
     impl: str = flag(
         "torchx_diloco",
@@ -371,7 +388,14 @@ FLAG_DEFAULTS: Dict[str, Any] = {flag_name(f): f.default for _, f in _declared()
 
 
 def streaming_problem(
-    sync_every: int, fragments: int, overlap_steps: int, mix_alpha: float, codec: str, as_arguments: bool = False
+    sync_every: int,
+    fragments: int,
+    overlap_steps: int,
+    mix_alpha: float,
+    codec: str,
+    as_arguments: bool = False,
+    error_feedback: bool = False,
+    topk_density: Optional[float] = None,
 ) -> Optional[str]:
     """What is wrong with a Streaming DiLoCo setting, as one line naming the fix; None if nothing.
 
@@ -397,6 +421,15 @@ def streaming_problem(
         return f"{name('mix_alpha')} {mix_alpha} must be in [0, 1]"
     if codec not in CODECS:
         return f"unknown {name('codec')} {codec!r}: use one of {', '.join(CODECS)}"
+    if topk_density is not None and codec != "topk":
+        return f"{name('topk_density')} applies to {name('codec')} topk only: drop it or pass {name('codec')} topk"
+    if topk_density is not None and not 0 < topk_density <= 1:
+        return f"{name('topk_density')} {topk_density} must be in (0, 1]"
+    if error_feedback and codec == "fp32":
+        return (
+            f"{name('error_feedback')} needs a lossy {name('codec')} (fp32 sends every bit): drop it or pass "
+            f"{name('codec')} {' or '.join(c for c in CODECS if c != 'fp32')}"
+        )
     return None
 
 
@@ -448,7 +481,9 @@ def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Option
     """The flags alone (no environment): what the components check before launch."""
     cfg: TrainConfig = _from_flags(vars(build_parser().parse_args(None if argv is None else list(argv))))
     d = cfg.diloco
-    problem = streaming_problem(d.sync_every, d.fragments, d.overlap_steps, d.mix_alpha, d.codec)
+    problem = streaming_problem(
+        d.sync_every, d.fragments, d.overlap_steps, d.mix_alpha, d.codec, False, d.error_feedback, d.topk_density
+    )
     if problem is not None:
         raise UserError(problem)
     if d.impl == "torchft" and d.codec != "fp32":

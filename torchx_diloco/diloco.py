@@ -9,7 +9,8 @@ into P contiguous parts of about equal size; one part syncs every H/P inner step
 link carries 1/P of the model at a time. A fragment's sync can be sent ``overlap_steps`` (tau) inner steps
 before it is applied, its communication running while they train; after its outer step the fragment keeps
 ``mix_alpha`` of its local weights. ``codec`` picks what the pseudo-gradient is sent as (fp32, bf16, int8,
-int4: see :mod:`torchx_diloco.codecs`).
+int4, int2, topk: see :mod:`torchx_diloco.codecs`); with ``error_feedback`` each rank carries what its lossy
+codec did not send of a fragment's pseudo-gradient into that fragment's next sync.
 
 The schedule and the arithmetic are ``torchft.local_sgd.DiLoCo``'s (the same weights when nothing fails; a
 test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours differs in that:
@@ -27,12 +28,13 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from torchx_diloco.cluster import start_quorum
+from torchx_diloco.codecs import Feedback, get_codec
 from torchx_diloco.config import streaming_problem
 from torchx_diloco.exchange import (
     Exchange,
@@ -74,6 +76,7 @@ class _InFlight:
     payload: torch.Tensor
     header: torch.Tensor
     sent_bytes: "Future[int]"
+    feedback: Optional[Feedback]  # the fragment's residual, and the one it leaves if the round commits
 
 
 class DiLoCo:
@@ -91,7 +94,12 @@ class DiLoCo:
             modules that together hold every trainable parameter once.
         overlap_steps: tau, inner steps between sending a fragment's pseudo-gradient and applying the result.
         mix_alpha: after a fragment's outer step, its weights are ``lerp(global, local, mix_alpha)``.
-        codec: what the pseudo-gradient crosses the link as: "fp32", "bf16", "int8" or "int4".
+        codec: what the pseudo-gradient crosses the link as: "fp32", "bf16", "int8", "int4", "int2" or "topk".
+        topk_density: with ``codec="topk"``, the share of values sent (config.DEFAULT_TOPK_DENSITY by default).
+        error_feedback: each rank adds to a fragment's pseudo-gradient what its (lossy) codec did not send of the
+            fragment's last committed one: ``e <- (delta + e) - decode(encode(delta + e))``, see
+            :mod:`torchx_diloco.codecs` for what "sent" is with each codec. The residuals live on
+            ``backup_device``; a group that heals or adopts a newer step starts from zeros.
         backup_device: where the global weights are kept between syncs (host memory by default).
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
         split_group: a ``torch.distributed`` process group of this replica group's ranks when they hold the
@@ -115,11 +123,15 @@ class DiLoCo:
         backup_device: torch.device | str = "cpu",
         quorum_retry_s: float = 60.0,
         split_group: Optional[Any] = None,
+        error_feedback: bool = False,
+        topk_density: Optional[float] = None,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         count = fragments if isinstance(fragments, int) else len(fragments)
-        problem = streaming_problem(sync_every, count, overlap_steps, mix_alpha, codec, as_arguments=True)
+        problem = streaming_problem(
+            sync_every, count, overlap_steps, mix_alpha, codec, True, error_feedback, topk_density
+        )
         if problem is not None:
             raise ValueError(problem)
         if getattr(manager, "_use_async_quorum", False):
@@ -138,8 +150,12 @@ class DiLoCo:
         self.quorum_retry_s = quorum_retry_s
         self._params = [p for _, p in named]
         # this rank's layout: groups of a run must cut and shard the model alike (checked at every exchange)
-        self._signature = layout_signature(len(self._fragments), codec, sum(f.numel for f in self._fragments))
-        self._exchange = Exchange(manager, codec, split_group, background=overlap_steps > 0)
+        wire = get_codec(codec, topk_density)
+        self._signature = layout_signature(len(self._fragments), wire.key, sum(f.numel for f in self._fragments))
+        self._exchange = Exchange(manager, wire, split_group, background=overlap_steps > 0)
+        if error_feedback:
+            for f in self._fragments:
+                f.zero_residual(self._exchange.share_numel(f.numel))
         self._in_flight: Optional[_InFlight] = None
         self._healed = False
         self._step_at_sync = manager.current_step()
@@ -203,6 +219,7 @@ class DiLoCo:
         """
         self.load_state_dict(state)
         self._healed = True
+        self._zero_residuals()
 
     def reset_to_global(self, newer: bool) -> None:
         """After the global weights were loaded in place: the model takes them (``newer``: as
@@ -211,6 +228,31 @@ class DiLoCo:
         for f in self._fragments:
             f.restore_backup()
         self._healed = self._healed or newer
+        if newer:
+            self._zero_residuals()
+
+    # --- error feedback: this rank's own state, in its group's checkpoint part, never sent to a healing peer --
+    def residuals(self) -> Dict[str, torch.Tensor]:
+        """This rank's error-feedback residuals by fragment (``fragment_0``, ...): empty without error feedback."""
+        return {f"fragment_{f.index}": f.residual for f in self._fragments if f.residual is not None}
+
+    def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`residuals` from a checkpoint; one that is missing or of another size (another layout of
+        the group's ranks) starts from zeros."""
+        afresh = []
+        for key, residual in self.residuals().items():
+            value = saved.get(key)
+            if value is None or value.shape != residual.shape:
+                afresh.append(key)
+                self._fragments[int(key.rsplit("_", 1)[1])].zero_residual()
+            elif value.data_ptr() != residual.data_ptr():
+                residual.copy_(value)
+        if afresh:
+            logger.warning("error feedback starts from zero residuals for %s: the checkpoint holds none", afresh)
+
+    def _zero_residuals(self) -> None:
+        for f in self._fragments:
+            f.zero_residual()
 
     def _load_healed_state(self, state: Dict[str, Any]) -> None:
         """A peer's global state, received during the quorum of a sync (torchft sets the step first)."""
@@ -269,13 +311,16 @@ class DiLoCo:
             start_quorum(self.manager, self.quorum_retry_s)
         fragment = self._fragments[self.schedule.fragment_at(self.manager.current_step())]
         header = new_header(Slot.SYNCING, self._signature, self._params[0].device)
-        if self._healed:  # our local weights predate the global ones we just received
+        if self._healed:  # our local weights predate the global ones we just received (and our residuals are zeros)
             payload = torch.zeros(fragment.numel, dtype=torch.float32, device=header.device)
             self._healed = False
         else:
             payload = fragment.pseudo_gradient()
             header[Slot.CONTRIBUTORS] = 1.0
-        self._in_flight = _InFlight(fragment, payload, header, self._exchange.start(payload, header))
+        residual = fragment.residual
+        feedback = None if residual is None else Feedback(residual, torch.zeros_like(residual))
+        sent = self._exchange.start(payload, header, feedback)
+        self._in_flight = _InFlight(fragment, payload, header, sent, feedback)
 
     def _drop_in_flight(self) -> None:
         if self._in_flight is not None:
@@ -298,7 +343,9 @@ class DiLoCo:
                 self.manager.current_step() + 1,
                 fragment.index,
             )
-            return False
+            return False  # the residual stays the one before this round: none of it was applied
+        if flight.feedback is not None:
+            fragment.residual = flight.feedback.left
         contributors = float(flight.header[Slot.CONTRIBUTORS])
         if contributors > 0:
             fragment.outer_step(flight.payload.div_(contributors))  # in place: no second copy

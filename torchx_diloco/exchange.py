@@ -20,7 +20,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch.distributed import ReduceOp
 
-from torchx_diloco.codecs import Codec, allreduce_sum, get_codec
+from torchx_diloco.codecs import Codec, Feedback, allreduce_sum, get_codec
 from torchx_diloco.errors import UserError
 
 
@@ -35,7 +35,8 @@ class Slot(IntEnum):
 
 
 def layout_signature(fragments: int, codec: str, numel: int) -> float:
-    """A number that differs between layouts the groups of one run must share (``numel``: this rank's share)."""
+    """A number that differs between layouts the groups of one run must share (``codec``: its ``key``, which
+    tells topk's densities apart too; ``numel``: this rank's share)."""
     return float(zlib.crc32(f"{fragments}/{codec}/{numel}".encode()) % (1 << 20) + 1)
 
 
@@ -55,7 +56,7 @@ def layouts_differ(header: torch.Tensor) -> bool:
 def check_layout(header: torch.Tensor) -> None:
     if layouts_differ(header):
         raise UserError(
-            "the groups of this run sync different layouts (--fragments, --codec or the model differ): "
+            "the groups of this run sync different layouts (--fragments, --codec, --topk-density or the model differ): "
             "start every group with the same flags"
         )
 
@@ -63,31 +64,40 @@ def check_layout(header: torch.Tensor) -> None:
 class Exchange:
     """Sends (header, payload) rounds through a torchft Manager, in the background when ``background``."""
 
-    def __init__(self, manager: Any, codec: str, split_group: Optional[Any] = None, background: bool = False) -> None:
+    def __init__(
+        self, manager: Any, codec: Codec | str, split_group: Optional[Any] = None, background: bool = False
+    ) -> None:
         self.manager = manager
-        self.codec: Codec = get_codec(codec)
+        self.codec: Codec = get_codec(codec) if isinstance(codec, str) else codec
         self.split_group = split_group if split_group is not None and split_group.size() > 1 else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-sync") if background else None
 
-    def start(self, payload: torch.Tensor, header: torch.Tensor) -> "Future[int]":
+    def share_numel(self, numel: int) -> int:
+        """How many of a ``numel``-value payload this rank sends across groups (its slice, with a split group):
+        the size of its error-feedback residual."""
+        ranks = self.split_group.size() if self.split_group is not None else 1
+        return -(-numel // ranks)
+
+    def start(self, payload: torch.Tensor, header: torch.Tensor, feedback: Optional[Feedback] = None) -> "Future[int]":
         """Sum ``header`` and ``payload`` in place over the quorum; the future gives the bytes this rank sent."""
         if self._executor is not None:
-            return self._executor.submit(self.run, payload, header)
+            return self._executor.submit(self.run, payload, header, feedback)
         done: Future[int] = Future()
-        done.set_result(self.run(payload, header))
+        done.set_result(self.run(payload, header, feedback))
         return done
 
-    def run(self, payload: torch.Tensor, header: torch.Tensor) -> int:
+    def run(self, payload: torch.Tensor, header: torch.Tensor, feedback: Optional[Feedback] = None) -> int:
         """One round, blocking: the header, then the payload as the codec sends it (every rank of the group calls
-        it: with a split group each sends its slice, then the group all-gathers the sums)."""
+        it: with a split group each sends its slice, then the group all-gathers the sums). ``feedback``: this
+        rank's error feedback, of its share (:meth:`share_numel`)."""
         if self.split_group is None:
-            return self._across_groups(header, payload, payload)
+            return self._across_groups(header, payload, payload, feedback)
         import torch.distributed as dist
 
         ranks, rank = self.split_group.size(), self.split_group.rank()
         padded = torch.cat([payload, payload.new_zeros(-payload.numel() % ranks)])
         share = padded.numel() // ranks
-        sent = self._across_groups(header, padded, padded[rank * share : (rank + 1) * share])
+        sent = self._across_groups(header, padded, padded[rank * share : (rank + 1) * share], feedback)
         # always, whatever the round turned out to be, so no rank of the group waits for another in vain
         dist.all_gather_into_tensor(padded, padded[rank * share : (rank + 1) * share].clone(), group=self.split_group)
         payload.copy_(padded[: payload.numel()])
@@ -97,7 +107,9 @@ class Exchange:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    def _across_groups(self, header: torch.Tensor, payload: torch.Tensor, share: torch.Tensor) -> int:
+    def _across_groups(
+        self, header: torch.Tensor, payload: torch.Tensor, share: torch.Tensor, feedback: Optional[Feedback]
+    ) -> int:
         self.manager.allreduce(header, reduce_op=ReduceOp.SUM).wait()
         if layouts_differ(header):
             self.manager.report_error(RuntimeError("the groups' sync layouts differ"))
@@ -108,7 +120,7 @@ class Exchange:
             return 0
         if float(header[Slot.AGREEING]) > 0:  # everyone is agreeing on initial weights: those travel exactly
             return allreduce_sum(self.manager, payload, get_codec("fp32"))
-        return allreduce_sum(self.manager, share, self.codec)
+        return allreduce_sum(self.manager, share, self.codec, feedback)
 
 
 def exchange_initial_weights(

@@ -3,14 +3,15 @@
 Streaming DiLoCo cuts the model into P fragments, in module order, of about equal size (:func:`split_evenly`);
 plain DiLoCo is one fragment. A fragment holds this rank's share of its parameters (a shard under FSDP2) and
 knows the three things an outer step needs: its pseudo-gradient ``global - local``, the outer step itself, and
-going back to its global weights.
+going back to its global weights. With error feedback it also keeps this rank's residual: what its codec has not
+sent yet of the fragment's pseudo-gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -82,9 +83,21 @@ class Fragment:
     ) -> None:
         self.index, self.names, self.params, self.outer_optimizer = index, names, params, outer_optimizer
         self.numel = sum(t.numel() for t in self.locals())  # this rank's share (a shard under FSDP)
-        pin = torch.device(backup_device).type == "cpu" and torch.cuda.is_available()
-        self.backup = [torch.empty(t.shape, dtype=t.dtype, device=backup_device, pin_memory=pin) for t in self.locals()]
+        self._backup_device = torch.device(backup_device)
+        self._pin = self._backup_device.type == "cpu" and torch.cuda.is_available()
+        self.backup = [
+            torch.empty(t.shape, dtype=t.dtype, device=backup_device, pin_memory=self._pin) for t in self.locals()
+        ]
         self.save_backup()
+        # error feedback: the part of this rank's pseudo-gradients its codec has not sent yet (None: no feedback)
+        self.residual: Optional[torch.Tensor] = None
+
+    def zero_residual(self, numel: Optional[int] = None) -> None:
+        """Start error feedback afresh: a residual of zeros (``numel`` values: this rank's share of the payload; by
+        default the current residual's size, and nothing without one), on the backup device."""
+        numel = numel if numel is not None else self.residual.numel() if self.residual is not None else None
+        if numel is not None:
+            self.residual = torch.zeros(numel, dtype=torch.float32, device=self._backup_device, pin_memory=self._pin)
 
     def locals(self) -> List[torch.Tensor]:
         return [local_tensor(p) for p in self.params]

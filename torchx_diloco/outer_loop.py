@@ -9,7 +9,7 @@ ready for a sync without re-deriving the schedule; :class:`OuterLoop` is what :c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Protocol, Tuple
 
 import torch
 
@@ -60,7 +60,8 @@ class OuterLoop(Protocol):
     ``step()`` is called after every inner optimizer step and returns True when it committed an outer step;
     ``last_sync`` then holds what that sync did (``fragment``, ``sent_bytes``, ``sync_s``: the seconds the
     outer loop held training up for it). The global state is every fragment's global weights and outer
-    optimizer: ``state_dict`` for one file, ``global_tensors`` and ``outer_optimizers`` for sharded formats.
+    optimizer: ``state_dict`` for one file, ``global_tensors`` and ``outer_optimizers`` for sharded formats. Error
+    feedback's residuals are each rank's own (``residuals``, ``load_residuals``): in the group's part.
     """
 
     schedule: Schedule
@@ -92,5 +93,9 @@ class OuterLoop(Protocol):
     def adopt_newer_global_state(self, state: Dict[str, Any]) -> None: ...
 
     def reset_to_global(self, newer: bool) -> None: ...
+
+    def residuals(self) -> Dict[str, torch.Tensor]: ...
+
+    def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None: ...
 
     def close(self) -> None: ...

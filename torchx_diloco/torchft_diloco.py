@@ -7,7 +7,7 @@ everything else (model, data, optimizers, fragments, checkpoints, metrics) ident
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -131,6 +131,12 @@ class TorchftDiLoCo:
 
     def adopt_newer_global_state(self, state: Dict[str, Any]) -> None:
         self.load_state_dict(state)
+
+    def residuals(self) -> Dict[str, torch.Tensor]:
+        return {}  # torchft has no error feedback
+
+    def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None:
+        pass
 
     def reset_to_global(self, newer: bool) -> None:
         for f in self._fragments:

@@ -129,6 +129,8 @@ class Trainer:
                 *parts,
                 mix_alpha=d.mix_alpha,
                 codec=d.codec,
+                topk_density=d.topk_density,
+                error_feedback=d.error_feedback,
                 quorum_retry_s=cfg.cluster.lighthouse_timeout,
                 split_group=self.parallel.split_group,
             )
