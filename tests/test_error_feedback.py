@@ -9,7 +9,9 @@ real ``DiLoCo`` through real Managers; both must agree bit for bit over several 
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -169,3 +171,116 @@ def test_without_error_feedback_the_residual_is_lost_and_the_weights_differ() ->
     assert without[0]["history"][-1]["residuals"] == {}
     assert not torch.equal(with_feedback[0]["history"][-1]["global"], without[0]["history"][-1]["global"])
     assert torch.equal(without[0]["history"][-1]["global"], without[2]["history"][-1]["global"])
+
+
+# --- residuals are training state: in checkpoints, restored bit for bit -----------------------------------------
+EF_ARGS = ["--model", "nano", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "0", "--group-wait", "0"]
+EF_ARGS += ["--device", "cpu", "--sync-every", "4", "--fragments", "2", "--codec", "int2", "--error-feedback"]
+
+
+class Stopped(Exception):
+    """The run stops here, as if killed."""
+
+
+def _trainer(lighthouse: str, folder: Path, outer_steps: int) -> Any:
+    from torchx_diloco.config import parse_config
+    from torchx_diloco.train import Trainer
+
+    env = {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "1", "TORCHFT_LIGHTHOUSE": lighthouse}
+    args = [*EF_ARGS, "--outer-steps", str(outer_steps), "--checkpoint-dir", str(folder)]
+    return Trainer(parse_config(args, env))
+
+
+def test_a_resume_restores_each_fragments_residual_and_trains_on_bit_for_bit(lighthouse, tmp_path) -> None:
+    """One group (one-file checkpoints), int2 with error feedback, two fragments: a run stopped after 3 outer steps
+    and resumed ends with the global weights and residuals of an uninterrupted 6-step run, step by step; the
+    group's part holds its residuals, the global part none (a healing peer never receives them)."""
+    from torchx_diloco._fleet.testing import committed_checksums
+    from torchx_diloco.checkpoint import CheckpointStore
+
+    whole = _trainer(lighthouse, tmp_path / "whole", 6)
+    assert whole.run() == 0
+    first = _trainer(lighthouse, tmp_path / "stopped", 6)  # the same flags (the same lr schedule): stopped at 3
+    save = first.checkpointer.save
+
+    def save_then_stop(step: int, *args: Any) -> None:
+        save(step, *args)
+        if step == 3:
+            raise Stopped  # (run() waits for the writer on its way out)
+
+    first.checkpointer.save = save_then_stop  # type: ignore[method-assign]
+    with pytest.raises(Stopped):
+        first.run()
+    saved = CheckpointStore(str(tmp_path / "stopped")).latest(0)
+    assert saved.step == 3 and set(saved.group_state["residuals"]) == {"fragment_0", "fragment_1"}
+    assert "residuals" not in saved.global_state["diloco"]
+    assert torch.equal(saved.group_state["residuals"]["fragment_0"], first.diloco.residuals()["fragment_0"])
+    resumed = _trainer(lighthouse, tmp_path / "stopped", 6)
+    assert resumed.run() == 0
+    ours, reference = committed_checksums(tmp_path / "stopped", 0), committed_checksums(tmp_path / "whole", 0)
+    assert [ours[s] for s in (4, 5, 6)] == [reference[s] for s in (4, 5, 6)]
+    for key, value in whole.diloco.residuals().items():
+        assert torch.equal(resumed.diloco.residuals()[key], value) and float(value.abs().max()) > 0
+
+
+def test_sharded_parts_hold_each_ranks_residuals_and_leave_out_other_sizes(tmp_path) -> None:
+    """A DCP group part keeps a rank's residuals under the rank's own key; a rank whose residual has another size
+    (another layout of the group) or that has none saved gets nothing loaded, and starts from zeros."""
+    from torchx_diloco.checkpoint import dcp
+
+    model = nn.Linear(4, 2)
+    inner = torch.optim.AdamW(model.parameters())
+    residuals = {"fragment_0": torch.randn(10), "fragment_1": torch.randn(3)}
+    url = str(tmp_path / "part")
+    dcp.save_sharded(url, dcp.group_state_dict(model, inner, 1, False, residuals=residuals))
+    sizes = dcp.saved_sizes(url)
+    assert sizes["residuals_rank_1.fragment_0"] == (10,) and sizes["residuals_rank_1.fragment_1"] == (3,)
+    into = {"fragment_0": torch.zeros(10), "fragment_1": torch.zeros(4)}  # fragment 1: another size here
+    state = dcp.group_state_dict(model, inner, 1, False, sizes, into)
+    assert set(state["residuals_rank_1"]) == {"fragment_0"}
+    dcp.load_sharded(url, state)
+    assert torch.equal(into["fragment_0"], residuals["fragment_0"]) and not into["fragment_1"].any()
+    assert "residuals_rank_0" not in dcp.group_state_dict(model, inner, 0, False, sizes, into)
+
+
+@pytest.mark.slow
+def test_a_two_rank_group_with_error_feedback_resumes_as_if_never_stopped(tmp_path, faulty_url) -> None:
+    """One group of 2 ddp ranks (each sends, and keeps the residual of, its half of the pseudo-gradient; sharded
+    checkpoints): a run held at step 3's checkpoint, killed, and resumed ends bit for bit where an uninterrupted
+    run ends; each rank's residual is in the part under its own key."""
+    import json
+
+    from torchx_diloco._fleet.faulty import FAULTS_ENV
+    from torchx_diloco._fleet.testing import Group, Lighthouse, committed, metrics_url, read_metrics
+    from torchx_diloco.checkpoint import CheckpointStore
+    from torchx_diloco.checkpoint.dcp import saved_sizes
+
+    lighthouse = Lighthouse(tmp_path, min_replicas=1, idle_exit=0, extra=["--heartbeat-timeout-ms", "1500"])
+    args = [*EF_ARGS[: EF_ARGS.index("--codec")], "--codec", "topk", "--topk-density", "0.05", "--error-feedback"]
+    args += ["--outer-steps", "4"]
+    hold = {FAULTS_ENV: json.dumps([{"match": "step_00000003/", "action": "hold", "until": str(tmp_path / "go")}])}
+
+    def group(ckpt: str, tag: str, faults: Optional[Dict[str, str]] = None) -> Any:
+        return Group(0, 1, lighthouse.url, [*args, "--checkpoint-dir", ckpt], tmp_path, faults, tag=tag, nproc=2)
+
+    def weights(folder: Path) -> Dict[int, str]:
+        return {r["outer_step"]: r["weights_sha"] for r in committed(read_metrics(metrics_url(folder, 0)))}
+
+    whole = group(str(tmp_path / "whole"), "whole")
+    assert whole.wait(120) == 0, whole.output()[-3000:]
+    folder = Path(faulty_url.removeprefix("faulty://"))
+    first = group(faulty_url, "first", hold)
+    deadline = time.monotonic() + 120
+    while 2 not in weights(folder):  # step 2's parts and metrics are written; step 3's write waits for "go"
+        assert time.monotonic() < deadline and first.proc.poll() is None, first.output()[-3000:]
+        time.sleep(0.1)
+    first.kill()
+    sizes = saved_sizes(CheckpointStore(faulty_url).sharded_url(2, "replica_group_0"))
+    halves = [sizes.get(f"residuals_rank_{r}.fragment_0") for r in (0, 1)]
+    assert halves[0] is not None and halves[0] == halves[1], sizes  # each rank's half of fragment 0
+    second = group(faulty_url, "second")
+    assert second.wait(120) == 0, second.output()[-3000:]
+    lighthouse.kill()
+    assert "group 0 resumed from" in second.output() and "(outer step 2)" in second.output(), second.output()
+    assert "starts from zero residuals" not in second.output()
+    assert weights(folder)[4] == weights(tmp_path / "whole")[4]

@@ -20,7 +20,7 @@ import os
 import pickle
 import warnings
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Dict, Generator, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, Generator, Mapping, Optional, Set, Tuple
 
 import fsspec
 import torch
@@ -228,7 +228,16 @@ def load_sharded(url: str, state: Dict[str, Any], pg: Optional[dist.ProcessGroup
 
 def saved_keys(url: str) -> Set[str]:
     """The (flattened) keys the DCP folder ``url`` holds, from its metadata (read safely)."""
-    return set(_SafeReader(url).read_metadata().state_dict_metadata)
+    return set(saved_sizes(url))
+
+
+def saved_sizes(url: str) -> Dict[str, Optional[Tuple[int, ...]]]:
+    """The (flattened) keys the DCP folder ``url`` holds with each tensor's size (None: not a tensor)."""
+    sizes: Dict[str, Optional[Tuple[int, ...]]] = {}
+    for key, entry in _SafeReader(url).read_metadata().state_dict_metadata.items():
+        size = getattr(entry, "size", None)  # a TensorStorageMetadata's; bytes have none
+        sizes[key] = tuple(size) if size is not None else None
+    return sizes
 
 
 # --- what DiLoCo's global state looks like to DCP ------------------------------------------------------------
@@ -275,12 +284,14 @@ def group_state_dict(
     inner: torch.optim.Optimizer,
     rank: int,
     local_weights: bool,
-    saved: Optional[Set[str]] = None,
+    saved: Optional[Mapping[str, Optional[Tuple[int, ...]]]] = None,
+    residuals: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """A group's own state for DCP: the inner optimizer (keyed by parameter name: any layout loads it), this
-    rank's RNG under a key of its own (a value every rank holds under one key is saved once, for one rank), and
-    the local weights when they differ from the global ones. To load: ``saved``, the keys the part holds (a rank
-    the part has no RNG for keeps its own; a part written before format 3 holds one ``rng`` for all)."""
+    rank's RNG and error-feedback ``residuals`` under keys of their own (a value every rank holds under one key
+    is saved once, for one rank), and the local weights when they differ from the global ones. To load:
+    ``saved``, what the part holds (:func:`saved_sizes`: a rank the part has no RNG for keeps its own; a part
+    written before format 3 holds one ``rng`` for all; residuals it lacks, or of another size, are left out)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state: Dict[str, Any] = {"inner_optimizer": get_optimizer_state_dict(model, inner)}
@@ -290,11 +301,22 @@ def group_state_dict(
         state["rng"] = torch.get_rng_state()
     if local_weights:
         state["local_weights"] = get_model_state_dict(model)
+    kept = {
+        name: t
+        for name, t in (residuals or {}).items()
+        if saved is None or saved.get(f"{residuals_key(rank)}.{name}") == tuple(t.shape)
+    }
+    if kept:
+        state[residuals_key(rank)] = dict(kept)
     return state
 
 
 def rng_key(rank: int) -> str:
     return f"rng_rank_{rank}"
+
+
+def residuals_key(rank: int) -> str:
+    return f"residuals_rank_{rank}"
 
 
 def load_group_state_dict(model: torch.nn.Module, inner: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
