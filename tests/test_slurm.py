@@ -562,8 +562,13 @@ def test_groups_of_two_nodes_heal_a_killed_rank_and_end_with_identical_weights(t
         assert re.search(rf"^ *\*?{re.escape(role)}:RUNNING *$", status.stdout, re.M), status.stdout  # * marks [0]
 
     wait_until(lambda: len(committed_checksums(ckpt, 1)) >= 3, 120, "group 1 past outer step 3")
-    victim = train_workers(SLURM_JOB_ID=jid, SLURM_JOB_NAME="replica_group_1-1")  # group 1's second node
-    assert len(victim) == 1 and victim[0]["REPLICA_GROUP_ID"] == "1", victim
+    # group 1's second node's worker (once seen alone: a child it forks to exec a program looks like it for a moment)
+    victim = wait_until(
+        lambda: len(v := train_workers(SLURM_JOB_ID=jid, SLURM_JOB_NAME="replica_group_1-1")) == 1 and v,
+        30,
+        "one worker on group 1's second node",
+    )
+    assert victim[0]["REPLICA_GROUP_ID"] == "1" and victim[0]["TORCHELASTIC_RESTART_COUNT"] == "0", victim
     killed_at = max(committed_checksums(ckpt, 1))
     os.kill(int(victim[0]["PID"]), signal.SIGKILL)  # the worker dies on its node; torchrun stays
     restarted = wait_until(
