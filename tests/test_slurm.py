@@ -562,7 +562,8 @@ def test_groups_of_two_nodes_heal_a_killed_rank_and_end_with_identical_weights(t
         assert re.search(rf"^ *\*?{re.escape(role)}:RUNNING *$", status.stdout, re.M), status.stdout  # * marks [0]
 
     wait_until(lambda: len(committed_checksums(ckpt, 1)) >= 3, 120, "group 1 past outer step 3")
-    # group 1's second node's worker (once seen alone: a child it forks to exec a program looks like it for a moment)
+    # group 1's second node's worker, once seen alone (under load two processes with its command line and environment
+    # were seen there once, cause not established; a child forked to exec a program looks so for a moment)
     victim = wait_until(
         lambda: len(v := train_workers(SLURM_JOB_ID=jid, SLURM_JOB_NAME="replica_group_1-1")) == 1 and v,
         30,
