@@ -24,8 +24,11 @@ STREAMING = ["--fragments", "4", "--overlap-steps", "1", "--codec", "int8"]
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("extra, outer_steps", [([], 40), (STREAMING, 160)], ids=["blocking", "streaming-overlap-int8"])
-def test_worker_kills_during_inner_steps_sync_and_checkpoint_leave_one_history(tmp_path, extra, outer_steps):
+def test_worker_kills_during_inner_steps_sync_and_checkpoint_leave_one_history(tmp_path):
+    """Streaming with overlap and int8, the path with the most in flight at a kill (a fragment's exchange running
+    beside inner steps). Blocking syncs' kills: test_run_e2e's and test_slurm's killed workers, the whole-job
+    restarts below, and scripts/chaos.py's long run (blocking unless --train-args says otherwise)."""
+    extra, outer_steps = STREAMING, 160
     print(f"chaos seed {SEED} (set CHAOS_SEED to replay)")
     kills, audit = chaos.worker_kills(
         tmp_path, kills=3, rng=random.Random(SEED), outer_steps=outer_steps, sync_every=40, extra=[*chaos.PACED, *extra]
