@@ -173,9 +173,33 @@ def test_without_error_feedback_the_residual_is_lost_and_the_weights_differ() ->
     assert torch.equal(without[0]["history"][-1]["global"], without[2]["history"][-1]["global"])
 
 
+@pytest.mark.parametrize(
+    "codec,on", [("int2", True), ("topk", True), ("int4", False), ("bf16", False), ("fp32", False)]
+)
+def test_error_feedback_is_on_by_default_for_int2_and_topk_only(lighthouse, codec: str, on: bool) -> None:
+    """``error_feedback=None`` (``--error-feedback auto``): on where it measured better, for int2 and topk (each
+    fragment gets a residual of its size), off otherwise; True and False as asked."""
+    from tests.conftest import group_manager_for
+
+    for asked, expected in ((None, on), (False, False), (True, True)):
+        if asked is True and codec == "fp32":
+            continue  # refused: tests/test_streaming.py
+        model = make_model()
+        inner, outer = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.7)
+        manager = group_manager_for(lighthouse)  # (one outer loop per Manager)
+        try:
+            diloco = DiLoCo(manager, model, inner, outer, sync_every=2, fragments=2, codec=codec, error_feedback=asked)
+            residuals = diloco.residuals()
+            assert bool(residuals) == expected, (codec, asked)
+            assert not expected or [r.numel() for r in residuals.values()] == [144, 289]
+            diloco.close()
+        finally:
+            manager.shutdown(wait=False)
+
+
 # --- residuals are training state: in checkpoints, restored bit for bit -----------------------------------------
 EF_ARGS = ["--model", "nano", "--seq-len", "32", "--batch-size", "2", "--eval-batches", "0", "--group-wait", "0"]
-EF_ARGS += ["--device", "cpu", "--sync-every", "4", "--fragments", "2", "--codec", "int2", "--error-feedback"]
+EF_ARGS += ["--device", "cpu", "--sync-every", "4", "--fragments", "2", "--codec", "int2"]  # error feedback: auto, on
 
 
 class Stopped(Exception):
@@ -256,7 +280,7 @@ def test_a_two_rank_group_with_error_feedback_resumes_as_if_never_stopped(tmp_pa
     from torchx_diloco.checkpoint.dcp import saved_sizes
 
     lighthouse = Lighthouse(tmp_path, min_replicas=1, idle_exit=0, extra=["--heartbeat-timeout-ms", "1500"])
-    args = [*EF_ARGS[: EF_ARGS.index("--codec")], "--codec", "topk", "--topk-density", "0.05", "--error-feedback"]
+    args = [*EF_ARGS[: EF_ARGS.index("--codec")], "--codec", "topk", "--topk-density", "0.05", "--error-feedback", "on"]
     args += ["--outer-steps", "4"]
     hold = {FAULTS_ENV: json.dumps([{"match": "step_00000003/", "action": "hold", "until": str(tmp_path / "go")}])}
 

@@ -31,6 +31,9 @@ IMPLEMENTATIONS = ("torchx_diloco", "torchft")
 DTYPES = ("fp32", "bf16")
 CODECS = ("fp32", "bf16", "int8", "int4", "int2", "topk")
 DEFAULT_TOPK_DENSITY = 0.02  # --codec topk's share of values sent when --topk-density is not given
+# --error-feedback auto turns it on for these codecs: where it measured better (docs/benchmarks.md, issue 18)
+ERROR_FEEDBACK_BY_DEFAULT = ("int2", "topk")
+ERROR_FEEDBACK = {"auto": None, "on": True, "off": False}  # the flag's values, as DiLoCo(error_feedback=...)
 PARALLEL = ("ddp", "fsdp")  # how the ranks of one group share the work
 DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on every CPython, no download
 
@@ -260,13 +263,15 @@ class DiLoCoConfig:
     topk_density: Optional[float] = flag(
         None,
         density,
-        f"--codec topk: the share of values each chunk sends (default {DEFAULT_TOPK_DENSITY}; 0.01-0.05 typical)",
+        f"--codec topk: the share of each chunk's values sent (0.01-0.05 typical); unset, {DEFAULT_TOPK_DENSITY}",
     )
-    error_feedback: bool = flag(
-        False,
-        bool,
+    error_feedback: str = flag(
+        "auto",
+        str,
         "carry what a lossy --codec did not send of a fragment's pseudo-gradient into its next sync (each rank's "
-        "residual, kept beside the global weights and in checkpoints)",
+        "residual, kept beside the global weights and in checkpoints): auto (on for "
+        f"{' and '.join(ERROR_FEEDBACK_BY_DEFAULT)}, where it measured better; off otherwise), on or off",
+        choices=tuple(ERROR_FEEDBACK),
     )
     impl: str = flag(
         "torchx_diloco",
@@ -394,10 +399,11 @@ def streaming_problem(
     mix_alpha: float,
     codec: str,
     as_arguments: bool = False,
-    error_feedback: bool = False,
+    error_feedback: Optional[bool] = None,
     topk_density: Optional[float] = None,
 ) -> Optional[str]:
-    """What is wrong with a Streaming DiLoCo setting, as one line naming the fix; None if nothing.
+    """What is wrong with a Streaming DiLoCo setting, as one line naming the fix; None if nothing. (``error_feedback``
+    None: the codec's default, :func:`error_feedback_on`.)
 
     The trainer's flags and ``DiLoCo``'s arguments are checked by this same function; ``as_arguments`` names
     them as ``DiLoCo``'s keyword arguments (``overlap_steps``) instead of flags (``--overlap-steps``)."""
@@ -425,12 +431,17 @@ def streaming_problem(
         return f"{name('topk_density')} applies to {name('codec')} topk only: drop it or pass {name('codec')} topk"
     if topk_density is not None and not 0 < topk_density <= 1:
         return f"{name('topk_density')} {topk_density} must be in (0, 1]"
-    if error_feedback and codec == "fp32":
+    if error_feedback is True and codec == "fp32":
         return (
             f"{name('error_feedback')} needs a lossy {name('codec')} (fp32 sends every bit): drop it or pass "
             f"{name('codec')} {' or '.join(c for c in CODECS if c != 'fp32')}"
         )
     return None
+
+
+def error_feedback_on(codec: str, error_feedback: Optional[bool] = None) -> bool:
+    """Whether ``codec`` runs with error feedback: as asked, or by default where it measured better."""
+    return codec in ERROR_FEEDBACK_BY_DEFAULT if error_feedback is None else error_feedback
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -482,7 +493,14 @@ def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Option
     cfg: TrainConfig = _from_flags(vars(build_parser().parse_args(None if argv is None else list(argv))))
     d = cfg.diloco
     problem = streaming_problem(
-        d.sync_every, d.fragments, d.overlap_steps, d.mix_alpha, d.codec, False, d.error_feedback, d.topk_density
+        d.sync_every,
+        d.fragments,
+        d.overlap_steps,
+        d.mix_alpha,
+        d.codec,
+        False,
+        ERROR_FEEDBACK[d.error_feedback],
+        d.topk_density,
     )
     if problem is not None:
         raise UserError(problem)

@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from torchx_diloco.cluster import start_quorum
 from torchx_diloco.codecs import Feedback, get_codec
-from torchx_diloco.config import streaming_problem
+from torchx_diloco.config import error_feedback_on, streaming_problem
 from torchx_diloco.exchange import (
     Exchange,
     Slot,
@@ -99,7 +99,8 @@ class DiLoCo:
         error_feedback: each rank adds to a fragment's pseudo-gradient what its (lossy) codec did not send of the
             fragment's last committed one: ``e <- (delta + e) - decode(encode(delta + e))``, see
             :mod:`torchx_diloco.codecs` for what "sent" is with each codec. The residuals live on
-            ``backup_device``; a group that heals or adopts a newer step starts from zeros.
+            ``backup_device``; a group that heals or adopts a newer step starts from zeros. None (the default):
+            on for the codecs of ``config.ERROR_FEEDBACK_BY_DEFAULT`` (int2, topk), off for the others.
         backup_device: where the global weights are kept between syncs (host memory by default).
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
         split_group: a ``torch.distributed`` process group of this replica group's ranks when they hold the
@@ -123,7 +124,7 @@ class DiLoCo:
         backup_device: torch.device | str = "cpu",
         quorum_retry_s: float = 60.0,
         split_group: Optional[Any] = None,
-        error_feedback: bool = False,
+        error_feedback: Optional[bool] = None,
         topk_density: Optional[float] = None,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
@@ -153,7 +154,7 @@ class DiLoCo:
         wire = get_codec(codec, topk_density)
         self._signature = layout_signature(len(self._fragments), wire.key, sum(f.numel for f in self._fragments))
         self._exchange = Exchange(manager, wire, split_group, background=overlap_steps > 0)
-        if error_feedback:
+        if error_feedback_on(codec, error_feedback):
             for f in self._fragments:
                 f.zero_residual(self._exchange.share_numel(f.numel))
         self._in_flight: Optional[_InFlight] = None

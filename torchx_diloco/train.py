@@ -28,7 +28,7 @@ from torchx_diloco.cluster import (
     join_run,
     pick_device,
 )
-from torchx_diloco.config import TrainConfig, parse_config
+from torchx_diloco.config import ERROR_FEEDBACK, TrainConfig, parse_config
 from torchx_diloco.data import Corpus, eval_batches
 from torchx_diloco.diloco import DiLoCo
 from torchx_diloco.errors import UserError
@@ -130,7 +130,7 @@ class Trainer:
                 mix_alpha=d.mix_alpha,
                 codec=d.codec,
                 topk_density=d.topk_density,
-                error_feedback=d.error_feedback,
+                error_feedback=ERROR_FEEDBACK[d.error_feedback],
                 quorum_retry_s=cfg.cluster.lighthouse_timeout,
                 split_group=self.parallel.split_group,
             )
