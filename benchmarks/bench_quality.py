@@ -24,6 +24,9 @@ import benchlib as bl  # noqa: E402
 
 DP_WORKER = str(Path(__file__).resolve().parent / "dp_worker.py")
 GROUPS = 4
+TOPK = ["--codec", "topk", "--topk-density"]
+NO_MOMENTUM = ["--outer-momentum", "0"]
+NO_EF = ["--error-feedback", "off"]  # (on by default for int2 and topk)
 
 
 def curve_dp(records: List[Dict[str, Any]], tokens_per_step: int) -> List[tuple]:
@@ -88,6 +91,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="the short version (default)")
     p.add_argument("--full", action="store_true", help="a longer run at the default sequence length")
     p.add_argument("--only", action="append", help="only the rows whose name contains this (repeatable)")
+    p.add_argument("--name", help="the results' name (default quality, or quality-only with --only)")
     a = p.parse_args()
     started = time.time()
     cfg = (
@@ -127,6 +131,33 @@ def main() -> int:
             ("DiLoCo H=50 int8", GROUPS, 50, ["--codec", "int8"], 1),
             ("DiLoCo H=50 int4", GROUPS, 50, ["--codec", "int4"], 1),
             ("DiLoCo H=100 int4", GROUPS, 100, ["--codec", "int4"], 1),
+            # error feedback, int2 and sparse syncs (issue 18)
+            ("DiLoCo H=50 int4 +EF", GROUPS, 50, ["--codec", "int4", "--error-feedback", "on"], 1),
+            ("DiLoCo H=50 int2", GROUPS, 50, ["--codec", "int2", *NO_EF], 1),
+            ("DiLoCo H=50 int2 +EF", GROUPS, 50, ["--codec", "int2", "--error-feedback", "on"], 1),
+            ("DiLoCo H=50 topk 2%", GROUPS, 50, [*TOPK, "0.02", *NO_EF], 1),
+            ("DiLoCo H=50 topk 2% +EF", GROUPS, 50, [*TOPK, "0.02", "--error-feedback", "on"], 1),
+            ("DiLoCo H=50 topk 1% +EF", GROUPS, 50, [*TOPK, "0.01", "--error-feedback", "on"], 1),
+            # sparse syncs want many of them: at H=10, about int2's H=50 bytes
+            ("DiLoCo H=10 topk 2%", GROUPS, 10, [*TOPK, "0.02", *NO_EF], 1),
+            ("DiLoCo H=10 topk 2% +EF", GROUPS, 10, [*TOPK, "0.02", "--error-feedback", "on"], 1),
+            ("DiLoCo H=10 topk 3% +EF", GROUPS, 10, [*TOPK, "0.03", "--error-feedback", "on"], 1),
+            ("DiLoCo H=10 topk 1% +EF", GROUPS, 10, [*TOPK, "0.01", "--error-feedback", "on"], 1),
+            (
+                "DiLoCo H=10 topk 2% +EF, outer momentum 0",
+                GROUPS,
+                10,
+                [*TOPK, "0.02", "--error-feedback", "on", *NO_MOMENTUM],
+                1,
+            ),
+            # SparseLoCo's recipe: the residual stands in for the outer momentum
+            (
+                "DiLoCo H=50 topk 2% +EF, outer momentum 0",
+                GROUPS,
+                50,
+                [*TOPK, "0.02", "--error-feedback", "on", *NO_MOMENTUM],
+                1,
+            ),
         ]
         if a.only:  # a subset (data-parallel always runs: every row is compared with it)
             plan = [row for row in plan if row[0].startswith("data-parallel") or any(o in row[0] for o in a.only)]
@@ -191,7 +222,8 @@ def main() -> int:
             ["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"], table_rows, digits=3
         )
     )
-    suffix = "-full" if a.full else ("-only" if a.only else "")  # a subset does not replace the whole table
+    result_name = a.name or ("quality-only" if a.only else "quality")  # a subset does not replace the whole table
+    suffix = "-full" if a.full else result_name.removeprefix("quality")
     png = bl.RESULTS / f"loss_vs_tokens{suffix}.png"
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(
@@ -206,10 +238,10 @@ def main() -> int:
         goals[f"{name}: within 2% of DP eval loss"] = (
             loss is not None and dp_loss is not None and loss <= 1.02 * dp_loss
         )
-        wanted = 400 if "int4" in name else 50
+        wanted = 1000 if "int2" in name or "topk" in name else 400 if "int4" in name else 50
         goals[f"{name}: >= {wanted}x fewer bytes than DP"] = bool(mb) and dp_bytes / mb >= wanted
     bl.write_result(
-        f"quality{'-only' if a.only else ''}",
+        result_name,
         {
             "config": {
                 **cfg,

@@ -1,7 +1,9 @@
 """The CUDA paths in one go (``scripts/gpu-check.sh``): the codecs on the GPU, then real ``torchx run`` jobs.
 
-1. Codecs: round-trip error of bf16, int8 and int4 on a pseudo-gradient-like tensor (heavy-tailed, one outlier),
-   against each codec's own bound, and encode + decode times on the device; CPU and GPU must agree.
+1. Codecs: round-trip error of bf16, int8, int4, int2 and topk on a pseudo-gradient-like tensor (heavy-tailed,
+   one outlier), against each codec's own bound, and encode + decode times on the device; CPU and GPU must agree
+   (int2's and topk's magnitudes are means, which a GPU may sum in another order: a last-bit difference there
+   is not a fault, as each group decodes every payload alike).
 2. One group on the GPU through ``torchx run diloco.diloco`` (an NCCL world of one, so every collective of the
    quantized reduce-scatter and all-gather runs on NCCL): blocking fp32 vs streaming (P=4, tau=1) int8, with
    the seconds each sync held training (``sync_s``) and tokens/s, from the metrics.
@@ -56,7 +58,7 @@ def time_it(fn: Any, device: str, repeats: int = 10) -> float:
 def check_codecs(device: str, numel: int) -> List[Dict[str, Any]]:
     x = pseudo_gradient(numel, device)
     rows = []
-    for name in ("bf16", "int8", "int4"):
+    for name in ("bf16", "int8", "int4", "int2", "topk"):
         codec = get_codec(name)
         y = codec.round_trip(x)
         error = (y - x).abs()

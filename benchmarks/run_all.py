@@ -20,6 +20,7 @@ BENCHMARKS = [
     "bench_durability",
     "bench_model_path",
     "bench_groups",
+    "bench_codecs",
 ]
 
 
