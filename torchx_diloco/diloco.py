@@ -44,7 +44,16 @@ from torchx_diloco.exchange import (
     layout_signature,
     new_header,
 )
-from torchx_diloco.fragment import Fragment, OuterOptimizers, build_fragments, local_tensor, param_ids, split_evenly
+from torchx_diloco.fragment import (
+    Fragment,
+    OuterOptimizers,
+    build_fragments,
+    load_residuals,
+    local_tensor,
+    param_ids,
+    residuals_of,
+    split_evenly,
+)
 from torchx_diloco.outer_loop import Schedule, Upcoming
 
 __all__ = ["DiLoCo", "STATE_KEY", "local_tensor", "split_evenly"]
@@ -52,6 +61,23 @@ __all__ = ["DiLoCo", "STATE_KEY", "local_tensor", "split_evenly"]
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "torchx_diloco"  # the name our global state is registered under with the manager
+
+
+def _check_global_state(
+    tensors: List[Tuple[str, nn.Parameter, torch.Tensor]], weights: Mapping[str, Any], outer: Any, outers: Optional[int]
+) -> None:
+    """A global state fits ``tensors`` (names, shapes) and the outer optimizers: one (``outers`` None: one state, not
+    a list) or a list of ``outers``."""
+    missing = {name for name, _, _ in tensors} ^ set(weights)
+    if missing:
+        raise ValueError(f"global weights do not match the model: differing names {sorted(missing)[:5]}")
+    if isinstance(outer, list) != (outers is not None) or (outers is not None and len(outer) != outers):
+        raise ValueError("the saved outer optimizer state does not match: pass the same fragments and optimizers")
+    for name, _, backup in tensors:
+        if weights[name].shape != backup.shape:
+            raise ValueError(
+                f"global weight {name} has shape {tuple(weights[name].shape)}, the model has {tuple(backup.shape)}"
+            )
 
 
 def _trainable_parameters(
@@ -192,18 +218,9 @@ class DiLoCo:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Adopt ``state`` as the global state and reset the model to those weights."""
         weights, outer = state["global_weights"], state["outer_optimizer"]
-        missing = {name for name, _, _ in self.global_tensors()} ^ set(weights)
-        if missing:
-            raise ValueError(f"global weights do not match the model: differing names {sorted(missing)[:5]}")
-        if isinstance(outer, list) == self._one_outer or len([outer] if self._one_outer else outer) != len(
-            self.outer_optimizers
-        ):
-            raise ValueError("the saved outer optimizer state does not match: pass the same fragments and optimizers")
-        for name, _, backup in self.global_tensors():
-            if weights[name].shape != backup.shape:
-                raise ValueError(
-                    f"global weight {name} has shape {tuple(weights[name].shape)}, the model has {tuple(backup.shape)}"
-                )
+        _check_global_state(
+            self.global_tensors(), weights, outer, None if self._one_outer else len(self.outer_optimizers)
+        )
         self._drop_in_flight()
         with torch.no_grad():
             for name, _, backup in self.global_tensors():
@@ -235,21 +252,11 @@ class DiLoCo:
     # --- error feedback: this rank's own state, in its group's checkpoint part, never sent to a healing peer --
     def residuals(self) -> Dict[str, torch.Tensor]:
         """This rank's error-feedback residuals by fragment (``fragment_0``, ...): empty without error feedback."""
-        return {f"fragment_{f.index}": f.residual for f in self._fragments if f.residual is not None}
+        return residuals_of(self._fragments)
 
     def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None:
-        """Restore :meth:`residuals` from a checkpoint; one that is missing or of another size (another layout of
-        the group's ranks) starts from zeros."""
-        afresh = []
-        for key, residual in self.residuals().items():
-            value = saved.get(key)
-            if value is None or value.shape != residual.shape:
-                afresh.append(key)
-                self._fragments[int(key.rsplit("_", 1)[1])].zero_residual()
-            elif value.data_ptr() != residual.data_ptr():
-                residual.copy_(value)
-        if afresh:
-            logger.warning("error feedback starts from zero residuals for %s: the checkpoint holds none", afresh)
+        """Restore :meth:`residuals` from a checkpoint (see :func:`~torchx_diloco.fragment.load_residuals`)."""
+        load_residuals(self._fragments, saved)
 
     def _zero_residuals(self) -> None:
         for f in self._fragments:

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+import logging
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+logger = logging.getLogger(__name__)
 
 
 def local_tensor(p: torch.Tensor) -> torch.Tensor:
@@ -175,3 +178,23 @@ def build_fragments(
             raise ValueError(f"outer optimizer {i} must optimise exactly fragment {i}'s parameters")
         built.append(fragment)
     return built
+
+
+def residuals_of(fragments: Sequence[Fragment]) -> Dict[str, torch.Tensor]:
+    """The fragments' error-feedback residuals by name (``fragment_0``, ...): those that have one."""
+    return {f"fragment_{f.index}": f.residual for f in fragments if f.residual is not None}
+
+
+def load_residuals(fragments: Sequence[Fragment], saved: Mapping[str, torch.Tensor]) -> None:
+    """Restore :func:`residuals_of` from a checkpoint; one that is missing or of another size (another layout of
+    the group's ranks) starts from zeros, with one warning."""
+    afresh = []
+    for key, residual in residuals_of(fragments).items():
+        value = saved.get(key)
+        if value is None or value.shape != residual.shape:
+            afresh.append(key)
+            fragments[int(key.rsplit("_", 1)[1])].zero_residual()
+        elif value.data_ptr() != residual.data_ptr():
+            residual.copy_(value)
+    if afresh:
+        logger.warning("error feedback starts from zero residuals for %s: the checkpoint holds none", afresh)
