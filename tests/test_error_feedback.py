@@ -61,7 +61,7 @@ def groups_run(codec: str, error_feedback: bool = True) -> List[Dict[str, Any]]:
                 {
                     "global": torch.cat([t.reshape(-1) for t in diloco.global_weights()]),
                     "local": torch.cat([p.detach().reshape(-1) for p in params]),
-                    "residuals": {k: v.clone() for k, v in diloco.residuals().items()},
+                    "residuals": {k: v.clone() for k, v in diloco.rank_state().items()},
                 }
             )
         diloco.close()
@@ -189,7 +189,7 @@ def test_error_feedback_is_on_by_default_for_int2_and_topk_only(lighthouse, code
         manager = group_manager_for(lighthouse)  # (one outer loop per Manager)
         try:
             diloco = DiLoCo(manager, model, inner, outer, sync_every=2, fragments=2, codec=codec, error_feedback=asked)
-            residuals = diloco.residuals()
+            residuals = diloco.rank_state()
             assert bool(residuals) == expected, (codec, asked)
             assert not expected or [r.numel() for r in residuals.values()] == [144, 289]
             diloco.close()
@@ -236,15 +236,15 @@ def test_a_resume_restores_each_fragments_residual_and_trains_on_bit_for_bit(lig
     with pytest.raises(Stopped):
         first.run()
     saved = CheckpointStore(str(tmp_path / "stopped")).latest(0)
-    assert saved.step == 3 and set(saved.group_state["residuals"]) == {"fragment_0", "fragment_1"}
-    assert "residuals" not in saved.global_state["diloco"]
-    assert torch.equal(saved.group_state["residuals"]["fragment_0"], first.diloco.residuals()["fragment_0"])
+    assert saved.step == 3 and set(saved.group_state["rank_state"]) == {"fragment_0", "fragment_1"}
+    assert "rank_state" not in saved.global_state["diloco"] and "residuals" not in saved.global_state["diloco"]
+    assert torch.equal(saved.group_state["rank_state"]["fragment_0"], first.diloco.rank_state()["fragment_0"])
     resumed = _trainer(lighthouse, tmp_path / "stopped", 6)
     assert resumed.run() == 0
     ours, reference = committed_checksums(tmp_path / "stopped", 0), committed_checksums(tmp_path / "whole", 0)
     assert [ours[s] for s in (4, 5, 6)] == [reference[s] for s in (4, 5, 6)]
-    for key, value in whole.diloco.residuals().items():
-        assert torch.equal(resumed.diloco.residuals()[key], value) and float(value.abs().max()) > 0
+    for key, value in whole.diloco.rank_state().items():
+        assert torch.equal(resumed.diloco.rank_state()[key], value) and float(value.abs().max()) > 0
 
 
 def test_sharded_parts_hold_each_ranks_residuals_and_leave_out_other_sizes(tmp_path) -> None:
@@ -256,15 +256,15 @@ def test_sharded_parts_hold_each_ranks_residuals_and_leave_out_other_sizes(tmp_p
     inner = torch.optim.AdamW(model.parameters())
     residuals = {"fragment_0": torch.randn(10), "fragment_1": torch.randn(3)}
     url = str(tmp_path / "part")
-    dcp.save_sharded(url, dcp.group_state_dict(model, inner, 1, False, residuals=residuals))
+    dcp.save_sharded(url, dcp.group_state_dict(model, inner, 1, False, rank_state=residuals))
     sizes = dcp.saved_sizes(url)
-    assert sizes["residuals_rank_1.fragment_0"] == (10,) and sizes["residuals_rank_1.fragment_1"] == (3,)
+    assert sizes["rank_state_1.fragment_0"] == (10,) and sizes["rank_state_1.fragment_1"] == (3,)
     into = {"fragment_0": torch.zeros(10), "fragment_1": torch.zeros(4)}  # fragment 1: another size here
     state = dcp.group_state_dict(model, inner, 1, False, sizes, into)
-    assert set(state["residuals_rank_1"]) == {"fragment_0"}
+    assert set(state["rank_state_1"]) == {"fragment_0"}
     dcp.load_sharded(url, state)
     assert torch.equal(into["fragment_0"], residuals["fragment_0"]) and not into["fragment_1"].any()
-    assert "residuals_rank_0" not in dcp.group_state_dict(model, inner, 0, False, sizes, into)
+    assert "rank_state_0" not in dcp.group_state_dict(model, inner, 0, False, sizes, into)
 
 
 @pytest.mark.slow

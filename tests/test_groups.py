@@ -116,12 +116,18 @@ def waiting_for_quorum(url: str) -> int:
 OUTER = 8
 
 
+EAGER = ["--fragments", "2", "--outer-delay", "1", "--codec", "int2"]
+
+
 @pytest.mark.parametrize(
-    "extra", [[], ["--fragments", "4", "--overlap-steps", "2", "--codec", "int4"]], ids=["blocking", "streaming"]
+    "extra",
+    [[], ["--fragments", "4", "--overlap-steps", "2", "--codec", "int4"], EAGER],
+    ids=["blocking", "streaming", "eager"],
 )
 def test_late_group_heals_from_peer_and_matches(tmp_path, faulty_url, extra):
     """A group that starts while the other is at outer step 3 gets the global state from its peer (streaming:
-    mid-schedule, and it rejoins at the fragment the others are syncing).
+    mid-schedule, and it rejoins at the fragment the others are syncing; eager outer steps: at the quorum after
+    the others applied step 4, sending zeros for the round it joins and starting from the global weights).
 
     Whatever the machine's speed: the early group is held after step 3 (its checkpoint of step 3 waits, so that
     nothing is in storage for the late group to resume from) until the late one waits at the lighthouse for its
@@ -133,7 +139,7 @@ def test_late_group_heals_from_peer_and_matches(tmp_path, faulty_url, extra):
         "--outer-steps",
         str(OUTER),
         "--sync-every",
-        "12" if extra else "6",  # streaming: 3 inner steps per outer step, more than --overlap-steps
+        "12" if "--overlap-steps" in extra else "6",  # streaming: 3 inner steps per outer step, more than tau
         "--group-wait",
         "0",
         "--checkpoint-every",
@@ -161,11 +167,13 @@ def test_late_group_heals_from_peer_and_matches(tmp_path, faulty_url, extra):
     assert min(s1) > 3, "the late group joined at the others' step, not from scratch"
     assert list(s1) == list(range(min(s1), OUTER + 1)) and len(s1) >= 2, s1
     assert all(s0[k] == s1[k] for k in s1), (s0, s1)
-    assert "healed from a peer: now at outer step 3" in g1.output() and "resumed from" not in g1.output()
-    if extra:  # every group synced fragment (s - 1) % 4 at outer step s, the late one included
+    healed_at = 4 if extra is EAGER else 3  # (eagerly, the quorum comes after the window's outer step)
+    assert f"healed from a peer: now at outer step {healed_at}" in g1.output() and "resumed from" not in g1.output()
+    if extra:  # every group synced fragment (s - 1) % P at outer step s, the late one included
+        fragments = int(extra[extra.index("--fragments") + 1])
         for g in range(2):
             records = committed(read_metrics(metrics_url(ckpt, g)))
-            assert all(r["fragment"] == (r["outer_step"] - 1) % 4 for r in records), records
+            assert all(r["fragment"] == (r["outer_step"] - 1) % fragments for r in records), records
     # and quietly: without the two harmless library messages a heal prints (train.configure_logging)
     assert "NCCL flight recorder" not in g1.output() and "buffer is not writable" not in g1.output()
 

@@ -246,7 +246,7 @@ def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(cod
             return committed
 
         assert train(3)
-        before = {"global": [t.clone() for t in diloco.global_weights()], "residuals": dict(diloco.residuals())}
+        before = {"global": [t.clone() for t in diloco.global_weights()], "residuals": dict(diloco.rank_state())}
         if g == 2:
             pg = manager._pg
 
@@ -263,7 +263,7 @@ def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(cod
     for r in results:
         assert not r["committed"] and r["sent"] == 0
         assert all(torch.equal(a, b) for a, b in zip(r["diloco"].global_weights(), r["before"]["global"], strict=True))
-        assert r["diloco"].residuals() == r["before"]["residuals"]  # the very tensors: not replaced
+        assert r["diloco"].rank_state() == r["before"]["residuals"]  # the very tensors: not replaced
         assert all(float(t.abs().max()) > 0 for t in r["before"]["residuals"].values())
     assert all(
         torch.equal(a, b) for a, b in zip(results[0]["before"]["global"], results[1]["before"]["global"], strict=True)
@@ -326,6 +326,12 @@ def test_fragments_split_in_module_order_into_about_equal_parts() -> None:
         ({"sync_every": 8, "codec": "int2", "topk_density": 0.01}, r"^topk_density applies to codec topk only"),
         ({"sync_every": 8, "codec": "topk", "topk_density": 1.5}, r"^topk_density 1\.5 must be in \(0, 1\]$"),
         ({"sync_every": 8, "error_feedback": True}, r"^error_feedback needs a lossy codec \(fp32 sends every bit\)"),
+        ({"sync_every": 8, "outer_delay": 2}, r"^outer_delay 2 is not supported: pass 0 .* or 1 \(eager\)$"),
+        (
+            {"sync_every": 8, "outer_delay": 1, "overlap_steps": 1},
+            r"^outer_delay 1 already overlaps .*: drop overlap_steps$",
+        ),
+        ({"sync_every": 8, "outer_delay": 1, "mix_alpha": 0.5}, r"^outer_delay 1 leaves the local .*: drop mix_alpha$"),
     ],
 )
 def test_bad_streaming_settings_fail_with_one_line(kwargs: Dict[str, Any], message: str) -> None:

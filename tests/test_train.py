@@ -70,13 +70,14 @@ def _trainer(lighthouse: str, tmp_path, *args: str) -> Trainer:
 
 
 def _our_threads() -> set:
-    return {t.name for t in threading.enumerate() if t.name.startswith(("checkpoint-writer", "diloco-sync"))}
+    """The writer's and the sync's threads alive now (objects: a new executor reuses its names)."""
+    return {t for t in threading.enumerate() if t.name.startswith(("checkpoint-writer", "diloco-sync"))}
 
 
 def test_an_exception_mid_run_still_closes_the_writer_the_sync_thread_and_the_manager(lighthouse, tmp_path):
     """The model raises after a few committed outer steps (checkpoints written, a sync overlapped): run() raises
     it, and the writer's and the overlapped sync's threads are gone, the Manager shut down."""
-    assert not _our_threads()
+    before = _our_threads()  # (an earlier test's outer loop left unclosed)
     trainer = _trainer(
         lighthouse,
         tmp_path,
@@ -86,7 +87,7 @@ def test_an_exception_mid_run_still_closes_the_writer_the_sync_thread_and_the_ma
     with pytest.raises(RuntimeError, match="the model broke mid-run"):
         trainer.run()
     assert trainer.manager.current_step() == 2  # two outer steps committed before the error
-    assert not _our_threads(), _our_threads()
+    assert not _our_threads() - before, _our_threads() - before
     assert trainer.checkpointer.writer._pool._shutdown
     with pytest.raises(RuntimeError):  # a Manager that was shut down takes no more quorums
         trainer.manager.start_quorum()

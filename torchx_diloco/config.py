@@ -273,6 +273,13 @@ class DiLoCoConfig:
         f"{' and '.join(ERROR_FEEDBACK_BY_DEFAULT)}, where it measured better; off otherwise), on or off",
         choices=tuple(ERROR_FEEDBACK),
     )
+    outer_delay: int = flag(
+        0,
+        non_negative_int,
+        "1: eager outer steps (Kale et al., arXiv 2502.12996): a sync's exchange runs during the whole next H/P "
+        "inner steps and is applied at the next sync, each group training meanwhile from the global weights "
+        "moved by its own share; training never waits for the link (0 = the outer step waits for its sync)",
+    )
     impl: str = flag(
         "torchx_diloco",
         str,
@@ -401,6 +408,7 @@ def streaming_problem(
     as_arguments: bool = False,
     error_feedback: Optional[bool] = None,
     topk_density: Optional[float] = None,
+    outer_delay: int = 0,
 ) -> Optional[str]:
     """What is wrong with a Streaming DiLoCo setting, as one line naming the fix; None if nothing. (``error_feedback``
     None: the codec's default, :func:`error_feedback_on`.)
@@ -435,6 +443,18 @@ def streaming_problem(
         return (
             f"{name('error_feedback')} needs a lossy {name('codec')} (fp32 sends every bit): drop it or pass "
             f"{name('codec')} {' or '.join(c for c in CODECS if c != 'fp32')}"
+        )
+    if outer_delay not in (0, 1):
+        return f"{name('outer_delay')} {outer_delay} is not supported: pass 0 (wait for each sync) or 1 (eager)"
+    if outer_delay and overlap_steps:
+        return (
+            f"{name('outer_delay')} 1 already overlaps a sync with all H/P inner steps after it: drop "
+            f"{name('overlap_steps')}"
+        )
+    if outer_delay and mix_alpha:
+        return (
+            f"{name('outer_delay')} 1 leaves the local weights training while the outer step lands: drop "
+            f"{name('mix_alpha')}"
         )
     return None
 
@@ -501,9 +521,12 @@ def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Option
         False,
         ERROR_FEEDBACK[d.error_feedback],
         d.topk_density,
+        d.outer_delay,
     )
     if problem is not None:
         raise UserError(problem)
+    if d.impl == "torchft" and d.outer_delay:
+        raise UserError("--outer-delay 1 needs --impl torchx_diloco (torchft's DiLoCo has no delayed outer step)")
     if d.impl == "torchft" and d.codec != "fp32":
         raise UserError(f"--codec {d.codec} needs --impl torchx_diloco (torchft quantizes only on CUDA with Triton)")
     if num_replica_groups is not None and cfg.cluster.min_replicas > num_replica_groups:

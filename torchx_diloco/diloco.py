@@ -10,7 +10,10 @@ link carries 1/P of the model at a time. A fragment's sync can be sent ``overlap
 before it is applied, its communication running while they train; after its outer step the fragment keeps
 ``mix_alpha`` of its local weights. ``codec`` picks what the pseudo-gradient is sent as (fp32, bf16, int8,
 int4, int2, topk: see :mod:`torchx_diloco.codecs`); with ``error_feedback`` each rank carries what its lossy
-codec did not send of a fragment's pseudo-gradient into that fragment's next sync.
+codec did not send of a fragment's pseudo-gradient into that fragment's next sync. With ``outer_delay`` 1 (eager
+outer steps, Kale et al. arXiv 2502.12996) a sync's exchange runs during the whole next window and its outer step
+lands on the global weights at the next sync; meanwhile each group trains from the global weights moved by its
+own share of the round in flight, so training never waits for the link.
 
 The schedule and the arithmetic are ``torchft.local_sgd.DiLoCo``'s (the same weights when nothing fails; a
 test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours differs in that:
@@ -28,7 +31,7 @@ import logging
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,36 +51,18 @@ from torchx_diloco.fragment import (
     Fragment,
     OuterOptimizers,
     build_fragments,
-    load_residuals,
     local_tensor,
     param_ids,
-    residuals_of,
     split_evenly,
 )
 from torchx_diloco.outer_loop import Schedule, Upcoming
+from torchx_diloco.outer_state import OuterState, Round
 
 __all__ = ["DiLoCo", "STATE_KEY", "local_tensor", "split_evenly"]
 
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "torchx_diloco"  # the name our global state is registered under with the manager
-
-
-def _check_global_state(
-    tensors: List[Tuple[str, nn.Parameter, torch.Tensor]], weights: Mapping[str, Any], outer: Any, outers: Optional[int]
-) -> None:
-    """A global state fits ``tensors`` (names, shapes) and the outer optimizers: one (``outers`` None: one state, not
-    a list) or a list of ``outers``."""
-    missing = {name for name, _, _ in tensors} ^ set(weights)
-    if missing:
-        raise ValueError(f"global weights do not match the model: differing names {sorted(missing)[:5]}")
-    if isinstance(outer, list) != (outers is not None) or (outers is not None and len(outer) != outers):
-        raise ValueError("the saved outer optimizer state does not match: pass the same fragments and optimizers")
-    for name, _, backup in tensors:
-        if weights[name].shape != backup.shape:
-            raise ValueError(
-                f"global weight {name} has shape {tuple(weights[name].shape)}, the model has {tuple(backup.shape)}"
-            )
 
 
 def _trainable_parameters(
@@ -105,7 +90,7 @@ class _InFlight:
     feedback: Optional[Feedback]  # the fragment's residual, and the one it leaves if the round commits
 
 
-class DiLoCo:
+class DiLoCo(OuterState):
     """Counts inner steps; syncs a fragment (the whole model by default) every ``sync_every / fragments``.
 
     Args:
@@ -121,6 +106,9 @@ class DiLoCo:
         overlap_steps: tau, inner steps between sending a fragment's pseudo-gradient and applying the result.
         mix_alpha: after a fragment's outer step, its weights are ``lerp(global, local, mix_alpha)``.
         codec: what the pseudo-gradient crosses the link as: "fp32", "bf16", "int8", "int4", "int2" or "topk".
+        outer_delay: 1 for eager outer steps (see above): the round sent at the end of a window is applied at the
+            end of the next; ``sync()`` applies the last one. A checkpoint holds this rank's part of the round in
+            flight (:meth:`rank_state`), which a resumed run sends again before its first new one.
         topk_density: with ``codec="topk"``, the share of values sent (config.DEFAULT_TOPK_DENSITY by default).
         error_feedback: each rank adds to a fragment's pseudo-gradient what its (lossy) codec did not send of the
             fragment's last committed one: ``e <- (delta + e) - decode(encode(delta + e))``, see
@@ -152,12 +140,13 @@ class DiLoCo:
         split_group: Optional[Any] = None,
         error_feedback: Optional[bool] = None,
         topk_density: Optional[float] = None,
+        outer_delay: int = 0,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         count = fragments if isinstance(fragments, int) else len(fragments)
         problem = streaming_problem(
-            sync_every, count, overlap_steps, mix_alpha, codec, True, error_feedback, topk_density
+            sync_every, count, overlap_steps, mix_alpha, codec, True, error_feedback, topk_density, outer_delay
         )
         if problem is not None:
             raise ValueError(problem)
@@ -172,18 +161,22 @@ class DiLoCo:
         self.model = model
         self.outer_optimizers = outers
         self._one_outer = one_outer  # its state is saved as one dict, a list of them otherwise
-        self.schedule = Schedule(sync_every, len(self._fragments), overlap_steps)
+        self.schedule = Schedule(sync_every, len(self._fragments), overlap_steps, outer_delay)
         self.mix_alpha = mix_alpha
         self.quorum_retry_s = quorum_retry_s
         self._params = [p for _, p in named]
         # this rank's layout: groups of a run must cut and shard the model alike (checked at every exchange)
         wire = get_codec(codec, topk_density)
         self._signature = layout_signature(len(self._fragments), wire.key, sum(f.numel for f in self._fragments))
-        self._exchange = Exchange(manager, wire, split_group, background=overlap_steps > 0)
-        if error_feedback_on(codec, error_feedback):
-            for f in self._fragments:
+        self._exchange = Exchange(manager, wire, split_group, background=overlap_steps > 0 or outer_delay > 0)
+        for f in self._fragments:
+            if error_feedback_on(codec, error_feedback):
                 f.zero_residual(self._exchange.share_numel(f.numel))
+            if outer_delay:
+                f.start_eagerly()
         self._in_flight: Optional[_InFlight] = None
+        self._sent: Optional[Round] = None  # eager outer steps: this rank's part of the round in flight
+        self._resend: Optional[Round] = None  # ... and of the one a checkpoint held, sent again at the next sync
         self._healed = False
         self._step_at_sync = manager.current_step()
         self._window_sync_s = 0.0  # the time step() held training up in this window so far
@@ -191,100 +184,19 @@ class DiLoCo:
         self.last_sync: Dict[str, Any] = {}  # the last outer step: fragment, sent_bytes, sync_s
         manager.register_state_dict_fn(STATE_KEY, self._load_healed_state, self.state_dict)
 
-    def _locals(self) -> List[torch.Tensor]:
-        return [t for f in self._fragments for t in f.locals()]
-
-    @property
-    def local_differs_from_global(self) -> bool:
-        """Whether the model can hold weights other than the global ones right after an outer step (then a
-        checkpoint needs the local weights too, for a bit-identical resume)."""
-        return len(self._fragments) > 1 or self.mix_alpha > 0
-
-    # --- the global state: what a healing peer receives and what durable checkpoints hold ---------------
-    def global_tensors(self) -> List[Tuple[str, nn.Parameter, torch.Tensor]]:
-        """(name, parameter, its global weights: this rank's shard under FSDP), in the model's parameter order."""
-        return [t for f in self._fragments for t in zip(f.names, f.params, f.backup, strict=True)]
-
-    def global_weights(self) -> List[torch.Tensor]:
-        """Every parameter's global weights, in the model's parameter order."""
-        return [b for f in self._fragments for b in f.backup]
-
-    def state_dict(self) -> Dict[str, Any]:
-        """Every fragment's global weights and outer optimizer state (the same in every group after a commit)."""
-        outer = [o.state_dict() for o in self.outer_optimizers]
-        weights = {name: backup for name, _, backup in self.global_tensors()}
-        return {"global_weights": weights, "outer_optimizer": outer[0] if self._one_outer else outer}
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Adopt ``state`` as the global state and reset the model to those weights."""
-        weights, outer = state["global_weights"], state["outer_optimizer"]
-        _check_global_state(
-            self.global_tensors(), weights, outer, None if self._one_outer else len(self.outer_optimizers)
-        )
-        self._drop_in_flight()
-        with torch.no_grad():
-            for name, _, backup in self.global_tensors():
-                backup.copy_(weights[name])
-        for o, s in zip(self.outer_optimizers, [outer] if self._one_outer else outer, strict=True):
-            o.load_state_dict(s)
-        self.reset_to_global(newer=False)
-
-    def adopt_newer_global_state(self, state: Dict[str, Any]) -> None:
-        """Take global weights newer than our local progress (from a peer or from storage).
-
-        The model is reset to them, and this group contributes nothing to the next sync: its inner steps
-        started from weights the others have moved past.
-        """
-        self.load_state_dict(state)
-        self._healed = True
-        self._zero_residuals()
-
-    def reset_to_global(self, newer: bool) -> None:
-        """After the global weights were loaded in place: the model takes them (``newer``: as
-        :meth:`adopt_newer_global_state`, this group's inner steps then count for nothing)."""
-        self._drop_in_flight()
-        for f in self._fragments:
-            f.restore_backup()
-        self._healed = self._healed or newer
-        if newer:
-            self._zero_residuals()
-
-    # --- error feedback: this rank's own state, in its group's checkpoint part, never sent to a healing peer --
-    def residuals(self) -> Dict[str, torch.Tensor]:
-        """This rank's error-feedback residuals by fragment (``fragment_0``, ...): empty without error feedback."""
-        return residuals_of(self._fragments)
-
-    def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None:
-        """Restore :meth:`residuals` from a checkpoint (see :func:`~torchx_diloco.fragment.load_residuals`)."""
-        load_residuals(self._fragments, saved)
-
-    def _zero_residuals(self) -> None:
-        for f in self._fragments:
-            f.zero_residual()
-
-    def _load_healed_state(self, state: Dict[str, Any]) -> None:
-        """A peer's global state, received during the quorum of a sync (torchft sets the step first)."""
-        if self.manager.current_step() == self._step_at_sync:
-            # Same step (torchft re-syncs everyone at step 0): our inner steps started from these very
-            # weights, so they still count; adopt the peer's copy of the global state and keep them.
-            local = [t.detach().clone() for t in self._locals()]
-            self.load_state_dict(state)
-            with torch.no_grad():
-                for t, mine in zip(self._locals(), local, strict=True):
-                    t.copy_(mine)
-            return
-        self.adopt_newer_global_state(state)
-        logger.info("healed from a peer: now at outer step %d", self.manager.current_step())
-
     # --- the loop --------------------------------------------------------------------------------------
     def upcoming(self) -> Upcoming:
         """What the next :meth:`step` does (a quorum, an outer step), for the caller to get ready for it."""
-        return self.schedule.upcoming(self.manager.current_step(), self.local_step)
+        # eagerly, the round in flight is an outer step already taken on the run's clock
+        in_flight = self.schedule.outer_delay and (self._in_flight is not None or self._resend is not None)
+        return self.schedule.upcoming(self.manager.current_step() + int(in_flight), self.local_step)
 
     def step(self) -> bool:
         """Call after each inner optimizer step. Returns True when this call committed an outer step."""
         started = time.perf_counter()
         self.local_step += 1
+        if self.schedule.outer_delay:
+            return self._eager_step(started) if self.local_step == self.schedule.steps_per_sync else False
         if self.local_step == self.schedule.send_at:
             self._send()
             self._window_sync_s += time.perf_counter() - started
@@ -294,11 +206,41 @@ class DiLoCo:
 
     def sync(self) -> bool:
         """Sync now, blocking: apply the fragment in flight if one was sent, else send the next one and apply
-        it. False if the round was dropped. (``step`` does both on time.)"""
+        it. False if the round was dropped. (``step`` does both on time; with eager outer steps, the round in
+        flight at the end of a run is applied by this call.)"""
         started = time.perf_counter()
+        healed = self._send_again() if self._resend is not None else False
         if self._in_flight is None:
-            self._send()
+            self._send(quorum=not healed)
         return self._apply_timed(started)
+
+    def _eager_step(self, started: float) -> bool:
+        """The end of a window with eager outer steps: the round sent at the last one is applied (a resumed run's
+        saved round is sent again first, blocking), then this window's round is sent and the next window starts
+        from the global weights moved by this group's own share of it."""
+        committed, healed = False, False
+        if self._resend is not None:
+            healed = self._send_again()
+        if self._in_flight is not None:
+            committed = self._apply()
+        else:
+            self.last_sync = {}  # nothing was in flight: the run's first window, or right after a heal
+        self._send(quorum=not healed)
+        self.local_step = 0
+        self.last_sync["sync_s"] = self._window_sync_s + time.perf_counter() - started
+        return committed
+
+    def _send_again(self) -> bool:
+        """Take the quorum and send the round a checkpoint held; True when the quorum healed this group instead
+        (the round belongs to a step the others have moved past: it is dropped, the quorum serves the next)."""
+        saved, self._resend = self._resend, None
+        assert saved is not None
+        self._step_at_sync = self.manager.current_step()
+        start_quorum(self.manager, self.quorum_retry_s)
+        if self._healed:
+            return True
+        self._start_round(self._fragments[self.schedule.fragment_at(self._step_at_sync)], saved)
+        return False
 
     def close(self) -> None:
         """Wait for a sync in flight and stop the thread that sends them."""
@@ -318,22 +260,30 @@ class DiLoCo:
             self._step_at_sync = self.manager.current_step()
             start_quorum(self.manager, self.quorum_retry_s)
         fragment = self._fragments[self.schedule.fragment_at(self.manager.current_step())]
-        header = new_header(Slot.SYNCING, self._signature, self._params[0].device)
         if self._healed:  # our local weights predate the global ones we just received (and our residuals are zeros)
-            payload = torch.zeros(fragment.numel, dtype=torch.float32, device=header.device)
+            sending = Round(torch.zeros(fragment.numel, dtype=torch.float32, device=self._params[0].device), False)
             self._healed = False
         else:
-            payload = fragment.pseudo_gradient()
-            header[Slot.CONTRIBUTORS] = 1.0
+            sending = Round(fragment.pseudo_gradient(), True)
+        if self.schedule.outer_delay:  # kept: the exchange sums the payload in place
+            self._sent = Round(sending.payload.to(fragment.backup[0].device, copy=True), sending.contributes)
+        self._start_round(fragment, sending)
+        if self._sent is not None:
+            fragment.eager_restart(self._sent.payload, self.manager.num_participants())
+
+    def _start_round(self, fragment: Fragment, sending: Round) -> None:
+        header = new_header(Slot.SYNCING, self._signature, self._params[0].device)
+        header[Slot.CONTRIBUTORS] = float(sending.contributes)
         residual = fragment.residual
         feedback = None if residual is None else Feedback(residual, torch.zeros_like(residual))
-        sent = self._exchange.start(payload, header, feedback)
-        self._in_flight = _InFlight(fragment, payload, header, sent, feedback)
+        sent = self._exchange.start(sending.payload, header, feedback)
+        self._in_flight = _InFlight(fragment, sending.payload, header, sent, feedback)
 
     def _drop_in_flight(self) -> None:
         if self._in_flight is not None:
             self._in_flight.sent_bytes.result()
             self._in_flight = None
+        self._sent = self._resend = None
 
     def _apply(self) -> bool:
         """Wait for the fragment in flight; commit; take its outer step from its global weights; mix."""
@@ -343,8 +293,10 @@ class DiLoCo:
         check_layout(flight.header)
         fragment = flight.fragment
         self.last_sync = {"fragment": fragment.index, "sent_bytes": sent_bytes}
+        self._sent = None
         local = [t.detach().clone() for t in fragment.locals()] if self.mix_alpha > 0 else None
-        fragment.restore_backup()
+        if not self.schedule.outer_delay:  # (eagerly, the local weights train on from where they started)
+            fragment.restore_backup()
         if not self.manager.should_commit():
             logger.warning(
                 "outer step %d not committed: discarding fragment %d's last inner steps",
@@ -355,7 +307,9 @@ class DiLoCo:
         if flight.feedback is not None:
             fragment.residual = flight.feedback.left
         contributors = float(flight.header[Slot.CONTRIBUTORS])
-        if contributors > 0:
+        if contributors > 0 and self.schedule.outer_delay:
+            fragment.outer_step_aside(flight.payload.div_(contributors))
+        elif contributors > 0:
             fragment.outer_step(flight.payload.div_(contributors))  # in place: no second copy
         if local is not None:
             with torch.no_grad():
@@ -378,7 +332,8 @@ class DiLoCo:
             start_quorum(self.manager, self.quorum_retry_s)
             if self.manager.current_step() > self._step_at_sync:  # healed: the others are syncing a later step
                 self._send(quorum=False)
-                self._apply()
+                if not self.schedule.outer_delay:  # (eagerly, the next window's end applies it, as theirs)
+                    self._apply()
                 return
             locals_ = self._locals()
             sender = self.manager.participating_rank() == 0
@@ -389,6 +344,7 @@ class DiLoCo:
                         t.copy_(part.view_as(t))
                 for f in self._fragments:
                     f.save_backup()
+                    f.restore_backup()  # (and an eager start at them)
                 return
             if float(header[Slot.SYNCING]) > 0:  # met a sync at step 0: everyone drops it (see above)
                 self.manager.should_commit()

@@ -4,7 +4,9 @@ Streaming DiLoCo cuts the model into P fragments, in module order, of about equa
 plain DiLoCo is one fragment. A fragment holds this rank's share of its parameters (a shard under FSDP2) and
 knows the three things an outer step needs: its pseudo-gradient ``global - local``, the outer step itself, and
 going back to its global weights. With error feedback it also keeps this rank's residual: what its codec has not
-sent yet of the fragment's pseudo-gradients.
+sent yet of the fragment's pseudo-gradients. With eager outer steps (``outer_delay=1``) its inner phases start
+from an eager point of their own (``start``) instead of the global weights, and its outer step lands on the global
+weights while the local ones train on.
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class Fragment:
         self.save_backup()
         # error feedback: the part of this rank's pseudo-gradients its codec has not sent yet (None: no feedback)
         self.residual: Optional[torch.Tensor] = None
+        # eager outer steps: where this inner phase started, flat fp32 (None: at the global weights, the backup)
+        self.start: Optional[torch.Tensor] = None
 
     def zero_residual(self, numel: Optional[int] = None) -> None:
         """Start error feedback afresh: a residual of zeros (``numel`` values: this rank's share of the payload; by
@@ -114,18 +118,55 @@ class Fragment:
     def restore_backup(self) -> None:
         for t, backup in zip(self.locals(), self.backup, strict=True):
             t.copy_(backup, non_blocking=False)
+        if self.start is not None:  # the next inner phase starts at the global weights
+            self.start.copy_(torch.cat([b.reshape(-1).float() for b in self.backup]))
+
+    def start_eagerly(self) -> None:
+        """Inner phases start from a point of their own from now on (:meth:`eager_restart`), kept on the backup
+        device: the global weights until the first restart."""
+        self.start = torch.zeros(self.numel, dtype=torch.float32, device=self._backup_device, pin_memory=self._pin)
+        self.start.copy_(torch.cat([b.reshape(-1).float() for b in self.backup]))
 
     @torch.no_grad()
     def pseudo_gradient(self) -> torch.Tensor:
-        """``global - local`` of every parameter (this rank's shards), flat, in fp32."""
+        """``start - local`` of every parameter (this rank's shards), flat, in fp32: the inner phase's progress
+        from where it started, the global weights unless it started eagerly."""
         device = self.params[0].device
         flat = torch.empty(self.numel, dtype=torch.float32, device=device)
+        starts = self.backup if self.start is None else self._split(self.start.to(device, non_blocking=True))
         offset = 0
-        for t, backup in zip(self.locals(), self.backup, strict=True):
+        for t, start in zip(self.locals(), starts, strict=True):
             n = t.numel()
-            torch.sub(backup.to(device, non_blocking=True).view(-1), t.reshape(-1), out=flat[offset : offset + n])
+            torch.sub(start.to(device, non_blocking=True).view(-1), t.reshape(-1), out=flat[offset : offset + n])
             offset += n
         return flat
+
+    def _split(self, flat: torch.Tensor) -> List[torch.Tensor]:
+        return list(flat.split([t.numel() for t in self.locals()]))
+
+    @torch.no_grad()
+    def eager_restart(self, own: torch.Tensor, participants: int) -> None:
+        """Eager outer steps (Kale et al., arXiv 2502.12996): while the average of the round just sent is on its
+        way, the next inner phase starts from the global weights moved by this group's own share of it, ``own /
+        participants``, as a plain step of each parameter's outer learning rate. With a plain SGD outer optimizer
+        this is the paper's eager update exactly (tests/test_outer_delay.py); with momentum, the group's own share
+        takes no momentum (a momentum of each group's own would make their global states differ)."""
+        lrs = {id(p): group["lr"] for group in self.outer_optimizer.param_groups for p in group["params"]}
+        pieces = self._split(own.to(self._backup_device))
+        assert self.start is not None, "start_eagerly() first"
+        offset = 0
+        for p, t, backup, piece in zip(self.params, self.locals(), self.backup, pieces, strict=True):
+            n = t.numel()
+            start = self.start[offset : offset + n]
+            torch.add(backup.reshape(-1).float(), piece, alpha=-lrs[id(p)] / participants, out=start)
+            t.copy_(start.view_as(t).to(t.device, t.dtype))
+            offset += n
+
+    @torch.no_grad()
+    def outer_step_aside(self, average: torch.Tensor) -> None:
+        """The outer step on the global weights, the local weights training on untouched (eager outer steps)."""
+        with weights_swapped_in(self.params, self.backup):
+            self.outer_step(average)
 
     @torch.no_grad()
     def outer_step(self, average: torch.Tensor) -> None:

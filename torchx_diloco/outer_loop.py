@@ -27,11 +27,13 @@ class Upcoming:
 @dataclass(frozen=True)
 class Schedule:
     """When a fragment syncs: every ``sync_every / fragments`` inner steps one fragment, in turn, its sync sent
-    ``overlap_steps`` inner steps before it is applied."""
+    ``overlap_steps`` inner steps before it is applied; with ``outer_delay`` 1, sent at the end of a window and
+    applied at the end of the next one (the last round of a run is waited for: :meth:`OuterLoop.sync`)."""
 
     sync_every: int
     fragments: int = 1
     overlap_steps: int = 0
+    outer_delay: int = 0
 
     @property
     def steps_per_sync(self) -> int:
@@ -59,9 +61,11 @@ class OuterLoop(Protocol):
 
     ``step()`` is called after every inner optimizer step and returns True when it committed an outer step;
     ``last_sync`` then holds what that sync did (``fragment``, ``sent_bytes``, ``sync_s``: the seconds the
-    outer loop held training up for it). The global state is every fragment's global weights and outer
-    optimizer: ``state_dict`` for one file, ``global_tensors`` and ``outer_optimizers`` for sharded formats. Error
-    feedback's residuals are each rank's own (``residuals``, ``load_residuals``): in the group's part.
+    outer loop held training up for it; no ``fragment`` when the window's end applied nothing: the first one
+    with ``outer_delay``). ``sync()`` applies the round in flight now, blocking. The global state is every
+    fragment's global weights and outer optimizer: ``state_dict`` for one file, ``global_tensors`` and
+    ``outer_optimizers`` for sharded formats. What else is each rank's own (error feedback's residuals, eager
+    outer steps' starting points and the round in flight) is ``rank_state``: in the group's part.
     """
 
     schedule: Schedule
@@ -80,6 +84,8 @@ class OuterLoop(Protocol):
 
     def step(self) -> bool: ...
 
+    def sync(self) -> bool: ...
+
     def agree_initial_weights(self) -> None: ...
 
     def global_weights(self) -> List[torch.Tensor]: ...
@@ -94,8 +100,9 @@ class OuterLoop(Protocol):
 
     def reset_to_global(self, newer: bool) -> None: ...
 
-    def residuals(self) -> Dict[str, torch.Tensor]: ...
+    def rank_state(self, template: bool = False) -> Dict[str, torch.Tensor]:
+        """This rank's own state (``template``: also zeros of what a checkpoint may hold, to load into)."""
 
-    def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None: ...
+    def load_rank_state(self, saved: Mapping[str, torch.Tensor]) -> None: ...
 
     def close(self) -> None: ...

@@ -99,6 +99,9 @@ class TorchftDiLoCo:
             self._window_sync_s = 0.0
         return committed
 
+    def sync(self) -> bool:
+        raise NotImplementedError("torchft's DiLoCo syncs inside the inner optimizer's step: no sync to apply")
+
     def agree_initial_weights(self) -> None:
         """Nothing: torchft's groups start alike from ``--seed``."""
 
@@ -132,10 +135,10 @@ class TorchftDiLoCo:
     def adopt_newer_global_state(self, state: Dict[str, Any]) -> None:
         self.load_state_dict(state)
 
-    def residuals(self) -> Dict[str, torch.Tensor]:
-        return {}  # torchft has no error feedback
+    def rank_state(self, template: bool = False) -> Dict[str, torch.Tensor]:
+        return {}  # torchft has no error feedback and no delayed outer step
 
-    def load_residuals(self, saved: Mapping[str, torch.Tensor]) -> None:
+    def load_rank_state(self, saved: Mapping[str, torch.Tensor]) -> None:
         pass
 
     def reset_to_global(self, newer: bool) -> None:

@@ -131,6 +131,7 @@ class Trainer:
                 codec=d.codec,
                 topk_density=d.topk_density,
                 error_feedback=ERROR_FEEDBACK[d.error_feedback],
+                outer_delay=d.outer_delay,
                 quorum_retry_s=cfg.cluster.lighthouse_timeout,
                 split_group=self.parallel.split_group,
             )
@@ -158,7 +159,10 @@ class Trainer:
             cleanup.callback(self.diloco.close)
             bar = cleanup.enter_context(progress_bar(cfg.outer_steps, self.manager.current_step(), self.group))
             window = Window(self.device)
-            while self.manager.current_step() < cfg.outer_steps:
+            # with eager outer steps the last round, sent at the end of step N-1's window, is waited for below
+            last = cfg.outer_steps - self.diloco.schedule.outer_delay
+            lr = cfg.optim.inner_lr
+            while self.manager.current_step() < last:
                 upcoming = self.diloco.upcoming()
                 lr = inner_lr(upcoming.inner_step, cfg.optim.inner_lr, cfg.total_inner_steps, cfg.optim.warmup_steps)
                 for group in self.inner_opt.param_groups:
@@ -178,7 +182,13 @@ class Trainer:
                 if upcoming.ends_window:
                     self._end_window(window, committed, lr)
                     bar.update(int(committed))
-                    window.reset()
+                    if self.manager.current_step() < last:  # (else the last round's record reports this window)
+                        window.reset()
+            if self.manager.current_step() < cfg.outer_steps:  # eager outer steps: the last round lands
+                self._before_sync(starts_quorum=False)
+                committed = self.diloco.sync()
+                self._end_window(window, committed, lr)
+                bar.update(int(committed))
             logger.info("group %d rank %d holds training state of %s bytes", self.group, group_rank(), self._held())
             self.checkpointer.writer.wait()
             self.checkpointer.release()  # the run is done with the folder: the next run may have it at once
@@ -241,6 +251,8 @@ class Trainer:
     def _end_window(self, window: Window, committed: bool, lr: float) -> None:
         """The outer step was applied: its metrics record, and its checkpoint when one is due."""
         cfg, step, sync = self.cfg, self.manager.current_step(), self.diloco.last_sync
+        if "fragment" not in sync:  # no round was in flight (the first window with --outer-delay 1)
+            return
         if not committed:
             self.checkpointer.log({"outer_step": step + 1, "committed": False, "sync_s": sync.get("sync_s", 0.0)})
             return

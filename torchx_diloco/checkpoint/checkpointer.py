@@ -156,18 +156,18 @@ class Checkpointer:
             )
         elif group_part(self.group) in ckpt.sharded:
             url, rank = self.store.sharded_url(ckpt.step, group_part(self.group)), group_rank()
-            residuals = state.outer.residuals()  # loaded in place, where the part holds this rank's of that size
+            own = state.outer.rank_state(template=True)  # loaded in place, where the part holds it at that size
             shards = dcp.group_state_dict(
                 state.model,
                 state.inner_optimizer,
                 rank,
                 bool(values.get("local_weights")),
                 dcp.saved_sizes(url),
-                residuals,
+                own,
             )
             self.store.load_sharded_part(ckpt.step, group_part(self.group), shards, self._pg)
             dcp.load_group_state_dict(state.model, state.inner_optimizer, shards)
-            state.outer.load_residuals(shards.get(dcp.residuals_key(rank), {}))
+            state.outer.load_rank_state(shards.get(dcp.rank_state_key(rank), {}))
         else:
             state.inner_optimizer.load_state_dict(values["inner_optimizer"])
             local = values.get("local_weights")
@@ -177,7 +177,7 @@ class Checkpointer:
                         if name in local:
                             p.copy_(local[name])
             torch.set_rng_state(values["rng"])
-            state.outer.load_residuals(values.get("residuals", {}))
+            state.outer.load_rank_state(values.get("rank_state", {}))
         if values is not None:
             progress.position, progress.inner_steps = values["data_position"], values["inner_steps"]
         if self.leader:
@@ -253,7 +253,7 @@ class Checkpointer:
             global_shards = dcp.global_state_dict(outer, state.model)  # references: waited for before a sync
             shards = to_cpu(
                 dcp.group_state_dict(
-                    state.model, state.inner_optimizer, group_rank(), local_weights, residuals=outer.residuals()
+                    state.model, state.inner_optimizer, group_rank(), local_weights, rank_state=outer.rank_state()
                 )
             )
             group_values["local_weights"] = local_weights
@@ -267,8 +267,8 @@ class Checkpointer:
             group_values.update(inner_optimizer=to_cpu(state.inner_optimizer.state_dict()), rng=torch.get_rng_state())
             if local_weights:
                 group_values["local_weights"] = to_cpu(dict(state.model.named_parameters()))
-            if outer.residuals():  # error feedback: the rank's own, like its local weights
-                group_values["residuals"] = to_cpu(outer.residuals())
+            if outer.rank_state():  # error feedback's residuals, eager starts: the rank's own, like its local weights
+                group_values["rank_state"] = to_cpu(outer.rank_state())
             write_group = lambda: self.store.write_part(step, group_part(self.group), group_values, run)  # noqa: E731
             write_global = lambda: self.store.write_part(step, GLOBAL_PART, global_values, run)  # noqa: E731
         weights = outer.global_weights()

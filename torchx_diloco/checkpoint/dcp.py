@@ -285,13 +285,14 @@ def group_state_dict(
     rank: int,
     local_weights: bool,
     saved: Optional[Mapping[str, Optional[Tuple[int, ...]]]] = None,
-    residuals: Optional[Mapping[str, torch.Tensor]] = None,
+    rank_state: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> Dict[str, Any]:
     """A group's own state for DCP: the inner optimizer (keyed by parameter name: any layout loads it), this
-    rank's RNG and error-feedback ``residuals`` under keys of their own (a value every rank holds under one key
-    is saved once, for one rank), and the local weights when they differ from the global ones. To load:
-    ``saved``, what the part holds (:func:`saved_sizes`: a rank the part has no RNG for keeps its own; a part
-    written before format 3 holds one ``rng`` for all; residuals it lacks, or of another size, are left out)."""
+    rank's RNG and its ``rank_state`` (error feedback's residuals, eager outer steps' state) under keys of their
+    own (a value every rank holds under one key is saved once, for one rank), and the local weights when they
+    differ from the global ones. To load: ``saved``, what the part holds (:func:`saved_sizes`: a rank the part has
+    no RNG for keeps its own; a part written before format 3 holds one ``rng`` for all; rank state it lacks, or of
+    another size, is left out)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     state: Dict[str, Any] = {"inner_optimizer": get_optimizer_state_dict(model, inner)}
@@ -303,11 +304,11 @@ def group_state_dict(
         state["local_weights"] = get_model_state_dict(model)
     kept = {
         name: t
-        for name, t in (residuals or {}).items()
-        if saved is None or saved.get(f"{residuals_key(rank)}.{name}") == tuple(t.shape)
+        for name, t in (rank_state or {}).items()
+        if saved is None or saved.get(f"{rank_state_key(rank)}.{name}") == tuple(t.shape)
     }
     if kept:
-        state[residuals_key(rank)] = dict(kept)
+        state[rank_state_key(rank)] = dict(kept)
     return state
 
 
@@ -315,8 +316,8 @@ def rng_key(rank: int) -> str:
     return f"rng_rank_{rank}"
 
 
-def residuals_key(rank: int) -> str:
-    return f"residuals_rank_{rank}"
+def rank_state_key(rank: int) -> str:
+    return f"rank_state_{rank}"
 
 
 def load_group_state_dict(model: torch.nn.Module, inner: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
