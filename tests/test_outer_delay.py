@@ -205,7 +205,7 @@ def test_a_round_in_flight_is_in_the_rank_state_and_a_template_is_its_size(light
                 p.sub_(0.01)
         diloco.step()  # the first window's end: fragment 0 sent
         state = diloco.rank_state()
-        assert torch.allclose(state["round"], torch.full((144,), 0.01), atol=1e-6) and state["round_contributes"] == 1
+        assert torch.allclose(state["round"], torch.full((144,), 0.01), atol=1e-6) and state["round_work"] == 1  # 1 step
         diloco.close()
     finally:
         manager.shutdown(wait=False)

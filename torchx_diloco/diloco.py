@@ -21,6 +21,9 @@ test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours d
   Gloo as well as NCCL;
 - a group that healed from a peer at this sync contributes nothing (its own weights are stale, so its
   ``global - local`` is noise) and the average is over the groups that did contribute;
+- the average is weighted by the tokens each group trained on since the fragment's last sync
+  (``tokens_per_step``; the header carries the work): groups of other batch sizes or rank counts count for what
+  they did, and equal groups get the plain mean bit for bit;
 - healing also resets the model to the global weights, not only the backup;
 - the global state (every fragment's weights and outer optimizer) is what durable checkpoints hold.
 """
@@ -117,6 +120,9 @@ class DiLoCo(OuterState):
             on for the codecs of ``config.ERROR_FEEDBACK_BY_DEFAULT`` (int2, topk), off for the others.
         backup_device: where the global weights are kept between syncs (host memory by default).
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
+        tokens_per_step: the tokens one inner step of this group trains on (all its ranks, every micro-batch): a
+            fragment's pseudo-gradient weighs in the average by the tokens since its last sync, so groups of other
+            batch sizes or rank counts count for what they did; equal groups get today's mean exactly.
         split_group: a ``torch.distributed`` process group of this replica group's ranks when they hold the
             same weights (DDP): each sends 1/G of the pseudo-gradient to other groups, so the slow link carries
             the model once per group, not G times. Not for FSDP, whose ranks already hold disjoint shards.
@@ -141,6 +147,7 @@ class DiLoCo(OuterState):
         error_feedback: Optional[bool] = None,
         topk_density: Optional[float] = None,
         outer_delay: int = 0,
+        tokens_per_step: int = 1,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -163,6 +170,9 @@ class DiLoCo(OuterState):
         self._one_outer = one_outer  # its state is saved as one dict, a list of them otherwise
         self.schedule = Schedule(sync_every, len(self._fragments), overlap_steps, outer_delay)
         self.mix_alpha = mix_alpha
+        if tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
+        self.tokens_per_step = tokens_per_step
         self.quorum_retry_s = quorum_retry_s
         self._params = [p for _, p in named]
         # this rank's layout: groups of a run must cut and shard the model alike (checked at every exchange)
@@ -195,6 +205,8 @@ class DiLoCo(OuterState):
         """Call after each inner optimizer step. Returns True when this call committed an outer step."""
         started = time.perf_counter()
         self.local_step += 1
+        for f in self._fragments:
+            f.inner_steps += 1
         if self.schedule.outer_delay:
             return self._eager_step(started) if self.local_step == self.schedule.steps_per_sync else False
         if self.local_step == self.schedule.send_at:
@@ -261,19 +273,20 @@ class DiLoCo(OuterState):
             start_quorum(self.manager, self.quorum_retry_s)
         fragment = self._fragments[self.schedule.fragment_at(self.manager.current_step())]
         if self._healed:  # our local weights predate the global ones we just received (and our residuals are zeros)
-            sending = Round(torch.zeros(fragment.numel, dtype=torch.float32, device=self._params[0].device), False)
+            sending = Round(torch.zeros(fragment.numel, dtype=torch.float32, device=self._params[0].device), 0.0)
             self._healed = False
         else:
-            sending = Round(fragment.pseudo_gradient(), True)
+            sending = Round(fragment.pseudo_gradient(), float(fragment.inner_steps * self.tokens_per_step))
+        fragment.inner_steps = 0
         if self.schedule.outer_delay:  # kept: the exchange sums the payload in place
-            self._sent = Round(sending.payload.to(fragment.backup[0].device, copy=True), sending.contributes)
+            self._sent = Round(sending.payload.to(fragment.backup[0].device, copy=True), sending.work)
         self._start_round(fragment, sending)
         if self._sent is not None:
             fragment.eager_restart(self._sent.payload, self.manager.num_participants())
 
     def _start_round(self, fragment: Fragment, sending: Round) -> None:
         header = new_header(Slot.SYNCING, self._signature, self._params[0].device)
-        header[Slot.CONTRIBUTORS] = float(sending.contributes)
+        header[Slot.CONTRIBUTORS], header[Slot.WORK] = float(sending.work > 0), sending.work
         residual = fragment.residual
         feedback = None if residual is None else Feedback(residual, torch.zeros_like(residual))
         sent = self._exchange.start(sending.payload, header, feedback)

@@ -1,8 +1,11 @@
 """What one sync sends between replica groups: a header, then the payload as the codec encodes it.
 
 The header is summed over the quorum first (fp64: exact), so every group learns what the round is before any
-payload moves: how many groups contribute, whether they are syncing or agreeing on initial weights, and a
-signature of their layout (fragments, codec, model size) with its square. ``sum(s)^2 == n sum(s^2)`` only when
+payload moves: how many groups contribute and how much work (tokens trained) each put in, whether they are
+syncing or agreeing on initial weights, and a signature of their layout (fragments, codec, model size) with its
+square. Knowing the total work, each group scales its payload by ``n x its work / total work`` before sending, so
+that the payload's sum over n is the average weighted by work: exactly today's mean when the groups' work is equal
+(the scale is then 1.0 and nothing is multiplied). ``sum(s)^2 == n sum(s^2)`` only when
 the ``n`` members' signatures are equal, so groups started with different flags are told apart.
 
 With a ``split_group`` (the ranks of a group hold the same weights: DDP) rank r sends only the r-th slice of
@@ -32,6 +35,7 @@ class Slot(IntEnum):
     AGREEING = 2  # groups agreeing on initial weights (DiLoCo.agree_initial_weights)
     SIGNATURE = 3  # the layout's signature
     SIGNATURE_SQUARED = 4  # its square
+    WORK = 5  # the tokens the contributors trained on since the fragment's last sync (0: unweighted)
 
 
 def layout_signature(fragments: int, codec: str, numel: int) -> float:
@@ -110,7 +114,11 @@ class Exchange:
     def _across_groups(
         self, header: torch.Tensor, payload: torch.Tensor, share: torch.Tensor, feedback: Optional[Feedback]
     ) -> int:
+        work = float(header[Slot.WORK])
         self.manager.allreduce(header, reduce_op=ReduceOp.SUM).wait()
+        scale = work_scale(header, work)
+        if scale != 1.0:  # (this rank's slice only: the group's ranks all-gather the weighted sums after)
+            share.mul_(scale)
         if layouts_differ(header):
             self.manager.report_error(RuntimeError("the groups' sync layouts differ"))
             return 0
@@ -121,6 +129,16 @@ class Exchange:
         if float(header[Slot.AGREEING]) > 0:  # everyone is agreeing on initial weights: those travel exactly
             return allreduce_sum(self.manager, payload, get_codec("fp32"))
         return allreduce_sum(self.manager, share, self.codec, feedback)
+
+
+def work_scale(header: torch.Tensor, work: float) -> float:
+    """After the header's sum: what a member that put in ``work`` multiplies its payload by, so that the sum over
+    the contributors n is n times the work-weighted average (1.0 with equal work, or when nobody counts work)."""
+    total, contributors = float(header[Slot.WORK]), float(header[Slot.CONTRIBUTORS])
+    if total <= 0 or work <= 0:
+        return 1.0 if total <= 0 else 0.0
+    ratio = contributors * work / total
+    return 1.0 if ratio == 1.0 else ratio
 
 
 def exchange_initial_weights(

@@ -96,6 +96,7 @@ class Fragment:
         self.save_backup()
         # error feedback: the part of this rank's pseudo-gradients its codec has not sent yet (None: no feedback)
         self.residual: Optional[torch.Tensor] = None
+        self.inner_steps = 0  # inner steps since this fragment was last sent: its work in the next average
         # eager outer steps: where this inner phase started, flat fp32 (None: at the global weights, the backup)
         self.start: Optional[torch.Tensor] = None
 

@@ -43,7 +43,7 @@ class Round:
     """What this rank put into a round (eager outer steps): a checkpoint holds it, so a resume sends it again."""
 
     payload: torch.Tensor  # its pseudo-gradient, before error feedback (on the backup device)
-    contributes: bool  # False when it had just healed: zeros
+    work: float  # the tokens it trained on for it (its weight in the average); 0 when it had just healed: zeros
 
 
 class OuterState:
@@ -127,7 +127,7 @@ class OuterState:
     def rank_state(self, template: bool = False) -> Dict[str, torch.Tensor]:
         """Error feedback's residuals by fragment (``fragment_0``, ...) and, with eager outer steps, each fragment's
         starting point (``start_0``, ...) and this rank's part of the round in flight (``round``,
-        ``round_contributes``). ``template``: zeros of the round a checkpoint of this step may hold, to load into."""
+        ``round_work``). ``template``: zeros of the round a checkpoint of this step may hold, to load into."""
         state = residuals_of(self._fragments)
         if not self.schedule.outer_delay:
             return state
@@ -135,9 +135,9 @@ class OuterState:
         sent = self._sent
         if sent is None and template:
             numel = self._fragments[self.schedule.fragment_at(self.manager.current_step())].numel
-            sent = Round(torch.zeros(numel), False)
+            sent = Round(torch.zeros(numel), 0.0)
         if sent is not None:
-            state.update(round=sent.payload, round_contributes=torch.tensor([float(sent.contributes)]))
+            state.update(round=sent.payload, round_work=torch.tensor([sent.work], dtype=torch.float64))
         return state
 
     def load_rank_state(self, saved: Mapping[str, torch.Tensor]) -> None:
@@ -148,9 +148,9 @@ class OuterState:
             start = saved.get(f"start_{f.index}")
             if f.start is not None and start is not None and start.shape == f.start.shape:
                 f.start.copy_(start)
-        if self.schedule.outer_delay and "round" in saved and "round_contributes" in saved:
+        if self.schedule.outer_delay and "round" in saved and "round_work" in saved:
             payload = saved["round"].to(self._params[0].device)
-            self._resend = Round(payload.clone(), bool(float(saved["round_contributes"][0])))
+            self._resend = Round(payload.clone(), float(saved["round_work"][0]))
 
     def _zero_residuals(self) -> None:
         for f in self._fragments:

@@ -116,6 +116,8 @@ class Trainer:
             self.model, o.inner_lr, o.outer_lr, o.outer_momentum, o.weight_decay
         )
         self.progress = Progress()
+        # the tokens one inner step of this group trains on: its weight in DiLoCo's average, its records' tokens
+        self.tokens_per_step = data.grad_accum * data.batch_size * data.seq_len * group_world_size()
         fsdp_ranks = cfg.cluster.parallel == "fsdp" and group_world_size() > 1
         self.checkpointer.open(self.model, fingerprint(self.model, cfg.model.spec, cfg.model.args), fsdp_ranks)
 
@@ -132,6 +134,7 @@ class Trainer:
                 topk_density=d.topk_density,
                 error_feedback=ERROR_FEEDBACK[d.error_feedback],
                 outer_delay=d.outer_delay,
+                tokens_per_step=self.tokens_per_step,
                 quorum_retry_s=cfg.cluster.lighthouse_timeout,
                 split_group=self.parallel.split_group,
             )
@@ -258,11 +261,10 @@ class Trainer:
             return
         seconds = window.seconds()
         loss = group_mean(window.mean_loss())  # the group's: each rank trained on its own part of the shard
-        tokens_per_step = cfg.data.grad_accum * cfg.data.batch_size * cfg.data.seq_len * group_world_size()
         record = window.committed(
             step,
             self.progress.inner_steps,
-            tokens_per_step,
+            self.tokens_per_step,
             loss,
             seconds,
             eval_loss=self.evaluate(),
