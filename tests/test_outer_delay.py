@@ -205,7 +205,8 @@ def test_a_round_in_flight_is_in_the_rank_state_and_a_template_is_its_size(light
                 p.sub_(0.01)
         diloco.step()  # the first window's end: fragment 0 sent
         state = diloco.rank_state()
-        assert torch.allclose(state["round"], torch.full((144,), 0.01), atol=1e-6) and state["round_work"] == 1  # 1 step
+        assert torch.allclose(state["round"], torch.full((144,), 0.01), atol=1e-6)
+        assert state["round_work"] == 1  # one inner step of one token (tokens_per_step 1)
         diloco.close()
     finally:
         manager.shutdown(wait=False)
