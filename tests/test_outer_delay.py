@@ -3,9 +3,8 @@ lighthouse and real Managers.
 
 The reference is the math by hand with plain tensors (the codec's own encode and decode for the exchange, as in
 tests/test_error_feedback.py): the round sent at the end of window k is applied to the global weights at the end
-of window k + 1, and each group's next window starts from the global weights moved by its own share of the round
-in flight. With a plain SGD outer optimizer that is the paper's eager update, whose per-group weights follow
-``theta_m(t) = theta_m(t-1) - lr (delta_m(t) / M + mean(t-1) - delta_m(t-1) / M)``.
+of window k + 1, and each group's next window starts from the outer optimizer's step from the global weights with
+its own pseudo-gradient standing in for the average in flight (on a copy of the optimizer's momentum).
 """
 
 from __future__ import annotations
@@ -116,6 +115,18 @@ def by_hand(codec_name: str, fragments: int, momentum: float) -> List[List[Dict[
             )
             offset += n
 
+    def lookahead(f: int, own: torch.Tensor) -> torch.Tensor:
+        """The outer step from the global weights with ``own`` for the average, on copies of the momentum."""
+        moved, offset = global_[cuts[f][0] : cuts[f][1]].clone(), 0
+        for i in members[f]:
+            n = sizes[i]
+            buf = bufs.get(i)
+            nesterov_step(
+                moved[offset : offset + n], own[offset : offset + n], None if buf is None else buf.clone(), momentum
+            )
+            offset += n
+        return moved
+
     for step in range(SYNCS + 1):
         if step == SYNCS:  # the last round's sync()
             apply(in_flight)
@@ -135,8 +146,8 @@ def by_hand(codec_name: str, fragments: int, momentum: float) -> List[List[Dict[
             for g in range(GROUPS):
                 residual[g][f] = meant[g] - sent[g]
         in_flight = (f, total)
-        for g in range(GROUPS):  # the eager start: the global weights moved by the group's own share
-            start[g][a:b] = global_[a:b].add(own[g], alpha=-LR / GROUPS)
+        for g in range(GROUPS):  # the eager start: the outer step with the group's own for the average
+            start[g][a:b] = lookahead(f, own[g])
             local[g][a:b] = start[g][a:b]
             history[g].append({"global": global_.clone(), "local": local[g].clone()})
     return history
@@ -160,21 +171,20 @@ def test_eager_outer_steps_through_managers_equal_the_math_by_hand(codec: str) -
     assert not torch.equal(ours[0]["history"][2]["local"], ours[1]["history"][2]["local"])
 
 
-def test_with_plain_sgd_the_groups_follow_the_papers_eager_update() -> None:
-    """One fragment, fp32, plain SGD outer steps: each group's weights at the start of every window are the paper's
-    ``theta_m(t) = theta_m(t-1) - lr (delta_m(t) / M + mean(t-1) - delta_m(t-1) / M)``, from the pseudo-gradients
-    the groups computed."""
+def test_with_plain_sgd_each_window_starts_a_full_outer_step_ahead_of_the_global_weights() -> None:
+    """One fragment, fp32, plain SGD outer steps: a group's window starts at ``global - lr x own`` (its own
+    pseudo-gradient in place of the average in flight), and the global weights lag one round behind: after window k
+    they hold the averages of rounds 0..k-1."""
     ours = groups_run("fp32", 1, 0.0)
     shapes = [p.shape for p in make_model().parameters()]
-    theta = [torch.cat([p.detach().reshape(-1) for p in make_model().parameters()]) for _ in range(GROUPS)]
-    previous = [torch.zeros_like(theta[0]) for _ in range(GROUPS)]
-    mean_before = torch.zeros_like(theta[0])
+    global_ = torch.cat([p.detach().reshape(-1) for p in make_model().parameters()])
     for step in range(SYNCS):
-        deltas = [torch.cat([d.reshape(-1) for d in drift(g, step, shapes)]) for g in range(GROUPS)]  # theta - local
+        deltas = [torch.cat([d.reshape(-1) for d in drift(g, step, shapes)]) for g in range(GROUPS)]  # start - local
         for g in range(GROUPS):
-            theta[g] = theta[g] - LR * (deltas[g] / GROUPS + mean_before - previous[g] / GROUPS)
-            assert torch.allclose(ours[g]["history"][step]["local"], theta[g], rtol=0, atol=1e-6), (g, step)
-        mean_before, previous = sum(deltas) / GROUPS, deltas
+            assert torch.allclose(ours[g]["history"][step]["global"], global_, rtol=0, atol=1e-6), (g, step)
+            expected = global_ - LR * deltas[g]
+            assert torch.allclose(ours[g]["history"][step]["local"], expected, rtol=0, atol=1e-6), (g, step)
+        global_ = global_ - LR * sum(deltas) / GROUPS
 
 
 def test_training_never_waits_for_the_exchange() -> None:

@@ -282,7 +282,7 @@ class DiLoCo(OuterState):
             self._sent = Round(sending.payload.to(fragment.backup[0].device, copy=True), sending.work)
         self._start_round(fragment, sending)
         if self._sent is not None:
-            fragment.eager_restart(self._sent.payload, self.manager.num_participants())
+            fragment.eager_restart(self._sent.payload if sending.work > 0 else None)
 
     def _start_round(self, fragment: Fragment, sending: Round) -> None:
         header = new_header(Slot.SYNCING, self._signature, self._params[0].device)

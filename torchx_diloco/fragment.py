@@ -146,21 +146,38 @@ class Fragment:
         return list(flat.split([t.numel() for t in self.locals()]))
 
     @torch.no_grad()
-    def eager_restart(self, own: torch.Tensor, participants: int) -> None:
-        """Eager outer steps (Kale et al., arXiv 2502.12996): while the average of the round just sent is on its
-        way, the next inner phase starts from the global weights moved by this group's own share of it, ``own /
-        participants``, as a plain step of each parameter's outer learning rate. With a plain SGD outer optimizer
-        this is the paper's eager update exactly (tests/test_outer_delay.py); with momentum, the group's own share
-        takes no momentum (a momentum of each group's own would make their global states differ)."""
-        lrs = {id(p): group["lr"] for group in self.outer_optimizer.param_groups for p in group["params"]}
-        pieces = self._split(own.to(self._backup_device))
+    def eager_restart(self, own: Optional[torch.Tensor]) -> None:
+        """Eager outer steps: while the average of the round just sent is on its way, the next inner phase starts
+        where the outer step will about land, the outer optimizer's step from the global weights with this group's
+        own pseudo-gradient ``own`` standing in for the average (on a copy of the optimizer's state: the global
+        state is untouched). ``own`` None (a group that just healed): at the global weights."""
+        import copy
+
         assert self.start is not None, "start_eagerly() first"
+        if own is None:
+            self.restore_backup()
+            return
+        saved = copy.deepcopy(self.outer_optimizer.state_dict())
+        with weights_swapped_in(self.params, self.backup):
+            self._set_grads(own.to(self.params[0].device))
+            self.outer_optimizer.step()
+            self.outer_optimizer.zero_grad(set_to_none=True)
+            self.start.copy_(torch.cat([t.detach().reshape(-1).float().to(self.start.device) for t in self.locals()]))
+        self.outer_optimizer.load_state_dict(saved)
+        for t, piece in zip(self.locals(), self._split(self.start), strict=True):
+            t.copy_(piece.view_as(t).to(t.device, t.dtype))
+
+    def _set_grads(self, flat: torch.Tensor) -> None:
+        """Each parameter's gradient, cut from ``flat`` (this rank's shards, as DTensors under FSDP2)."""
+        from torch.distributed.tensor import DTensor
+
         offset = 0
-        for p, t, backup, piece in zip(self.params, self.locals(), self.backup, pieces, strict=True):
+        for p, t in zip(self.params, self.locals(), strict=True):
             n = t.numel()
-            start = self.start[offset : offset + n]
-            torch.add(backup.reshape(-1).float(), piece, alpha=-lrs[id(p)] / participants, out=start)
-            t.copy_(start.view_as(t).to(t.device, t.dtype))
+            grad = flat[offset : offset + n].view_as(t).to(t.dtype)
+            if isinstance(p, DTensor):  # FSDP2: the shard's gradient, as the DTensor the optimizer expects
+                grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            p.grad = grad
             offset += n
 
     @torch.no_grad()
@@ -171,16 +188,7 @@ class Fragment:
 
     @torch.no_grad()
     def outer_step(self, average: torch.Tensor) -> None:
-        from torch.distributed.tensor import DTensor
-
-        offset = 0
-        for p, t in zip(self.params, self.locals(), strict=True):
-            n = t.numel()
-            grad = average[offset : offset + n].view_as(t).to(t.dtype)
-            if isinstance(p, DTensor):  # FSDP2: the shard's gradient, as the DTensor the optimizer expects
-                grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-            p.grad = grad
-            offset += n
+        self._set_grads(average)
         self.outer_optimizer.step()
         self.outer_optimizer.zero_grad(set_to_none=True)
         self.save_backup()
