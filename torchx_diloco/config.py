@@ -277,8 +277,9 @@ class DiLoCoConfig:
         0,
         non_negative_int,
         "1: eager outer steps (Kale et al., arXiv 2502.12996): a sync's exchange runs during the whole next H/P "
-        "inner steps and is applied at the next sync, each group training meanwhile from the global weights "
-        "moved by its own share; training never waits for the link (0 = the outer step waits for its sync)",
+        "inner steps and is applied at the next sync, each group training meanwhile from where its own "
+        "pseudo-gradient says that outer step lands; training never waits for the link (0 = each outer step waits "
+        "for its sync)",
     )
     impl: str = flag(
         "torchx_diloco",

@@ -12,8 +12,8 @@ before it is applied, its communication running while they train; after its oute
 int4, int2, topk: see :mod:`torchx_diloco.codecs`); with ``error_feedback`` each rank carries what its lossy
 codec did not send of a fragment's pseudo-gradient into that fragment's next sync. With ``outer_delay`` 1 (eager
 outer steps, Kale et al. arXiv 2502.12996) a sync's exchange runs during the whole next window and its outer step
-lands on the global weights at the next sync; meanwhile each group trains from the global weights moved by its
-own share of the round in flight, so training never waits for the link.
+lands on the global weights at the next sync; meanwhile each group trains from where its own pseudo-gradient says
+that outer step lands (the outer optimizer's look-ahead step), so training never waits for the link.
 
 The schedule and the arithmetic are ``torchft.local_sgd.DiLoCo``'s (the same weights when nothing fails; a
 test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours differs in that:
@@ -229,7 +229,7 @@ class DiLoCo(OuterState):
     def _eager_step(self, started: float) -> bool:
         """The end of a window with eager outer steps: the round sent at the last one is applied (a resumed run's
         saved round is sent again first, blocking), then this window's round is sent and the next window starts
-        from the global weights moved by this group's own share of it."""
+        where its outer step will about land (:meth:`Fragment.eager_restart`)."""
         committed, healed = False, False
         if self._resend is not None:
             healed = self._send_again()
