@@ -5,7 +5,9 @@ averaged every step through torchft: benchmarks/dp_worker.py), and DiLoCo over 4
 (``python -m torchx_diloco.train``) at H=10 and H=50. All use the same model, AdamW and learning-rate
 schedule, and are evaluated on the same held-out windows. Reports the final eval loss and the bytes each
 group sends (computed for a ring all-reduce: 2(n-1)/n x buffer per all-reduce; benchmark 2 measures the
-n=2 case on a real link), and draws eval loss against tokens to benchmarks/results/loss_vs_tokens.png.
+n=2 case on a real link), and draws eval loss against tokens to benchmarks/results/loss_vs_tokens.png and the
+final eval loss against the bytes sent (the frontier) to benchmarks/results/loss_vs_bytes.png. ``--full``: the
+long version (4000 inner steps, the rows of issue 18), meant to be run once and committed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,20 @@ GROUPS = 4
 TOPK = ["--codec", "topk", "--topk-density"]
 NO_MOMENTUM = ["--outer-momentum", "0"]
 NO_EF = ["--error-feedback", "off"]  # (on by default for int2 and topk)
+EF = ["--error-feedback", "on"]
+EAGER = ["--outer-delay", "1"]
+
+# --full: at least 4000 inner steps, 4 groups, at equal tokens (name, groups, H, flags, fragments)
+FULL_PLAN: List[tuple] = [
+    ("data-parallel, 4 groups", GROUPS, None, [], 1),
+    ("DiLoCo H=50, 4 groups", GROUPS, 50, [], 1),
+    ("DiLoCo H=50 int4", GROUPS, 50, ["--codec", "int4", *NO_EF], 1),
+    ("DiLoCo H=50 int4 +EF", GROUPS, 50, ["--codec", "int4", *EF], 1),
+    *((f"DiLoCo H={H} int2 +EF", GROUPS, H, ["--codec", "int2", *EF], 1) for H in (50, 100)),
+    *((f"DiLoCo H={H} topk {d}% +EF", GROUPS, H, [*TOPK, str(d / 100), *EF], 1) for H in (50, 100) for d in (1, 3)),
+    ("DiLoCo H=50 eager", GROUPS, 50, EAGER, 1),
+    ("DiLoCo H=50 eager int2 +EF", GROUPS, 50, [*EAGER, "--codec", "int2", *EF], 1),
+]
 
 
 def curve_dp(records: List[Dict[str, Any]], tokens_per_step: int) -> List[tuple]:
@@ -86,6 +102,30 @@ def plot(curves: Dict[str, List[tuple]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_frontier(rows: List[list], dp_loss: float, path: Path) -> None:
+    """Final eval loss against the bytes each group sent (log scale): the nearer the bottom left, the better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=130)
+    for name, loss, mb in rows:
+        if loss is None or not mb:
+            continue
+        ax.scatter([mb], [loss], s=18, color="tab:blue" if "data-parallel" in name else "tab:red")
+        ax.annotate(name.replace(", 4 groups", ""), (mb, loss), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.axhline(1.02 * dp_loss, color="k", ls=":", lw=1, label="data-parallel + 2%")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB sent per group (log)")
+    ax.set_ylabel("final eval loss")
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the short version (default)")
@@ -95,7 +135,7 @@ def main() -> int:
     a = p.parse_args()
     started = time.time()
     cfg = (
-        dict(model="tiny", seq_len=128, batch_size=8, steps=2000, H=[10, 50], eval_batches=8)
+        dict(model="tiny", seq_len=64, batch_size=8, steps=4000, H=[50], eval_batches=8)
         if a.full
         else dict(model="tiny", seq_len=64, batch_size=8, steps=400, H=[10, 50], eval_batches=8)
     )
@@ -158,7 +198,14 @@ def main() -> int:
                 [*TOPK, "0.02", "--error-feedback", "on", *NO_MOMENTUM],
                 1,
             ),
+            # eager outer steps (--outer-delay 1): the sync overlaps the whole next window
+            ("DiLoCo H=50 eager", GROUPS, 50, EAGER, 1),
+            ("DiLoCo H=50 eager int2 +EF", GROUPS, 50, [*EAGER, "--codec", "int2", *EF], 1),
+            ("DiLoCo H=10 eager", GROUPS, 10, EAGER, 1),
+            ("DiLoCo H=10 eager int8", GROUPS, 10, [*EAGER, "--codec", "int8"], 1),
         ]
+        if a.full:
+            plan = FULL_PLAN
         if a.only:  # a subset (data-parallel always runs: every row is compared with it)
             plan = [row for row in plan if row[0].startswith("data-parallel") or any(o in row[0] for o in a.only)]
         for name, groups, H, extra, fragments in plan:
@@ -222,8 +269,9 @@ def main() -> int:
             ["method", "final eval loss", "vs DP %", "MB sent per group", "DP bytes / bytes"], table_rows, digits=3
         )
     )
-    result_name = a.name or ("quality-only" if a.only else "quality")  # a subset does not replace the whole table
-    suffix = "-full" if a.full else result_name.removeprefix("quality")
+    # a subset does not replace the whole table
+    result_name = a.name or ("quality-full" if a.full else "quality-only" if a.only else "quality")
+    suffix = result_name.removeprefix("quality")
     png = bl.RESULTS / f"loss_vs_tokens{suffix}.png"
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(
@@ -233,6 +281,9 @@ def main() -> int:
         png,
     )
     print(f"wrote {bl.rel(str(png))}")
+    frontier = bl.RESULTS / f"loss_vs_bytes{suffix}.png"
+    plot_frontier(rows, dp_loss, frontier)
+    print(f"wrote {bl.rel(str(frontier))}")
     goals = {}
     for name, loss, mb in (r for r in rows if "DiLoCo" in r[0] or "Streaming" in r[0]):
         goals[f"{name}: within 2% of DP eval loss"] = (
