@@ -4,9 +4,12 @@ Two replica groups, each in its own network namespace, reach each other and the 
 namespace) over veth pairs shaped with ``tc`` tbf (e.g. 100 Mbit/s each way), and over the same veths
 unshaped. For the same model and the same tokens it runs data-parallel training (gradients averaged every
 step through torchft's Manager: benchmarks/dp_worker.py) and DiLoCo (``python -m torchx_diloco.train``) at
-several H, interleaved. Reports per group: tokens/s, compute utilisation (time in forward/backward/optimizer
-over wall time) and bytes sent per inner step, read from the veth's tx_bytes inside the group's namespace,
-against model bytes / H. Needs root (``ip netns``, ``tc``); this kernel has no netem, so no added delay.
+several H, interleaved; Streaming DiLoCo, the codecs and eager outer steps (``--outer-delay 1``) at H=10, each
+shaped row beside its unshaped twin (the same flags over the same veths, no shaping): on 2 shared cores a
+sync's own CPU work is the floor, so the twin says what the slow link itself costs. Reports per group:
+tokens/s, compute utilisation (time in forward/backward/optimizer over wall time) and bytes sent per inner
+step, read from the veth's tx_bytes inside the group's namespace, against the codec's payload / H. Needs root
+(``ip netns``, ``tc``); this kernel has no netem, so no added delay.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ def dp_stats(run: bl.Run, cfg: Dict[str, Any], skip: int) -> Dict[str, Any]:
     return _mean(per_group)
 
 
-def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int) -> Dict[str, Any]:
+def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int, eager: bool = False) -> Dict[str, Any]:
     """Steady state of a DiLoCo run: the rounds after the first (whose sync also heals the late group).
 
-    ``H`` here is the inner steps per outer step: H/P for Streaming DiLoCo (one record per fragment sync)."""
+    ``H`` here is the inner steps per outer step: H/P for Streaming DiLoCo (one record per fragment sync).
+    ``eager`` (``--outer-delay 1``, one fragment): a record is written after its step() already sent the next
+    round, so the bytes are counted from the start of the first record's step() (the round before it was done a
+    window ago). With P fragments a window is H/P steps, too short for that (the round before may still be
+    crossing), and one round of the many is 1/P of the model: counted as for the others."""
     per_group = []
     tokens = H * cfg["batch_size"] * cfg["seq_len"]
     for g, records in enumerate(run.metrics):
@@ -62,7 +69,8 @@ def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int) -> Dict[str, Any]:
         windows_s = [tokens / r["tokens_per_s"] for r in window]
         # from just after the first commit to just after the last: the first round's traffic (and heal)
         # is over, the last round's is in, and both ends fall in compute time (no traffic but heartbeats)
-        tx = netlab.bytes_between(run.tx_samples(g), done[0]["time"] + SETTLE_S, window[-1]["time"] + SETTLE_S)
+        start = done[0]["time"] - done[0]["sync_s"] if eager else done[0]["time"] + SETTLE_S
+        tx = netlab.bytes_between(run.tx_samples(g), start, window[-1]["time"] + SETTLE_S)
         per_group.append(
             {
                 "tokens_per_s": sum(tokens for _ in window) / sum(windows_s),
@@ -74,6 +82,16 @@ def diloco_stats(run: bl.Run, cfg: Dict[str, Any], H: int) -> Dict[str, Any]:
             }
         )
     return _mean(per_group)
+
+
+def expected_bytes(codec: str, params: int, fragments: int) -> float:
+    """What a group sends per sync of the whole model with 2 groups: a dense codec's reduce-scatter and all-gather
+    send 2(n-1)/n = 1 encoded payload (fp32: the ring all-reduce, the same), topk's all-gather (n-1) = 1 payload;
+    the codec's own count, scales and indices included."""
+    from torchx_diloco.codecs import get_codec
+
+    wire = get_codec(codec, 0.02 if codec == "topk" else None)
+    return fragments * wire.encoded_bytes(-(-params // fragments))
 
 
 def _mean(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -107,25 +125,20 @@ def main() -> int:
     else:
         cfg = dict(model="tiny", seq_len=128, batch_size=8, steps=150, H=[10, 50], dp_skip=5)
     rates = a.rate or ["100mbit", "none"]
-    # Streaming DiLoCo and the codecs at H=10 over the shaped link: (name, flags, fragments, bits per value)
-    overlap = STREAM_TAU
+    # Streaming DiLoCo, the codecs and eager outer steps at H=10: (name, flags, fragments, codec)
+    stream = ["--fragments", str(STREAM_P), "--overlap-steps", str(STREAM_TAU)]
+    eager = ["--outer-delay", "1"]
+    topk = ["--codec", "topk", "--topk-density", "0.02"]
     streaming = [
-        ("DiLoCo H=10 int8", ["--codec", "int8"], 1, 8),
-        (
-            f"stream P={STREAM_P} tau={overlap} fp32",
-            ["--fragments", str(STREAM_P), "--overlap-steps", str(overlap)],
-            STREAM_P,
-            32,
-        ),
+        ("DiLoCo H=10 int8", ["--codec", "int8"], 1, "int8"),
+        ("DiLoCo H=10 int2", ["--codec", "int2"], 1, "int2"),
+        ("DiLoCo H=10 topk 2%", topk, 1, "topk"),
         *(
-            (
-                f"stream P={STREAM_P} tau={overlap} {c}",
-                ["--fragments", str(STREAM_P), "--overlap-steps", str(overlap), "--codec", c],
-                STREAM_P,
-                bits,
-            )
-            for c, bits in (("bf16", 16), ("int8", 8), ("int4", 4))
+            (f"stream P={STREAM_P} tau={STREAM_TAU} {c}", [*stream, "--codec", c], STREAM_P, c)
+            for c in ("fp32", "int8")
         ),
+        *((f"eager H=10 {c}", [*eager, "--codec", c], 1, c) for c in ("fp32", "int8", "int2")),
+        (f"eager P={STREAM_P} int8", [*eager, "--fragments", str(STREAM_P), "--codec", "int8"], STREAM_P, "int8"),
     ]
     params = bl.model_params(cfg["model"], cfg["seq_len"])
     model_bytes = 4 * params
@@ -139,11 +152,11 @@ def main() -> int:
     results: List[Dict[str, Any]] = []
     try:
         with netlab.Lab(2) as lab:
-            configs: List[tuple] = [("data-parallel", None, [], 1, 32)]
-            configs += [(f"DiLoCo H={H}", H, [], 1, 32) for H in cfg["H"]]
-            configs += [(name, 10, flags, p, bits) for name, flags, p, bits in streaming]
-            for name, H, extra, fragments, bits in configs:
-                for rate in rates if not extra else [r for r in rates if r != "none"]:  # the slow link only
+            configs: List[tuple] = [("data-parallel", None, [], 1, "fp32")]
+            configs += [(f"DiLoCo H={H}", H, [], 1, "fp32") for H in cfg["H"]]
+            configs += [(name, 10, flags, p, codec) for name, flags, p, codec in streaming]
+            for name, H, extra, fragments, codec in configs:
+                for rate in rates:  # each row shaped, then its unshaped twin
                     lab.shape(None if rate == "none" else rate)
                     tag = f"{rate}-{name.replace(' ', '').replace('=', '')}"
                     if H is None:
@@ -173,10 +186,9 @@ def main() -> int:
                             ],
                             lab=lab,
                         ).wait(timeout=900)
-                        stats = diloco_stats(run, cfg, H // fragments)
-                        # the codec's payload (+ fp32 scales per 128 values for int8/int4) once per H steps
-                        scales = model_bytes / 128 if bits in (4, 8) else 0
-                        expected = (model_bytes * bits / 32 + scales) / H
+                        one_round_ahead = "--outer-delay" in extra and fragments == 1
+                        stats = diloco_stats(run, cfg, H // fragments, eager=one_round_ahead)
+                        expected = expected_bytes(codec, params, fragments) / H
                     row = {
                         "link": rate,
                         "method": name,
@@ -235,8 +247,13 @@ def main() -> int:
             best["utilisation"] >= 0.9
         )
         for r in shaped:
-            if r["link"] == rate and r["flags"] and "stream" in r["method"]:
-                goals[f"{rate}: {r['method']} at H=10 util >= 95%"] = r["utilisation"] >= 0.95
+            if r["link"] != rate or not r["flags"]:
+                continue
+            twin = next((t for t in results if t["link"] == "none" and t["method"] == r["method"]), None)
+            if "eager" in r["method"] and "fp32" not in r["method"] and twin is not None:
+                points = 100 * (twin["utilisation"] - r["utilisation"])
+                goals[f"{rate}: {r['method']} util within 2 points of unshaped ({points:+.1f})"] = points <= 2
+            if "stream" in r["method"] or "eager" in r["method"]:
                 ratio = (r["bytes_per_inner_step"] or 0) / r["expected_bytes_per_inner_step"]
                 goals[f"{rate}: {r['method']} bytes within 5% of expected ({ratio:.3f})"] = abs(ratio - 1) <= 0.05
     bl.write_result(

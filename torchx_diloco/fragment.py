@@ -12,6 +12,7 @@ weights while the local ones train on.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -151,8 +152,6 @@ class Fragment:
         where the outer step will about land, the outer optimizer's step from the global weights with this group's
         own pseudo-gradient ``own`` standing in for the average (on a copy of the optimizer's state: the global
         state is untouched). ``own`` None (a group that just healed): at the global weights."""
-        import copy
-
         assert self.start is not None, "start_eagerly() first"
         if own is None:
             self.restore_backup()
