@@ -9,6 +9,7 @@ its own pseudo-gradient standing in for the average in flight (on a copy of the 
 
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 from typing import Any, Dict, List
@@ -258,3 +259,58 @@ def test_a_resume_sends_the_saved_round_again_and_trains_on_bit_for_bit(lighthou
     ours, reference = committed_checksums(tmp_path / "stopped", 0), committed_checksums(tmp_path / "whole", 0)
     assert list(reference) == [1, 2, 3, 4, 5, 6]
     assert [ours[s] for s in (4, 5, 6)] == [reference[s] for s in (4, 5, 6)]
+
+
+def test_the_global_state_a_healing_peer_is_served_stays_as_it_was_at_the_quorum(monkeypatch) -> None:
+    """torchft serves a healing peer the state dict it took at the quorum (tensors by reference, not copies) until
+    the next commit, while eagerly the group trains a whole window in between: nothing in that window (the eager
+    restart steps the outer optimizer on the side) may change those tensors, or the peer heals to a momentum no
+    group holds (seen once in CI: a late group's weights differed from its peer's from the next step on)."""
+    import torchx_diloco.diloco as diloco_module
+
+    real_quorum = diloco_module.start_quorum
+    served: Dict[int, List[Any]] = {}  # group -> (the state dict as taken at the quorum, a copy of its values)
+    group_of: Dict[int, int] = {}
+
+    def quorum_taking_the_state(manager: Any, retry_s: float) -> None:
+        real_quorum(manager, retry_s)
+        state = dilocos[group_of[id(manager)]].state_dict()  # what torchft's _manager_state_dict() references
+        served[group_of[id(manager)]].append((state, copy.deepcopy(state)))
+
+    monkeypatch.setattr(diloco_module, "start_quorum", quorum_taking_the_state)
+    dilocos: Dict[int, DiLoCo] = {}
+    models = [make_model() for _ in range(2)]
+
+    def work(g: int, manager: Any) -> int:
+        params = list(models[g].parameters())
+        inner = torch.optim.SGD(params, lr=0.1)
+        outer = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, nesterov=True)
+        group_of[id(manager)], served[g] = g, []
+        dilocos[g] = DiLoCo(manager, models[g], inner, outer, sync_every=1, outer_delay=1)
+        changed, momenta = 0, 0
+        for step in range(4):
+            with torch.no_grad():
+                for p, d in zip(params, drift(g, step, [p.shape for p in params]), strict=True):
+                    p.sub_(d)
+            if served[g]:  # the window after the last quorum is trained: its commit comes next
+                state, copied = served[g][-1]
+                momenta += len(state["outer_optimizer"]["state"])
+                changed += sum(not torch.equal(a, b) for a, b in zip(_tensors(state), _tensors(copied), strict=True))
+            dilocos[g].step()
+        assert dilocos[g].sync()
+        dilocos[g].close()
+        return changed, momenta
+
+    results = run_in_groups(2, work)
+    assert all(momenta > 0 for _, momenta in results), "no served state held a momentum to check"
+    assert [changed for changed, _ in results] == [0, 0], "the served global state changed before the commit"
+
+
+def _tensors(tree: Any) -> List[torch.Tensor]:
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for k in sorted(tree, key=str) for t in _tensors(tree[k])]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []

@@ -62,6 +62,20 @@ def weights_swapped_in(params: Sequence[torch.Tensor], weights: Sequence[torch.T
             local_tensor(p).copy_(s)
 
 
+@contextlib.contextmanager
+def optimizer_state_set_aside(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Inside the block ``optimizer`` steps on copies of its state; after it, its state is the same objects with
+    the same values as before (a state dict taken earlier, and being read by another thread, never changes)."""
+    saved = dict(optimizer.state)
+    for p, entry in saved.items():
+        optimizer.state[p] = {k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v) for k, v in entry.items()}
+    try:
+        yield
+    finally:
+        optimizer.state.clear()
+        optimizer.state.update(saved)
+
+
 def split_evenly(sizes: Sequence[int], parts: int) -> List[range]:
     """``parts`` contiguous ranges over tensors of ``sizes`` whose totals are as equal as whole tensors allow."""
     if parts > len(sizes):
@@ -151,18 +165,20 @@ class Fragment:
         """Eager outer steps: while the average of the round just sent is on its way, the next inner phase starts
         where the outer step will about land, the outer optimizer's step from the global weights with this group's
         own pseudo-gradient ``own`` standing in for the average (on a copy of the optimizer's state: the global
-        state is untouched). ``own`` None (a group that just healed): at the global weights."""
+        state is untouched). ``own`` None (a group that just healed): at the global weights.
+
+        Untouched means the very tensors too: torchft serves a healing peer the state dict it took at the quorum,
+        which references the optimizer's state tensors, until the next commit; stepping them in place here would
+        hand that peer a momentum no group holds."""
         assert self.start is not None, "start_eagerly() first"
         if own is None:
             self.restore_backup()
             return
-        saved = copy.deepcopy(self.outer_optimizer.state_dict())
-        with weights_swapped_in(self.params, self.backup):
+        with weights_swapped_in(self.params, self.backup), optimizer_state_set_aside(self.outer_optimizer):
             self._set_grads(own.to(self.params[0].device))
             self.outer_optimizer.step()
             self.outer_optimizer.zero_grad(set_to_none=True)
             self.start.copy_(torch.cat([t.detach().reshape(-1).float().to(self.start.device) for t in self.locals()]))
-        self.outer_optimizer.load_state_dict(saved)
         for t, piece in zip(self.locals(), self._split(self.start), strict=True):
             t.copy_(piece.view_as(t).to(t.device, t.dtype))
 
