@@ -7,12 +7,14 @@ schedule, and are evaluated on the same held-out windows. Reports the final eval
 group sends (computed for a ring all-reduce: 2(n-1)/n x buffer per all-reduce; benchmark 2 measures the
 n=2 case on a real link), and draws eval loss against tokens to benchmarks/results/loss_vs_tokens.png and the
 final eval loss against the bytes sent (the frontier) to benchmarks/results/loss_vs_bytes.png. ``--full``: the
-long version (4000 inner steps, the rows of issue 18), meant to be run once and committed.
+long version (4000 inner steps, the rows of issue 18), meant to be run once and committed; each finished row is
+kept in benchmarks/results/quality-full-rows.json, so a run that is stopped goes on from the next row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -33,15 +35,15 @@ EF = ["--error-feedback", "on"]
 EAGER = ["--outer-delay", "1"]
 
 # --full: at least 4000 inner steps, 4 groups, at equal tokens (name, groups, H, flags, fragments)
-FULL_PLAN: List[tuple] = [
+FULL_PLAN: List[tuple] = [  # (the rows nearest the goal first: a run cut short still answers it)
     ("data-parallel, 4 groups", GROUPS, None, [], 1),
     ("DiLoCo H=50, 4 groups", GROUPS, 50, [], 1),
+    *((f"DiLoCo H={H} int2 +EF", GROUPS, H, ["--codec", "int2", *EF], 1) for H in (100, 50)),
+    *((f"DiLoCo H={H} topk {d}% +EF", GROUPS, H, [*TOPK, str(d / 100), *EF], 1) for H in (100, 50) for d in (1, 3)),
+    ("DiLoCo H=50 eager int2 +EF", GROUPS, 50, [*EAGER, "--codec", "int2", *EF], 1),
+    ("DiLoCo H=50 eager", GROUPS, 50, EAGER, 1),
     ("DiLoCo H=50 int4", GROUPS, 50, ["--codec", "int4", *NO_EF], 1),
     ("DiLoCo H=50 int4 +EF", GROUPS, 50, ["--codec", "int4", *EF], 1),
-    *((f"DiLoCo H={H} int2 +EF", GROUPS, H, ["--codec", "int2", *EF], 1) for H in (50, 100)),
-    *((f"DiLoCo H={H} topk {d}% +EF", GROUPS, H, [*TOPK, str(d / 100), *EF], 1) for H in (50, 100) for d in (1, 3)),
-    ("DiLoCo H=50 eager", GROUPS, 50, EAGER, 1),
-    ("DiLoCo H=50 eager int2 +EF", GROUPS, 50, [*EAGER, "--codec", "int2", *EF], 1),
 ]
 
 
@@ -151,6 +153,12 @@ def main() -> int:
         f"{cfg['steps'] * step_tokens / 1e6:.2f}M tokens"
     )
 
+    # --full: rows finished by an earlier run of the same configuration are taken as they are
+    done_file = bl.RESULTS / "quality-full-rows.json"
+    done: Dict[str, Any] = {}
+    if a.full and done_file.exists():
+        saved = json.loads(done_file.read_text())
+        done = saved["rows"] if saved.get("config") == cfg else {}
     work = Path(tempfile.mkdtemp(prefix="bench_quality-"))
     rows, curves, runs = [], {}, {}
     try:
@@ -210,6 +218,12 @@ def main() -> int:
             plan = [row for row in plan if row[0].startswith("data-parallel") or any(o in row[0] for o in a.only)]
         for name, groups, H, extra, fragments in plan:
             t = time.time()
+            if name in done:
+                curve, sent = [tuple(c) for c in done[name]["curve"]], done[name]["bytes_sent_per_group"]
+                curves[name], runs[name] = curve, done[name]
+                rows.append([name, curve[-1][1] if curve else None, sent / 1e6])
+                print(f"  {name:26s} eval loss {bl.fmt(rows[-1][1])}  (from {bl.rel(str(done_file))})")
+                continue
             if H is None:
                 batch = cfg["batch_size"] * GROUPS // groups
                 run = bl.Run(
@@ -249,6 +263,10 @@ def main() -> int:
                 sent = sum(r.get("sent_bytes", 0) for r in bl.committed(records))
             curves[name] = curve
             runs[name] = {"wall_s": round(time.time() - t, 1), "curve": curve, "bytes_sent_per_group": sent}
+            if a.full:
+                bl.RESULTS.mkdir(parents=True, exist_ok=True)
+                done[name] = runs[name]
+                done_file.write_text(json.dumps({"config": cfg, "rows": done}, indent=1) + "\n")
             final = curve[-1][1] if curve else None
             rows.append([name, final, sent / 1e6])
             print(
@@ -270,8 +288,8 @@ def main() -> int:
         )
     )
     # a subset does not replace the whole table
-    result_name = a.name or ("quality-full" if a.full else "quality-only" if a.only else "quality")
-    suffix = result_name.removeprefix("quality")
+    result_name = a.name or ("quality-only" if a.only else "quality")  # (write_result adds -full)
+    suffix = result_name.removeprefix("quality") + ("-full" if a.full else "")
     png = bl.RESULTS / f"loss_vs_tokens{suffix}.png"
     bl.RESULTS.mkdir(parents=True, exist_ok=True)
     plot(
