@@ -62,7 +62,7 @@ def main() -> int:
 
         store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         store_kwargs = dict(store_addr="127.0.0.1", store_port=store.port, rank=0, world_size=1)
-    timeout = timedelta(seconds=120)
+    timeout = timedelta(seconds=600)  # (a benchmark beside other work may stall a group for minutes)
     manager = Manager(
         pg=ProcessGroupGloo(timeout=timeout),
         load_state_dict=None,

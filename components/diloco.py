@@ -126,13 +126,13 @@ _strict_component_parsers(builders)
 def diloco(
     *script_args: str,
     replica_groups: int = 2,
-    gpus_per_group: int = 0,
+    gpus_per_group: str = "0",
     gpu_assignment: Optional[str] = None,
-    cpu: int = 1,
-    memMB: int = 4096,
+    cpu: str = "1",
+    memMB: str = "4096",
     h: Optional[str] = None,
     max_restarts: int = 3,
-    nodes_per_group: int = 1,
+    nodes_per_group: str = "1",
     lighthouse_port: int = 0,
     min_replicas: int = MIN_REPLICAS,
     checkpoint_dir: str = FLAG_DEFAULTS["checkpoint_dir"],
@@ -153,22 +153,28 @@ def diloco(
     Fewer bytes on a slow link: ``-- --fragments 4 --overlap-steps 1 --codec int8`` (Streaming DiLoCo: the
     model syncs a quarter at a time, each sync overlapped with an inner step, pseudo-gradients sent as int8;
     ``--codec int4`` halves that again, ``--mix-alpha`` keeps part of the local weights after a sync).
+    Groups that differ: each resource takes one value for all groups or one per group (``--gpus_per_group 8,8,4``),
+    and so do the trainer flags groups may differ in (``-- --batch-size 16,16,8 --sync-every 50,50,25``); the
+    average weighs each group by the tokens it trained on (docs/unlike-groups.md).
 
     Args:
         script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones
             this component sets. With ``--script``/``--m``: your program's arguments, passed as they are
         replica_groups: number of replica groups (DiLoCo workers) that average pseudo-gradients every H steps
-        gpus_per_group: GPUs (= torchrun processes) per group; 0 trains on CPU with one process per group
+        gpus_per_group: GPUs (= torchrun processes) per group, one for all or one per group (8,8,4); 0 trains on
+            CPU with one process per group
         gpu_assignment: local_cwd only: explicit CUDA devices per group, groups separated by ';' (e.g. "0,1;2,3"),
-            each list as long as gpus_per_group (which defaults to that length);
+            each list as long as the group's gpus_per_group (which defaults to the lists' lengths);
             leave the scheduler option auto_set_cuda_visible_devices off when you use it (it would overwrite
             these). Without it, turn auto_set_cuda_visible_devices on to give groups distinct GPUs
-        cpu: CPU cores per group; on CPU also the group's OMP_NUM_THREADS, so groups do not fight over cores
-        memMB: memory per group in MB (Slurm --mem)
-        h: a registered TorchX named resource for each group (wins over cpu, gpus_per_group and memMB)
+        cpu: CPU cores per group (one for all or one per group); on CPU also the group's OMP_NUM_THREADS, so
+            groups do not fight over cores
+        memMB: memory per group in MB (Slurm --mem), one for all or one per group
+        h: a registered TorchX named resource for each group, or one per group (wins over cpu, gpus_per_group and
+            memMB)
         max_restarts: times torchrun restarts a group's crashed workers; a restarted group heals from a peer
-        nodes_per_group: nodes per group (Slurm only): each group runs ``torchrun --nnodes N`` as N replicas of
-            its role, with a c10d rendezvous on the group's first node
+        nodes_per_group: nodes per group, one for all or one per group (Slurm only): each group runs ``torchrun
+            --nnodes N`` as N replicas of its role, with a c10d rendezvous on the group's first node
         lighthouse_port: port of the torchft lighthouse on the first role's host; 0 picks one free when the app
             is built, so runs on one machine never share a lighthouse
         min_replicas: groups needed to commit an outer step (the others may be down or restarting)
@@ -190,29 +196,19 @@ def diloco(
         m: like ``--script``, a Python module to run instead (``python -m``)
         name: the app's name
     """
-    _check_common(replica_groups, min_replicas, max_restarts, cpu)
-    _check_nodes(nodes_per_group)
+    _check_common(replica_groups, min_replicas, max_restarts)
+    nodes = _per_group("nodes_per_group", nodes_per_group, replica_groups, 1, "nodes per group")
     port = _pick_port() if lighthouse_port == 0 else _check_port(lighthouse_port)
-    resource, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
+    resources, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
     trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
     train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args))
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
     roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, run_id=macros.app_id)]
-    spec = _Groups(
-        replica_groups,
-        url,
-        resource,
-        max_restarts,
-        env,
-        train_args,
-        run_id=macros.app_id,
-        min_replicas=min_replicas,
-        nodes=nodes_per_group,
-    )
-    # het group 0 is the lighthouse; each group's first node follows
+    spec = _Groups(replica_groups, url, max_restarts, env, train_args, run_id=macros.app_id, min_replicas=min_replicas)
+    # het group 0 is the lighthouse; each group's nodes follow, in group order
     roles += [
-        _group_role(g, spec, devices[g] if devices else None, first_het_group=1 + g * nodes_per_group)
+        _group_role(g, spec, resources[g], nodes[g], devices[g] if devices else None, 1 + sum(nodes[:g]))
         for g in range(replica_groups)
     ]
     return specs.AppDef(name=name, roles=roles)
@@ -303,19 +299,19 @@ def replica_group(
         m: like ``--script``, a Python module to run instead (``python -m``)
         name: the app's name
     """
-    _check_common(replica_groups, min_replicas, max_restarts, cpu)
+    _check_common(replica_groups, min_replicas, max_restarts)
     if not 0 <= group < replica_groups:
         raise ComponentError(f"--group {group} is outside 0..{replica_groups - 1}: pick a group below --replica_groups")
     if not re.fullmatch(r"https?://[^\s/:]+(:\d+)", lighthouse_url.rstrip("/")):
         raise ComponentError(f"--lighthouse_url {lighthouse_url!r} is not http://HOST:PORT: pass the lighthouse's URL")
-    _check_nodes(nodes_per_group)
-    resource, devices = _group_resources(1, cpu, gpus, memMB, h, cuda_visible_devices)
+    (nodes,) = _per_group("nodes_per_group", str(nodes_per_group), 1, 1, "nodes per group")
+    resources, devices = _group_resources(1, str(cpu), str(gpus), str(memMB), h, cuda_visible_devices, "gpus")
     trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
     run = run_identity(run_id, lighthouse_url.rstrip("/"))  # as the trainer names its run
     train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args), run)
     url = shlex.quote(lighthouse_url.rstrip("/"))
-    spec = _Groups(replica_groups, url, resource, max_restarts, env, train_args, run_id, min_replicas, nodes_per_group)
-    role = _group_role(group, spec, devices[0] if devices else None)
+    spec = _Groups(replica_groups, url, max_restarts, env, train_args, run_id, min_replicas)
+    role = _group_role(group, spec, resources[0], nodes, devices[0] if devices else None)
     return specs.AppDef(name=name, roles=[role])
 
 
@@ -323,7 +319,7 @@ def replica_group(
 # helpers shared by the three components (private: TorchX lists only valid components)
 
 
-def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu: int) -> None:
+def _check_common(replica_groups: int, min_replicas: int, max_restarts: int) -> None:
     """Bad numbers fail here, before anything starts, with the fix in the message."""
     if replica_groups < 1:
         raise ComponentError(f"--replica_groups {replica_groups}: DiLoCo needs at least 1 group; pass 1 or more")
@@ -331,8 +327,23 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
         raise ComponentError(f"--min_replicas {min_replicas} must be within 1..{replica_groups} (the number of groups)")
     if max_restarts < 0:
         raise ComponentError(f"--max_restarts {max_restarts} must be >= 0")
-    if cpu < 1:
-        raise ComponentError(f"--cpu {cpu} must be >= 1 (cores per group)")
+
+
+def _per_group(name: str, text: Any, groups: int, minimum: int, what: str) -> List[int]:
+    """``8`` -> that value for every group; ``8,8,4`` -> one per group (as many as there are groups)."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) not in (1, groups):
+        raise ComponentError(
+            f"--{name} {text} gives {len(parts)} values for {groups} groups: give one for all or one per group"
+        )
+    values = []
+    for part in parts:
+        if not re.fullmatch(r"-?\d+", part):
+            raise ComponentError(f"--{name} {text}: {part!r} is not a whole number ({what})")
+        if int(part) < minimum:
+            raise ComponentError(f"--{name} {text}: {part} must be >= {minimum} ({what})")
+        values.append(int(part))
+    return values * groups if len(values) == 1 else values
 
 
 # A multi-node group's c10d rendezvous port: RDZV_PORT + (the job id of the group's first het component) modulo
@@ -341,12 +352,6 @@ def _check_common(replica_groups: int, min_replicas: int, max_restarts: int, cpu
 # below Linux's ephemeral ports (32768 and up), which the OS hands out for bind(0) and outgoing connections.
 RDZV_PORT = 20000
 RDZV_PORTS = 12000
-
-
-def _check_nodes(nodes: int) -> None:
-    """A group needs at least one node; more than one is a multi-node torchrun (Slurm only)."""
-    if nodes < 1:
-        raise ComponentError(f"--nodes_per_group {nodes} must be >= 1 (nodes per group)")
 
 
 def _check_port(port: int) -> int:
@@ -363,25 +368,39 @@ def _pick_port() -> int:
 
 
 def _group_resources(
-    groups: int, cpu: int, gpus: int, memMB: int, h: Optional[str], assignment: Optional[str]
-) -> Tuple[specs.Resource, Optional[List[List[int]]]]:
-    """Each group's resource and, if assigned, its devices (which must exist on this machine). How many GPUs
-    fit is the scheduler's to check: all groups on this machine (local_cwd), one group per node (Slurm)."""
-    resource = _group_resource(cpu, gpus, memMB, h)
-    devices = _parse_gpu_assignment(assignment, groups, resource.gpu)
-    if devices is not None and resource.gpu == 0:
-        resource = _group_resource(cpu, len(devices[0]), memMB, h)
+    groups: int,
+    cpu: str,
+    gpus: str,
+    memMB: str,
+    h: Optional[str],
+    assignment: Optional[str],
+    gpu_flag: str = "gpus_per_group",
+) -> Tuple[List[specs.Resource], Optional[List[List[int]]]]:
+    """Each group's resource (each setting one for all or one per group) and, if assigned, its devices (which must
+    exist on this machine). How many GPUs fit is the scheduler's to check: all groups on this machine (local_cwd),
+    one group per node (Slurm)."""
+    cpus = _per_group("cpu", cpu, groups, 1, "cores per group")
+    mems = _per_group("memMB", memMB, groups, 1, "MB per group")
+    counts = _per_group(gpu_flag, gpus, groups, 0, "GPUs per group, 0 = CPU")
+    names = [n.strip() for n in h.split(",")] if h else [""]
+    if len(names) not in (1, groups):
+        raise ComponentError(
+            f"-h {h} gives {len(names)} named resources for {groups} groups: one for all or one per group"
+        )
+    names = names * groups if len(names) == 1 else names
+    devices = _parse_gpu_assignment(assignment, groups, counts)
+    if devices is not None:
+        counts = [len(d) for d in devices]
+    resources = [_group_resource(cpus[g], counts[g], mems[g], names[g]) for g in range(groups)]
     if devices is not None:
         try:
             check_devices_exist(devices)
         except ValueError as e:
             raise ComponentError(str(e)) from None
-    return resource, devices
+    return resources, devices
 
 
 def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.Resource:
-    if gpus < 0:
-        raise ComponentError(f"GPUs per group {gpus} must be >= 0 (0 = CPU)")
     if not h:
         return specs.Resource(cpu=cpu, gpu=gpus, memMB=memMB)
     try:
@@ -398,8 +417,9 @@ def _group_resource(cpu: int, gpus: int, memMB: int, h: Optional[str]) -> specs.
     return named
 
 
-def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Optional[List[List[int]]]:
-    """'0,1;2,3' -> [[0, 1], [2, 3]]: one entry per group, equal sizes, no device twice."""
+def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: List[int]) -> Optional[List[List[int]]]:
+    """'0,1;2,3' -> [[0, 1], [2, 3]]: one entry per group, each as long as the group's GPU count (any length where
+    no count was given), no device twice."""
     if spec is None or not spec.strip():
         return None
     entries = [e.strip() for e in spec.split(";")]
@@ -413,13 +433,12 @@ def _parse_gpu_assignment(spec: Optional[str], groups: int, gpus: int) -> Option
         if not re.fullmatch(r"\d+(\s*,\s*\d+)*", entry):
             raise ComponentError(f"gpu_assignment entry {entry!r} is not a list of device numbers like '0,1'")
         devices.append([int(d) for d in entry.split(",")])
-    sizes = {len(d) for d in devices}
-    want = gpus or len(devices[0])
-    if sizes != {want}:
-        raise ComponentError(
-            f"gpu_assignment {spec!r} must give every group exactly {want} GPUs "
-            f"(the GPUs per group): fix the lists or the GPU count"
-        )
+    for g, (group_devices, want) in enumerate(zip(devices, gpus, strict=True)):
+        if any(gpus) and len(group_devices) != want:
+            raise ComponentError(
+                f"gpu_assignment {spec!r} gives group {g} {len(group_devices)} GPUs but it has exactly {want} GPUs "
+                "(its gpus_per_group): fix the lists or the GPU count"
+            )
     flat = [d for group in devices for d in group]
     if len(set(flat)) != len(flat):
         raise ComponentError(f"gpu_assignment {spec!r} names a device twice: give each group its own GPUs")
@@ -529,22 +548,28 @@ class _Groups:
 
     groups: int  # NUM_REPLICA_GROUPS
     lighthouse_url: str  # shell text: bash expands the rank0 host variable in it
-    resource: specs.Resource
     max_restarts: int
     env: Optional[Dict[str, str]]
     program: List[str]  # what follows torchrun's own flags (see _program)
     run_id: Optional[str] = None
     min_replicas: int = MIN_REPLICAS
-    nodes: int = 1
 
 
-def _group_role(group: int, spec: _Groups, devices: Optional[List[int]], first_het_group: int = 0) -> specs.Role:
-    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``.
+def _group_role(
+    group: int,
+    spec: _Groups,
+    resource: specs.Resource,
+    nodes: int,
+    devices: Optional[List[int]],
+    first_het_group: int = 0,
+) -> specs.Role:
+    """``bash -c 'export TORCHFT_LIGHTHOUSE=<url>; exec torchrun ... -m torchx_diloco.train ...'``: group ``group``
+    on ``nodes`` nodes of ``resource``.
 
     torchrun's standalone rendezvous picks a free port per group, so groups on one machine never share a master
     port; a group of several nodes meets on its first het component (``first_het_group``, Slurm).
     """
-    resource, program, nodes, run_id = spec.resource, spec.program, spec.nodes, spec.run_id
+    program, run_id = spec.program, spec.run_id
     nproc = max(1, resource.gpu)
     role_env = dict(spec.env or {})
     role_env.update(REPLICA_GROUP_ID=str(group), NUM_REPLICA_GROUPS=str(spec.groups), PYTHONUNBUFFERED="1")

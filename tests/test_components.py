@@ -498,3 +498,77 @@ def test_a_checkpoint_folder_another_live_run_holds_is_refused_before_launch(tmp
         comp.replica_group(lighthouse_url=url, run_id="mine", checkpoint_dir=str(folder))
     holder.release()
     comp.diloco(checkpoint_dir=str(folder))  # released: free
+
+
+# --- groups that differ: resources and trainer flags, one value for all or one per group -------------------------
+
+
+def test_per_group_resources_reach_each_group_and_the_local_scheduler(eight_gpus, tmp_path):
+    app = comp.diloco(replica_groups=3, gpus_per_group="2,2,1", cpu="8,8,4", memMB="16000,16000,8000")
+    groups = app.roles[1:]
+    assert [(r.resource.gpu, r.resource.cpu, r.resource.memMB) for r in groups] == [
+        (2, 8, 16000),
+        (2, 8, 16000),
+        (1, 4, 8000),
+    ]
+    assert [re.search(r"--nproc_per_node (\d+)", group_cmd(r))[1] for r in groups] == ["2", "2", "1"]
+    assert [r.env["OMP_NUM_THREADS"] for r in groups] == ["4", "4", "4"]  # cores / processes
+    envs = local_dryrun(app, tmp_path, auto_set_cuda_visible_devices=True)
+    assert [envs[f"replica_group_{g}"][0]["CUDA_VISIBLE_DEVICES"] for g in range(3)] == ["0,1", "2,3", "4"]
+    # an assignment of other sizes sets each group's count; with counts given, each entry must match its own
+    app = comp.diloco(replica_groups=2, gpu_assignment="0,1,2;3")
+    assert [r.resource.gpu for r in app.roles[1:]] == [3, 1]
+    with pytest.raises(ValueError, match=r"gives group 1 1 GPUs but it has exactly 2 GPUs"):
+        comp.diloco(replica_groups=2, gpus_per_group="3,2", gpu_assignment="0,1,2;3")
+
+
+def test_per_group_resources_and_nodes_make_a_het_job_whose_components_differ(no_gpus):
+    """Slurm: group 0 on two nodes of 8 GPUs, group 1 on one node of 4; each group's rendezvous is on its own
+    first het component (1 for group 0, 3 for group 1: the lighthouse is 0 and group 0 holds 1 and 2)."""
+    app = comp.diloco(replica_groups=2, gpus_per_group="8,4", cpu="32,16", memMB="64000,32000", nodes_per_group="2,1")
+    sched = get_scheduler_factories()["slurm"]("test")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        script = sched.submit_dryrun(app, {"partition": "gpu"}).request.materialize()
+    headers = script.split("#SBATCH hetjob")
+    assert len(headers) == 4  # the lighthouse, group 0's two nodes, group 1's one
+    for header, gpus, cpus, mem in ((headers[1], 8, 32, 64000), (headers[2], 8, 32, 64000), (headers[3], 4, 16, 32000)):
+        assert re.search(rf"--gpus-per-(node|task)={gpus}\b", header), header
+        assert f"--cpus-per-task={cpus}" in header and f"--mem={mem}" in header
+    assert "SLURM_JOB_NODELIST_HET_GROUP_1" in group_cmd(app.roles[1]) and "--nnodes 2" in group_cmd(app.roles[1])
+    assert "--standalone" in group_cmd(app.roles[2]) and "--nnodes 1" in group_cmd(app.roles[2])
+    app = comp.diloco(replica_groups=2, nodes_per_group="1,2")
+    assert "SLURM_JOB_NODELIST_HET_GROUP_2" in group_cmd(app.roles[2])
+
+
+def test_per_group_trainer_flags_reach_every_group_and_each_groups_values_are_checked(no_gpus):
+    from torchx_diloco.config import parse_config
+
+    app = comp.diloco("--batch-size", "16,8", "--sync-every", "10,5", replica_groups=2)
+    env = {"NUM_REPLICA_GROUPS": "2", "TORCHFT_LIGHTHOUSE": "http://h:1"}
+    for g, (batch, h) in enumerate([(16, 10), (8, 5)]):
+        argv = shlex.split(group_cmd(app.roles[1 + g]).split(" -m torchx_diloco.train ", 1)[1])
+        cfg = parse_config(argv, {**env, "REPLICA_GROUP_ID": str(g)})  # what the group's trainer reads
+        assert (cfg.data.batch_size, cfg.diloco.sync_every) == (batch, h)
+    with pytest.raises(ValueError, match=r"^group 1: --sync-every 5 is not a multiple of --fragments 2: make H a"):
+        comp.diloco("--sync-every", "10,5", "--fragments", "2", replica_groups=2)
+    with pytest.raises(ValueError, match=r"--batch-size 16,8,4 gives 3 values for 2 replica groups: give one value"):
+        comp.diloco("--batch-size", "16,8,4", replica_groups=2)
+    with pytest.raises(ValueError, match=r"unrecognized arguments: --codec int8,int4|invalid choice"):
+        comp.diloco("--codec", "int8,int4", replica_groups=2)  # what must agree takes one value
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gpus_per_group="2,2"), r"--gpus_per_group 2,2 gives 2 values for 3 groups: give one for all or one per"),
+        (dict(cpu="4,x,4"), r"--cpu 4,x,4: 'x' is not a whole number \(cores per group\)"),
+        (dict(cpu="0"), r"--cpu 0: 0 must be >= 1 \(cores per group\)"),
+        (dict(nodes_per_group="1,0,1"), r"--nodes_per_group 1,0,1: 0 must be >= 1"),
+        (dict(h="a,b"), r"-h a,b gives 2 named resources for 3 groups"),
+    ],
+)
+def test_bad_per_group_values_fail_in_one_line(no_gpus, kwargs, message):
+    with pytest.raises(ValueError, match=message) as e:
+        comp.diloco(replica_groups=3, **kwargs)
+    assert "\n" not in str(e.value)

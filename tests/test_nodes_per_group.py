@@ -17,7 +17,7 @@ def test_nodes_per_group_below_one_is_refused_in_one_line() -> None:
         lambda: comp.diloco(nodes_per_group=0),
         lambda: comp.replica_group(lighthouse_url="http://h:1", nodes_per_group=0),
     ):
-        with pytest.raises(comp.ComponentError, match=r"^--nodes_per_group 0 must be >= 1[^\n]*$"):
+        with pytest.raises(comp.ComponentError, match=r"^--nodes_per_group 0: 0 must be >= 1[^\n]*$"):
             build()
 
 

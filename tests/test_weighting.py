@@ -20,7 +20,10 @@ from torchx_diloco.diloco import DiLoCo  # noqa: E402
 GROUPS, H, SYNCS, LR = 3, 2, 3, 0.7
 
 
-def weighted_run(tokens: Sequence[int], codec: str = "fp32", fragments: int = 1) -> List[Dict[str, Any]]:
+def weighted_run(
+    tokens: Sequence[int], codec: str = "fp32", fragments: int = 1, hs: Sequence[int] = (H,) * GROUPS
+) -> List[Dict[str, Any]]:
+    """Each group's global weights after every sync; group g takes ``hs[g]`` inner steps per sync."""
     models = [make_model() for _ in range(GROUPS)]
 
     def work(g: int, manager: Any) -> Dict[str, Any]:
@@ -28,10 +31,10 @@ def weighted_run(tokens: Sequence[int], codec: str = "fp32", fragments: int = 1)
         params = list(model.parameters())
         inner, outer = torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params, lr=LR)
         diloco = DiLoCo(
-            manager, model, inner, outer, sync_every=H, fragments=fragments, codec=codec, tokens_per_step=tokens[g]
+            manager, model, inner, outer, sync_every=hs[g], fragments=fragments, codec=codec, tokens_per_step=tokens[g]
         )
         history = []
-        for step in range(SYNCS * H):
+        for step in range(SYNCS * hs[g]):
             with torch.no_grad():
                 for p, d in zip(params, drift(g, step, [p.shape for p in params]), strict=True):
                     p.sub_(d)
@@ -43,7 +46,7 @@ def weighted_run(tokens: Sequence[int], codec: str = "fp32", fragments: int = 1)
     return run_in_groups(GROUPS, work)
 
 
-def by_hand(tokens: Sequence[int]) -> List[torch.Tensor]:
+def by_hand(tokens: Sequence[int], hs: Sequence[int] = (H,) * GROUPS) -> List[torch.Tensor]:
     """Plain SGD outer steps on the work-weighted average of the groups' pseudo-gradients."""
     params = list(make_model().parameters())
     shapes = [p.shape for p in params]
@@ -52,9 +55,10 @@ def by_hand(tokens: Sequence[int]) -> List[torch.Tensor]:
     for sync in range(SYNCS):
         deltas = []
         for g in range(GROUPS):
-            moved = sum(torch.cat([d.reshape(-1) for d in drift(g, sync * H + k, shapes)]) for k in range(H))
-            deltas.append(moved)  # global - local after H inner steps from the global weights
-        work = [t * H for t in tokens]
+            h = hs[g]
+            moved = sum(torch.cat([d.reshape(-1) for d in drift(g, sync * h + k, shapes)]) for k in range(h))
+            deltas.append(moved)  # global - local after h inner steps from the global weights
+        work = [t * h for t, h in zip(tokens, hs, strict=True)]
         average = sum(w * d for w, d in zip(work, deltas, strict=True)) / sum(work)
         global_ = global_ - LR * average
         history.append(global_.clone())
@@ -86,3 +90,18 @@ def test_a_weighted_int8_sync_is_close_to_the_fp32_one() -> None:
     fp32, int8 = weighted_run([1, 2, 3]), weighted_run([1, 2, 3], "int8")
     assert torch.allclose(fp32[0]["history"][-1], int8[0]["history"][-1], rtol=0, atol=2e-3)
     assert all(torch.equal(r["history"][-1], int8[0]["history"][-1]) for r in int8)
+
+
+def test_groups_of_their_own_h_meet_at_each_sync_and_weigh_by_the_steps_they_took() -> None:
+    """A slower group takes fewer inner steps per outer step (H of 4, 4 and 1 here, with batches of 1, 1 and 3
+    units): the groups still meet at every sync, their global weights are identical, and each pseudo-gradient
+    weighs by inner steps x tokens per step (4, 4 and 3), which weighting by the inner steps alone
+    would not give."""
+    hs, tokens = (4, 4, 1), (1, 1, 3)
+    ours = weighted_run(tokens, hs=hs)
+    reference, by_steps_alone = by_hand(tokens, hs), by_hand([1, 1, 1], hs)
+    assert all(len(r["history"]) == SYNCS for r in ours)
+    for sync in range(SYNCS):
+        assert all(torch.equal(r["history"][sync], ours[0]["history"][sync]) for r in ours), sync
+        assert torch.allclose(ours[0]["history"][sync], reference[sync], rtol=0, atol=1e-6), sync
+    assert not torch.allclose(ours[0]["history"][-1], by_steps_alone[-1], rtol=0, atol=1e-4)

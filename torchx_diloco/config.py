@@ -143,10 +143,28 @@ def flag(
     help: str,
     choices: Optional[Sequence[str]] = None,
     name: Optional[str] = None,
+    per_group: bool = False,
 ) -> Any:
     """A training flag: its default, how its text is parsed and checked, its --help line, and its name on the
-    command line where that is not the field's (``name="model"`` makes ``ModelConfig.spec`` ``--model``)."""
-    return field(default=default, metadata={"parse": parse, "help": help, "choices": choices, "name": name})
+    command line where that is not the field's (``name="model"`` makes ``ModelConfig.spec`` ``--model``).
+    ``per_group``: groups of one run may differ in it, so it takes one value for all or one per group (``8,8,4``)."""
+    metadata = {"parse": parse, "help": help, "choices": choices, "name": name, "per_group": per_group}
+    return field(default=default, metadata=metadata)
+
+
+class PerGroup(tuple):
+    """A flag's values, one per replica group in group order (``--batch-size 8,8,4``)."""
+
+
+def one_or_each(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` for a per-group flag: ``8`` is one value for every group, ``8,8,4`` one per group."""
+
+    def parse_values(text: str) -> Any:
+        if "," not in text:
+            return parse(text)
+        return PerGroup(parse(part.strip()) for part in text.split(","))
+
+    return parse_values
 
 
 def from_env(default: Any) -> Any:
@@ -206,10 +224,13 @@ class DataConfig:
     eval_path: Optional[str] = flag(
         None, str, "held-out data, the same kinds as --data (default: the last 5%% of --data)", name="eval_data"
     )
-    batch_size: int = flag(16, positive_int, "sequences per inner step per group")
+    batch_size: int = flag(16, positive_int, "sequences per inner step per group", per_group=True)
     seq_len: int = flag(128, positive_int, "tokens (bytes) per sequence")
     grad_accum: int = flag(
-        1, positive_int, "micro-batches of --batch-size per inner step (gradients accumulated, loss scaled by 1/K)"
+        1,
+        positive_int,
+        "micro-batches of --batch-size per inner step (gradients accumulated, loss scaled by 1/K)",
+        per_group=True,
     )
     eval_batches: int = flag(4, non_negative_int, "held-out batches per eval (0 = no eval)")
 
@@ -234,7 +255,9 @@ class OptimConfig:
 class DiLoCoConfig:
     """The outer loop: when it syncs and what it sends (diloco.DiLoCo)."""
 
-    sync_every: int = flag(50, positive_int, "H: inner steps between syncs")
+    sync_every: int = flag(
+        50, positive_int, "H: inner steps between syncs (a slower group may take fewer: one per group)", per_group=True
+    )
     fragments: int = flag(
         1,
         positive_int,
@@ -487,31 +510,66 @@ def build_parser() -> argparse.ArgumentParser:
         if f.metadata["parse"] is bool:  # an on/off switch: --compile
             parser.add_argument(option, dest=flag_name(f), action="store_true", help=f.metadata["help"])
             continue
+        per_group = f.metadata["per_group"]
         parser.add_argument(
             option,
             dest=flag_name(f),
-            type=f.metadata["parse"],
+            type=one_or_each(f.metadata["parse"]) if per_group else f.metadata["parse"],
             default=f.default,
             choices=f.metadata["choices"],
-            help=f.metadata["help"],
+            help=f.metadata["help"] + ("; one value for all groups, or one per group: 8,8,4" if per_group else ""),
         )
     return parser
 
 
-def _from_flags(values: Mapping[str, Any], config: type = TrainConfig) -> Any:
-    """``config`` built from the parsed flags (parts from their own fields)."""
+def _from_flags(values: Mapping[str, Any], group: int, config: type = TrainConfig) -> Any:
+    """``config`` built from the parsed flags (parts from their own fields), with group ``group``'s values of the
+    per-group flags."""
     kwargs = {}
     for f in fields(config):
         if f.metadata.get("part"):
-            kwargs[f.name] = _from_flags(values, f.default_factory)  # type: ignore[arg-type]
+            kwargs[f.name] = _from_flags(values, group, f.default_factory)  # type: ignore[arg-type]
         elif "parse" in f.metadata:
-            kwargs[f.name] = values[flag_name(f)]
+            value = values[flag_name(f)]
+            kwargs[f.name] = value[group] if isinstance(value, PerGroup) else value
     return config(**kwargs)
 
 
-def parse_flags(argv: Optional[Sequence[str]] = None, num_replica_groups: Optional[int] = None) -> TrainConfig:
-    """The flags alone (no environment): what the components check before launch."""
-    cfg: TrainConfig = _from_flags(vars(build_parser().parse_args(None if argv is None else list(argv))))
+def _check_per_group(values: Mapping[str, Any], num_replica_groups: Optional[int]) -> bool:
+    """Whether any flag has one value per group; their counts must be the run's number of groups."""
+    lists = {name: v for name, v in values.items() if isinstance(v, PerGroup)}
+    for name, v in lists.items():
+        given = f"--{name.replace('_', '-')} {','.join(map(str, v))}"
+        if num_replica_groups is None:
+            raise UserError(
+                f"{given} gives one value per group, but the number of groups is unknown: set NUM_REPLICA_GROUPS"
+            )
+        if len(v) != num_replica_groups:
+            raise UserError(
+                f"{given} gives {len(v)} values for {num_replica_groups} replica groups: give one value for all "
+                "groups or one per group"
+            )
+    return bool(lists)
+
+
+def parse_flags(
+    argv: Optional[Sequence[str]] = None, num_replica_groups: Optional[int] = None, group: Optional[int] = None
+) -> TrainConfig:
+    """The flags alone (no environment), as group ``group`` runs with them; ``group`` None (the components, before
+    launch): every group's flags are checked, and group 0's returned."""
+    values = vars(build_parser().parse_args(None if argv is None else list(argv)))
+    per_group = _check_per_group(values, num_replica_groups)
+    groups = [group] if group is not None else range(num_replica_groups or 1) if per_group else [0]
+    configs = []
+    for g in groups:
+        try:
+            configs.append(_checked(_from_flags(values, g), num_replica_groups))
+        except UserError as e:
+            raise UserError(f"group {g}: {e}" if per_group else str(e)) from None
+    return configs[0]
+
+
+def _checked(cfg: TrainConfig, num_replica_groups: Optional[int]) -> TrainConfig:
     d = cfg.diloco
     problem = streaming_problem(
         d.sync_every,
@@ -600,12 +658,13 @@ def parse_lighthouse(url: str) -> str:
 
 def parse_config(argv: Optional[Sequence[str]] = None, env: Optional[Mapping[str, str]] = None) -> TrainConfig:
     """The flags plus the group's environment: what one replica group runs with."""
-    cfg = parse_flags(argv)
+    values = build_parser().parse_args(None if argv is None else list(argv))  # --help and a bad flag come first
     group = read_group_env(env)
-    if cfg.cluster.min_replicas > group.num_groups:
+    if values.min_replicas > group.num_groups:
         raise UserError(
-            f"--min-replicas {cfg.cluster.min_replicas} exceeds {NUM_REPLICA_GROUPS_ENV}={group.num_groups}: lower it"
+            f"--min-replicas {values.min_replicas} exceeds {NUM_REPLICA_GROUPS_ENV}={group.num_groups}: lower it"
         )
+    cfg = parse_flags(argv, group.num_groups, group.group_id)
     cluster = replace(
         cfg.cluster,
         group_id=group.group_id,

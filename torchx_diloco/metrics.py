@@ -163,6 +163,7 @@ class Window:
             "outer_step": outer_step,
             "committed": True,
             "inner_steps": inner_steps,
+            "window_steps": self.steps,  # this group's inner steps in this outer step (its H, or H/P with fragments)
             "tokens": inner_steps * tokens_per_step,  # this group's, since the run began
             "loss": loss,
             "tokens_per_s": self.steps * tokens_per_step / seconds,
