@@ -306,7 +306,8 @@ def train_workers(lighthouse_port: Optional[int] = None, **env: str) -> List[Dic
 
     Workers are torchrun's children, told from torchrun itself by LOCAL_RANK, which torchrun sets on them only;
     whoever started torchrun (us, TorchX, Slurm) does not matter. Zombies are skipped: PID 1 in a container may
-    reap orphans lazily, so a killed worker can linger as one.
+    reap orphans lazily, so a killed worker can linger as one. A process a worker forked (a subprocess between
+    its fork and its exec carries the worker's command line and environment) is not a worker: it is dropped.
     """
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -323,7 +324,16 @@ def train_workers(lighthouse_port: Optional[int] = None, **env: str) -> List[Dic
             continue
         if proc_state(int(pid)) not in (None, "Z"):
             found.append(dict(e, PID=pid))
-    return found
+    pids = {w["PID"] for w in found}
+    return [w for w in found if str(parent_pid(int(w["PID"]))) not in pids]
+
+
+def parent_pid(pid: int) -> Optional[int]:
+    """``pid``'s parent, None if ``pid`` is gone."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def pids_of_run(lighthouse_port: int) -> List[int]:
