@@ -23,7 +23,6 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.nn as nn
 
-from torchx_diloco.checkpoint import dcp
 from torchx_diloco.checkpoint.store import GLOBAL_PART, Checkpoint, CheckpointStore, group_part, part_patience
 from torchx_diloco.checkpoint.writer import AsyncWriter
 from torchx_diloco.cluster import group_rank, group_world_size, rank0_decides
@@ -35,6 +34,15 @@ from torchx_diloco.modeling import fingerprint_mismatch
 from torchx_diloco.outer_loop import OuterLoop
 
 logger = logging.getLogger(__name__)
+
+
+def _dcp() -> Any:
+    """The sharded (DCP) format, imported when a group of several ranks first needs it: importing
+    torch.distributed.checkpoint takes about a second, which every one-rank group would pay at start."""
+    from torchx_diloco.checkpoint import dcp
+
+    return dcp
+
 
 CHECKPOINT_TIMEOUT_S = 1800  # a sharded write waits for the slowest rank's storage, and the global part for peers
 
@@ -157,17 +165,17 @@ class Checkpointer:
         elif group_part(self.group) in ckpt.sharded:
             url, rank = self.store.sharded_url(ckpt.step, group_part(self.group)), group_rank()
             own = state.outer.rank_state(template=True)  # loaded in place, where the part holds it at that size
-            shards = dcp.group_state_dict(
+            shards = _dcp().group_state_dict(
                 state.model,
                 state.inner_optimizer,
                 rank,
                 bool(values.get("local_weights")),
-                dcp.saved_sizes(url),
+                _dcp().saved_sizes(url),
                 own,
             )
             self.store.load_sharded_part(ckpt.step, group_part(self.group), shards, self._pg)
-            dcp.load_group_state_dict(state.model, state.inner_optimizer, shards)
-            state.outer.load_rank_state(shards.get(dcp.rank_state_key(rank), {}))
+            _dcp().load_group_state_dict(state.model, state.inner_optimizer, shards)
+            state.outer.load_rank_state(shards.get(_dcp().rank_state_key(rank), {}))
         else:
             state.inner_optimizer.load_state_dict(values["inner_optimizer"])
             local = values.get("local_weights")
@@ -190,9 +198,9 @@ class Checkpointer:
         """The manager's and the outer loop's state of ``ckpt``: from one file, or every rank its shards."""
         state.manager.load_state_dict(ckpt.global_state["manager"])
         if GLOBAL_PART in ckpt.sharded:
-            target = dcp.global_state_dict(state.outer, state.model)
+            target = _dcp().global_state_dict(state.outer, state.model)
             self.store.load_sharded_part(ckpt.step, GLOBAL_PART, target, self._pg)
-            dcp.load_global_state_dict(state.outer, state.model, target, newer=newer)
+            _dcp().load_global_state_dict(state.outer, state.model, target, newer=newer)
         elif newer:
             state.outer.adopt_newer_global_state(ckpt.global_state["diloco"])
         else:
@@ -250,9 +258,9 @@ class Checkpointer:
         write_group: Callable[[], None]
         write_global: Callable[[], None]
         if self._pg is not None:  # every rank its shards
-            global_shards = dcp.global_state_dict(outer, state.model)  # references: waited for before a sync
+            global_shards = _dcp().global_state_dict(outer, state.model)  # references: waited for before a sync
             shards = to_cpu(
-                dcp.group_state_dict(
+                _dcp().group_state_dict(
                     state.model, state.inner_optimizer, group_rank(), local_weights, rank_state=outer.rank_state()
                 )
             )
