@@ -38,6 +38,7 @@ from torchx_diloco.config import (
     LIGHTHOUSE_IDLE_EXIT_S,
     LIGHTHOUSE_PORT,
     RUN_ID_ENV,
+    STRAGGLER_GRACE_S,
     CheckpointConfig,
     parse_flags,
 )
@@ -141,6 +142,7 @@ def diloco(
     model: str = FLAG_DEFAULTS["model"],
     env: Optional[Dict[str, str]] = None,
     lighthouse_idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
+    straggler_grace_s: float = STRAGGLER_GRACE_S,
     script: Optional[str] = None,
     m: Optional[str] = None,
     name: str = "diloco",
@@ -153,7 +155,7 @@ def diloco(
     Fewer bytes on a slow link: ``-- --fragments 4 --overlap-steps 1 --codec int8`` (Streaming DiLoCo: the
     model syncs a quarter at a time, each sync overlapped with an inner step, pseudo-gradients sent as int8;
     ``--codec int4`` halves that again, ``--mix-alpha`` keeps part of the local weights after a sync).
-    Groups that differ: each resource takes one value for all groups or one per group (``--gpus_per_group 8,8,4``),
+    Groups that differ: each resource takes one value for all groups or one per group (``--cpu 64,64,32``),
     and so do the trainer flags groups may differ in (``-- --batch-size 16,16,8 --sync-every 50,50,25``); the
     average weighs each group by the tokens it trained on (docs/unlike-groups.md).
 
@@ -161,8 +163,8 @@ def diloco(
         script_args: optional flags for ``python -m torchx_diloco.train`` (after ``--``); they win over the ones
             this component sets. With ``--script``/``--m``: your program's arguments, passed as they are
         replica_groups: number of replica groups (DiLoCo workers) that average pseudo-gradients every H steps
-        gpus_per_group: GPUs (= torchrun processes) per group, one for all or one per group (8,8,4); 0 trains on
-            CPU with one process per group
+        gpus_per_group: GPUs (= torchrun processes) per node of a group, one for all or one per group (4,8 with
+            nodes_per_group 2,1: every group must run as many ranks); 0 trains on CPU with one process per node
         gpu_assignment: local_cwd only: explicit CUDA devices per group, groups separated by ';' (e.g. "0,1;2,3"),
             each list as long as the group's gpus_per_group (which defaults to the lists' lengths);
             leave the scheduler option auto_set_cuda_visible_devices off when you use it (it would overwrite
@@ -188,6 +190,10 @@ def diloco(
         env: environment variables for every role (e.g. LOGLEVEL=INFO,TORCHX_DILOCO_LOGLEVEL=DEBUG)
         lighthouse_idle_exit: seconds every group must stay silent before the lighthouse exits 0 and the app
             ends; keep it above a group's restart time
+        straggler_grace_s: how long a sync waits for a group that was in the last one (the lighthouse's join
+            timeout); then the others commit without it and it heals at the next sync. Needs 3 or more groups:
+            torchft never forms a quorum of half of the live groups or fewer, so two groups wait for each other.
+            Below the trainer's --quorum-timeout
         script: your training script (a path relative to the working directory) to run in each group instead
             of the trainer, under torchrun with the same environment; build its Manager with
             ``torchx_diloco.group_manager``. The trainer's parameters (outer_steps, sync_every, model,
@@ -200,11 +206,13 @@ def diloco(
     nodes = _per_group("nodes_per_group", nodes_per_group, replica_groups, 1, "nodes per group")
     port = _pick_port() if lighthouse_port == 0 else _check_port(lighthouse_port)
     resources, devices = _group_resources(replica_groups, cpu, gpus_per_group, memMB, h, gpu_assignment)
+    _check_equal_ranks([n * max(1, r.gpu) for n, r in zip(nodes, resources, strict=True)])
     trainer = _trainer_params(checkpoint_dir, outer_steps, sync_every, model)
     train_args = _program(script, m, replica_groups, min_replicas, trainer, list(script_args))
+    _check_grace(straggler_grace_s, train_args[2:] if script is None and m is None else None, replica_groups)
     # $$ escapes the macro's `$`: the replica's bash expands ${<rank0 host variable>:-localhost}
     url = f"http://$${{{macros.rank0_env}:-localhost}}:{port}"
-    roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, run_id=macros.app_id)]
+    roles = [_lighthouse_role(port, min_replicas, lighthouse_idle_exit, env, macros.app_id, straggler_grace_s)]
     spec = _Groups(replica_groups, url, max_restarts, env, train_args, run_id=macros.app_id, min_replicas=min_replicas)
     # het group 0 is the lighthouse; each group's nodes follow, in group order
     roles += [
@@ -220,6 +228,7 @@ def lighthouse(
     min_replicas: int = MIN_REPLICAS,
     idle_exit: float = LIGHTHOUSE_IDLE_EXIT_S,
     run_id: Optional[str] = None,
+    straggler_grace_s: float = STRAGGLER_GRACE_S,
     env: Optional[Dict[str, str]] = None,
     name: str = "diloco-lighthouse",
 ) -> specs.AppDef:
@@ -235,13 +244,17 @@ def lighthouse(
         idle_exit: seconds every group must stay silent before the lighthouse exits (0 = serve forever)
         run_id: a name for the run; groups given the same --run_id refuse any other lighthouse, and this one
             refuses groups of other runs (None: no check)
+        straggler_grace_s: how long a sync waits for a group that was in the last one, as in ``diloco.diloco``
+            (keep it below the groups' --quorum-timeout)
         env: environment variables for the lighthouse
         name: the app's name
     """
+    _check_grace(straggler_grace_s, None, 1)
     if min_replicas < 1:
         raise ComponentError(f"--min_replicas {min_replicas} must be >= 1")
     _check_port(port)
-    return specs.AppDef(name=name, roles=[_lighthouse_role(port, min_replicas, idle_exit, env, run_id)])
+    role = _lighthouse_role(port, min_replicas, idle_exit, env, run_id, straggler_grace_s)
+    return specs.AppDef(name=name, roles=[role])
 
 
 @_strict_args
@@ -514,8 +527,38 @@ def _check_folder_free(cfg: CheckpointConfig, run: Optional[str]) -> None:
         raise ComponentError(lease.refusal(holder))
 
 
+def _check_equal_ranks(ranks: List[int]) -> None:
+    """Every group must run as many ranks: rank r of a group exchanges pseudo-gradients with rank r of the others
+    only (torchft: one Manager per rank, one process group per rank index), so a rank without peers would hang."""
+    if len(set(ranks)) > 1:
+        raise ComponentError(
+            f"the groups would run {','.join(map(str, ranks))} ranks (nodes x GPUs per node): rank r of a group syncs "
+            "with rank r of the others, so every group needs as many ranks; make nodes_per_group x gpus_per_group "
+            "equal (e.g. --nodes_per_group 2,1 --gpus_per_group 4,8)"
+        )
+
+
+def _check_grace(grace_s: float, train_args: Optional[List[str]], groups: int) -> None:
+    """The straggler grace must be positive and, where the trainer's flags are known here, below its quorum
+    timeout (a quorum that waits longer than the groups do fails them instead of leaving a straggler out)."""
+    if not grace_s > 0:
+        raise ComponentError(f"--straggler_grace_s {grace_s:g} must be > 0 seconds")
+    if train_args is not None:
+        quorum_timeout = parse_flags(train_args, num_replica_groups=groups).cluster.quorum_timeout
+        if grace_s >= quorum_timeout:
+            raise ComponentError(
+                f"--straggler_grace_s {grace_s:g} must be below the trainer's --quorum-timeout {quorum_timeout:g}: "
+                "lower the grace or raise --quorum-timeout after --"
+            )
+
+
 def _lighthouse_role(
-    port: int, min_replicas: int, idle_exit: float, env: Optional[Dict[str, str]], run_id: Optional[str] = None
+    port: int,
+    min_replicas: int,
+    idle_exit: float,
+    env: Optional[Dict[str, str]],
+    run_id: Optional[str] = None,
+    grace_s: float = STRAGGLER_GRACE_S,
 ) -> specs.Role:
     if idle_exit < 0:
         raise ComponentError(f"lighthouse idle exit {idle_exit} must be >= 0 seconds (0 = never)")
@@ -534,6 +577,8 @@ def _lighthouse_role(
             str(min_replicas),
             "--idle-exit",
             f"{idle_exit:g}",
+            "--join-timeout-ms",
+            str(round(grace_s * 1000)),
             *(["--run-id", run_id] if run_id else []),
         ],
         env=role_env,

@@ -11,7 +11,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -72,11 +72,11 @@ def faulty_url(tmp_path):
 
 # --- in-process lighthouses, Managers and groups --------------------------------------------------------------
 @contextmanager
-def lighthouse_server(min_replicas: int = 1) -> Iterator[str]:
+def lighthouse_server(min_replicas: int = 1, join_timeout_ms: int = 100) -> Iterator[str]:
     """A real torchft lighthouse in this process (join timeout 100 ms: quorums form fast); yields its address."""
     from torchft.coordination import LighthouseServer
 
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=min_replicas, join_timeout_ms=100)
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=min_replicas, join_timeout_ms=join_timeout_ms)
     try:
         yield server.address()
     finally:
@@ -109,16 +109,28 @@ def lighthouse() -> Iterator[str]:
         yield address
 
 
-def run_in_groups(n: int, work: Callable[[int, Any], Any], timeout: float = 120.0) -> List[Any]:
+def run_in_groups(
+    n: int,
+    work: Callable[[int, Any], Any],
+    timeout: float = 120.0,
+    min_replicas: Optional[int] = None,
+    join_timeout_ms: int = 100,
+) -> List[Any]:
     """``work(group, manager)`` for ``n`` groups at once, each a thread with its own Manager, against a lighthouse
-    that waits for all ``n``; the results in group order (a group's exception is raised here)."""
+    that waits for ``min_replicas`` (all ``n`` unless given: then each group first waits for all ``n`` to heartbeat,
+    so the first quorum has them all); the results in group order (a group's exception is raised here)."""
     results: List[Any] = [None] * n
     errors: List[BaseException] = []
-    with lighthouse_server(min_replicas=n) as address:
+    quorum = n if min_replicas is None else min_replicas
+    with lighthouse_server(min_replicas=quorum, join_timeout_ms=join_timeout_ms) as address:
 
         def one(g: int) -> None:
-            manager = group_manager_for(address, g, min_replicas=n, timeout_s=20)
+            manager = group_manager_for(address, g, min_replicas=quorum, timeout_s=20)
             try:
+                if quorum < n:
+                    from torchx_diloco.cluster import wait_for_groups
+
+                    wait_for_groups(address, n, 60, g)
                 results[g] = work(g, manager)
             except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
                 errors.append(e)

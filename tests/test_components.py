@@ -186,6 +186,8 @@ def test_diloco_on_cpu_lighthouse_first_then_groups(no_gpus):
         "2",
         "--idle-exit",
         "3",
+        "--join-timeout-ms",
+        "60000",  # the straggler grace's default (STRAGGLER_GRACE_S)
         "--run-id",
         "${app_id}",
     ]
@@ -287,6 +289,18 @@ def test_slurm_sbatch_lighthouse_is_het_group_0_and_groups_ask_for_gpus(no_gpus)
     assert srun.count("TORCHFT_LIGHTHOUSE=http://${SLURM_JOB_NODELIST_HET_GROUP_0:-localhost}:29510") == 2
     assert "torchx_diloco.lighthouse" in srun.split(":\\\n")[0]
     assert "--nproc_per_node 2" in srun
+
+
+def test_the_straggler_grace_is_the_lighthouses_join_timeout_and_below_the_quorum_timeout(no_gpus):
+    """How long a sync waits for a group of the last one (tests/test_straggler.py: what happens after it)."""
+    for app in (comp.diloco(straggler_grace_s=2.5), comp.lighthouse(straggler_grace_s=2.5)):
+        args = app.roles[0].args
+        assert args[args.index("--join-timeout-ms") + 1] == "2500"
+    with pytest.raises(ValueError, match=r"^--straggler_grace_s 0 must be > 0 seconds$"):
+        comp.diloco(straggler_grace_s=0)
+    with pytest.raises(ValueError, match=r"^--straggler_grace_s 120 must be below the trainer's --quorum-timeout 120"):
+        comp.diloco(straggler_grace_s=120)
+    comp.diloco("--quorum-timeout", "300", straggler_grace_s=120)  # raised with it: fine
 
 
 def test_replica_group_and_lighthouse_alone(no_gpus):
@@ -504,40 +518,64 @@ def test_a_checkpoint_folder_another_live_run_holds_is_refused_before_launch(tmp
 
 
 def test_per_group_resources_reach_each_group_and_the_local_scheduler(eight_gpus, tmp_path):
-    app = comp.diloco(replica_groups=3, gpus_per_group="2,2,1", cpu="8,8,4", memMB="16000,16000,8000")
+    app = comp.diloco(replica_groups=3, gpus_per_group="2", cpu="8,8,4", memMB="16000,16000,8000")
     groups = app.roles[1:]
     assert [(r.resource.gpu, r.resource.cpu, r.resource.memMB) for r in groups] == [
         (2, 8, 16000),
         (2, 8, 16000),
-        (1, 4, 8000),
+        (2, 4, 8000),
     ]
-    assert [re.search(r"--nproc_per_node (\d+)", group_cmd(r))[1] for r in groups] == ["2", "2", "1"]
-    assert [r.env["OMP_NUM_THREADS"] for r in groups] == ["4", "4", "4"]  # cores / processes
+    assert [re.search(r"--nproc_per_node (\d+)", group_cmd(r))[1] for r in groups] == ["2", "2", "2"]
+    assert [r.env["OMP_NUM_THREADS"] for r in groups] == ["4", "4", "2"]  # cores / processes
     envs = local_dryrun(app, tmp_path, auto_set_cuda_visible_devices=True)
-    assert [envs[f"replica_group_{g}"][0]["CUDA_VISIBLE_DEVICES"] for g in range(3)] == ["0,1", "2,3", "4"]
-    # an assignment of other sizes sets each group's count; with counts given, each entry must match its own
-    app = comp.diloco(replica_groups=2, gpu_assignment="0,1,2;3")
-    assert [r.resource.gpu for r in app.roles[1:]] == [3, 1]
+    assert [envs[f"replica_group_{g}"][0]["CUDA_VISIBLE_DEVICES"] for g in range(3)] == ["0,1", "2,3", "4,5"]
+    # an assignment sets each group's count; with counts given, each entry must match its own
+    app = comp.diloco(replica_groups=2, gpu_assignment="0,1;3,5")
+    assert [r.resource.gpu for r in app.roles[1:]] == [2, 2]
     with pytest.raises(ValueError, match=r"gives group 1 1 GPUs but it has exactly 2 GPUs"):
         comp.diloco(replica_groups=2, gpus_per_group="3,2", gpu_assignment="0,1,2;3")
 
 
+@pytest.mark.parametrize(
+    "kwargs,ranks",
+    [
+        (dict(gpus_per_group="2,2,1"), "2,2,1"),
+        (dict(gpu_assignment="0,1,2;3;4"), "3,1,1"),
+        (dict(nodes_per_group="1,2,1"), "1,2,1"),  # CPU: one rank per node
+        (dict(nodes_per_group="2,1,1", gpus_per_group="4,4,8"), "8,4,8"),
+    ],
+)
+def test_groups_of_other_rank_counts_are_refused_before_launch(eight_gpus, kwargs, ranks):
+    """Rank r of a group syncs with rank r of the others only (one torchft Manager per rank): a group with more
+    ranks than another would have ranks without peers, which hang at the first sync."""
+    with pytest.raises(comp.ComponentError, match=rf"^the groups would run {ranks} ranks \(nodes x GPUs per node\)"):
+        comp.diloco(replica_groups=3, **kwargs)
+
+
+def test_layouts_of_other_rank_counts_differ_at_the_first_sync():
+    """Groups submitted as separate jobs (the component sees one group): their layouts differ at the first sync."""
+    from torchx_diloco.exchange import layout_signature
+
+    assert layout_signature(1, "fp32", 1000, ranks=2) != layout_signature(1, "fp32", 1000, ranks=1)
+    assert layout_signature(1, "fp32", 1000) == layout_signature(1, "fp32", 1000, ranks=1)
+
+
 def test_per_group_resources_and_nodes_make_a_het_job_whose_components_differ(no_gpus):
-    """Slurm: group 0 on two nodes of 8 GPUs, group 1 on one node of 4; each group's rendezvous is on its own
-    first het component (1 for group 0, 3 for group 1: the lighthouse is 0 and group 0 holds 1 and 2)."""
-    app = comp.diloco(replica_groups=2, gpus_per_group="8,4", cpu="32,16", memMB="64000,32000", nodes_per_group="2,1")
+    """Slurm: group 0 on two nodes of 4 GPUs, group 1 on one node of 8 (8 ranks each); each group's rendezvous is on
+    its own first het component (1 for group 0, 3 for group 1: the lighthouse is 0 and group 0 holds 1 and 2)."""
+    app = comp.diloco(replica_groups=2, gpus_per_group="4,8", cpu="16,32", memMB="32000,64000", nodes_per_group="2,1")
     sched = get_scheduler_factories()["slurm"]("test")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         script = sched.submit_dryrun(app, {"partition": "gpu"}).request.materialize()
     headers = script.split("#SBATCH hetjob")
     assert len(headers) == 4  # the lighthouse, group 0's two nodes, group 1's one
-    for header, gpus, cpus, mem in ((headers[1], 8, 32, 64000), (headers[2], 8, 32, 64000), (headers[3], 4, 16, 32000)):
+    for header, gpus, cpus, mem in ((headers[1], 4, 16, 32000), (headers[2], 4, 16, 32000), (headers[3], 8, 32, 64000)):
         assert re.search(rf"--gpus-per-(node|task)={gpus}\b", header), header
         assert f"--cpus-per-task={cpus}" in header and f"--mem={mem}" in header
     assert "SLURM_JOB_NODELIST_HET_GROUP_1" in group_cmd(app.roles[1]) and "--nnodes 2" in group_cmd(app.roles[1])
     assert "--standalone" in group_cmd(app.roles[2]) and "--nnodes 1" in group_cmd(app.roles[2])
-    app = comp.diloco(replica_groups=2, nodes_per_group="1,2")
+    app = comp.diloco(replica_groups=2, nodes_per_group="1,2", gpus_per_group="8,4")
     assert "SLURM_JOB_NODELIST_HET_GROUP_2" in group_cmd(app.roles[2])
 
 

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.slow
 ARGS = [*SMALL, "--outer-steps", "6", "--sync-every", "10", "--min-replicas", "2"]
 # Streaming: every fragment sync is an outer step, the local weights differ from the global ones after it
 STREAMING = ["--fragments", "2", "--overlap-steps", "1", "--mix-alpha", "0.5", "--codec", "int8"]
+OWN_H = ["--sync-every", "10,4"]  # groups that differ: group 1 takes 4 inner steps per outer step, weighted by them
 
 
-@pytest.mark.parametrize("extra", [[], STREAMING], ids=["blocking", "streaming-int8"])
+@pytest.mark.parametrize("extra", [OWN_H, STREAMING], ids=["blocking-own-h", "streaming-int8"])
 def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrupted(tmp_path, faulty_url, extra):
     args = [*ARGS, *extra]
     reference = tmp_path / "uninterrupted"
@@ -67,9 +68,12 @@ def test_kill_9_of_whole_run_resumes_from_last_checkpoint_and_matches_uninterrup
     # every step after the resume, not only the last: the local weights, momentum and data all came back
     assert [resumed_sums[s] for s in range(killed_at + 1, 7)] == [reference_sums[s] for s in range(killed_at + 1, 7)]
     assert committed_checksums(ckpt, 1)[6] == reference_sums[6]
-    if extra:
+    if extra == STREAMING:
         fragments = [r["fragment"] for r in committed(read_metrics(metrics_url(reference, 0)))]
         assert fragments == [0, 1, 0, 1, 0, 1]  # outer step s syncs fragment (s - 1) % P
+    else:  # each group took its own H in every outer step, the resumed run too
+        for g, h in enumerate((10, 4)):
+            assert {r["window_steps"] for r in committed(read_metrics(metrics_url(ckpt, g)))} == {h}
 
 
 def test_crash_in_the_middle_of_a_checkpoint_write_leaves_previous_step_loadable(tmp_path, faulty_url):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, T
 from urllib.parse import urlparse
 
 from torchx_diloco.errors import UserError
+from torchx_diloco.pace import AutoH
 from torchx_diloco.presets import PRESETS
 
 PROG = "python -m torchx_diloco.train"
@@ -41,6 +42,9 @@ DEFAULT_DATA = "pydoc"  # the English text of Python's own pydoc_data.topics: on
 LIGHTHOUSE_PORT = 29510  # the by-hand lighthouse's port; the components pick a free one per run
 LIGHTHOUSE_IDLE_EXIT_S = 30.0  # above a group's restart time, so a restarting group does not end the run
 LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S = 600.0
+# How long a quorum waits for a group of the previous one that has not asked for it yet (torchft's lighthouse join
+# timeout): a straggler is left out of the round after this, and heals at the next sync. Below quorum_timeout.
+STRAGGLER_GRACE_S = 60.0
 
 # The environment the components set for every group (and a user's own loop reads through group_manager).
 REPLICA_GROUP_ID_ENV = "REPLICA_GROUP_ID"
@@ -67,6 +71,13 @@ def _number(text: str, kind: type, ok: Callable[[Any], bool], requirement: str) 
 
 def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, ">= 1")
+
+
+def sync_every_value(text: str) -> int:
+    """H, or ``auto:H`` (:class:`~torchx_diloco.pace.AutoH`: H for the fastest group, fewer for slower ones)."""
+    if text.startswith("auto:"):
+        return AutoH(positive_int(text[len("auto:") :]))
+    return positive_int(text)
 
 
 def non_negative_int(text: str) -> int:
@@ -256,7 +267,11 @@ class DiLoCoConfig:
     """The outer loop: when it syncs and what it sends (diloco.DiLoCo)."""
 
     sync_every: int = flag(
-        50, positive_int, "H: inner steps between syncs (a slower group may take fewer: one per group)", per_group=True
+        50,
+        sync_every_value,
+        "H: inner steps between syncs (a slower group may take fewer: one per group; or auto:H, the fastest group "
+        "takes H and each other group fewer, from the step times of the last round)",
+        per_group=True,
     )
     fragments: int = flag(
         1,
@@ -445,6 +460,12 @@ def streaming_problem(
 
     if fragments < 1:
         return f"{name('fragments')} must be >= 1, got {fragments}"
+    if isinstance(sync_every, AutoH) and (fragments > 1 or overlap_steps or outer_delay):
+        return (
+            f"{name('sync_every')} {sync_every} adapts one whole-model sync per round: it needs "
+            f"{name('fragments')} 1, {name('overlap_steps')} 0 and {name('outer_delay')} 0 (or give each group its "
+            f"own H: {name('sync_every')} 50,50,25)"
+        )
     if sync_every % fragments:
         return (
             f"{name('sync_every')} {sync_every} is not a multiple of {name('fragments')} {fragments}: "
@@ -558,6 +579,9 @@ def parse_flags(
     """The flags alone (no environment), as group ``group`` runs with them; ``group`` None (the components, before
     launch): every group's flags are checked, and group 0's returned."""
     values = vars(build_parser().parse_args(None if argv is None else list(argv)))
+    if isinstance(values["sync_every"], PerGroup) and any(isinstance(h, AutoH) for h in values["sync_every"]):
+        listed = ",".join(map(str, values["sync_every"]))
+        raise UserError(f"--sync-every {listed}: auto:H is one value for all groups (the fastest group's H)")
     per_group = _check_per_group(values, num_replica_groups)
     groups = [group] if group is not None else range(num_replica_groups or 1) if per_group else [0]
     configs = []
@@ -584,6 +608,8 @@ def _checked(cfg: TrainConfig, num_replica_groups: Optional[int]) -> TrainConfig
     )
     if problem is not None:
         raise UserError(problem)
+    if d.impl == "torchft" and isinstance(d.sync_every, AutoH):
+        raise UserError(f"--sync-every {d.sync_every} needs --impl torchx_diloco (torchft's DiLoCo has one fixed H)")
     if d.impl == "torchft" and d.outer_delay:
         raise UserError("--outer-delay 1 needs --impl torchx_diloco (torchft's DiLoCo has no delayed outer step)")
     if d.impl == "torchft" and d.codec != "fp32":

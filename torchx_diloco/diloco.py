@@ -22,8 +22,8 @@ test compares them for P in 1, 2, 4, tau in 0, 1, 2 and alpha in 0, 0.5). Ours d
 - a group that healed from a peer at this sync contributes nothing (its own weights are stale, so its
   ``global - local`` is noise) and the average is over the groups that did contribute;
 - the average is weighted by the tokens each group trained on since the fragment's last sync
-  (``tokens_per_step``; the header carries the work): groups of other batch sizes or rank counts count for what
-  they did, and equal groups get the plain mean bit for bit;
+  (``tokens_per_step``; the header carries the work): groups of other batch sizes or H count for what they
+  did, and equal groups get the plain mean bit for bit (the number of ranks must be the same in every group);
 - healing also resets the model to the global weights, not only the backup;
 - the global state (every fragment's weights and outer optimizer) is what durable checkpoints hold.
 """
@@ -33,13 +33,13 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from torchx_diloco.cluster import start_quorum
+from torchx_diloco.cluster import group_world_size, rank0_decides, start_quorum
 from torchx_diloco.codecs import Feedback, get_codec
 from torchx_diloco.config import error_feedback_on, streaming_problem
 from torchx_diloco.exchange import (
@@ -60,6 +60,7 @@ from torchx_diloco.fragment import (
 )
 from torchx_diloco.outer_loop import Schedule, Upcoming
 from torchx_diloco.outer_state import OuterState, Round
+from torchx_diloco.pace import AutoH, StepTimer, next_sync_every
 
 __all__ = ["DiLoCo", "STATE_KEY", "local_tensor", "split_evenly"]
 
@@ -103,7 +104,9 @@ class DiLoCo(OuterState):
         inner_optimizer: steps every batch (AdamW in the paper); only used here to check its parameters.
         outer_optimizer: steps on the averaged pseudo-gradient (SGD, lr 0.7, momentum 0.9, Nesterov); one for
             the whole model, or one per fragment when ``fragments`` is a list of modules.
-        sync_every: H, inner steps between two syncs of the same parameters.
+        sync_every: H, inner steps between two syncs of the same parameters; ``AutoH(H)`` (``--sync-every auto:H``):
+            H for the fastest group, fewer for the others from their measured step times (:mod:`torchx_diloco.pace`;
+            one fragment, no overlap, no outer delay).
         fragments: P, the number of fragments (contiguous, about equal size, in module order), or a list of
             modules that together hold every trainable parameter once.
         overlap_steps: tau, inner steps between sending a fragment's pseudo-gradient and applying the result.
@@ -122,10 +125,13 @@ class DiLoCo(OuterState):
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
         tokens_per_step: the tokens one inner step of this group trains on (all its ranks, every micro-batch): a
             fragment's pseudo-gradient weighs in the average by the tokens since its last sync, so groups of other
-            batch sizes or rank counts count for what they did; equal groups get today's mean exactly.
+            batch sizes, grad accumulation or H count for what they did; equal groups get today's mean exactly.
         split_group: a ``torch.distributed`` process group of this replica group's ranks when they hold the
             same weights (DDP): each sends 1/G of the pseudo-gradient to other groups, so the slow link carries
             the model once per group, not G times. Not for FSDP, whose ranks already hold disjoint shards.
+        group, groups: this replica group's id and the run's number of groups (each group's step time has a slot of
+            its own in the header): needed with ``AutoH`` only.
+        clock: what step times are measured with under ``AutoH`` (``time.perf_counter``; a test's own clock).
     """
 
     adopts_from_storage = True  # a group left behind sits out one round after adopting a newer step
@@ -148,6 +154,9 @@ class DiLoCo(OuterState):
         topk_density: Optional[float] = None,
         outer_delay: int = 0,
         tokens_per_step: int = 1,
+        group: int = 0,
+        groups: int = 1,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -168,7 +177,13 @@ class DiLoCo(OuterState):
         self.model = model
         self.outer_optimizers = outers
         self._one_outer = one_outer  # its state is saved as one dict, a list of them otherwise
-        self.schedule = Schedule(sync_every, len(self._fragments), overlap_steps, outer_delay)
+        auto = isinstance(sync_every, AutoH)
+        if auto and not 0 <= group < groups:
+            raise ValueError(f"group {group} must be within 0..groups-1 = {groups - 1} (each group has a slot)")
+        clock_every = int(sync_every) if auto else 0
+        self.schedule = Schedule(int(sync_every), len(self._fragments), overlap_steps, outer_delay, clock_every)
+        self._group = group
+        self._timer = StepTimer(clock) if auto else None
         self.mix_alpha = mix_alpha
         if tokens_per_step < 1:
             raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
@@ -177,8 +192,11 @@ class DiLoCo(OuterState):
         self._params = [p for _, p in named]
         # this rank's layout: groups of a run must cut and shard the model alike (checked at every exchange)
         wire = get_codec(codec, topk_density)
-        self._signature = layout_signature(len(self._fragments), wire.key, sum(f.numel for f in self._fragments))
-        self._exchange = Exchange(manager, wire, split_group, background=overlap_steps > 0 or outer_delay > 0)
+        self._signature = layout_signature(
+            len(self._fragments), wire.key, sum(f.numel for f in self._fragments), group_world_size()
+        )
+        background = overlap_steps > 0 or outer_delay > 0
+        self._exchange = Exchange(manager, wire, split_group, background, pace_slots=groups if auto else 0)
         for f in self._fragments:
             if error_feedback_on(codec, error_feedback):
                 f.zero_residual(self._exchange.share_numel(f.numel))
@@ -203,6 +221,15 @@ class DiLoCo(OuterState):
 
     def step(self) -> bool:
         """Call after each inner optimizer step. Returns True when this call committed an outer step."""
+        if self._timer is None:
+            return self._step()
+        self._timer.step_started()
+        try:
+            return self._step()
+        finally:
+            self._timer.step_ended()
+
+    def _step(self) -> bool:
         started = time.perf_counter()
         self.local_step += 1
         for f in self._fragments:
@@ -285,8 +312,10 @@ class DiLoCo(OuterState):
             fragment.eager_restart(self._sent.payload if sending.work > 0 else None)
 
     def _start_round(self, fragment: Fragment, sending: Round) -> None:
-        header = new_header(Slot.SYNCING, self._signature, self._params[0].device)
+        header = new_header(Slot.SYNCING, self._signature, self._params[0].device, self._exchange.pace_slots)
         header[Slot.CONTRIBUTORS], header[Slot.WORK] = float(sending.work > 0), sending.work
+        if self._timer is not None:
+            header[len(Slot) + self._group] = self._timer.take()
         residual = fragment.residual
         feedback = None if residual is None else Feedback(residual, torch.zeros_like(residual))
         sent = self._exchange.start(sending.payload, header, feedback)
@@ -304,6 +333,8 @@ class DiLoCo(OuterState):
         flight, self._in_flight = self._in_flight, None
         sent_bytes = flight.sent_bytes.result()
         check_layout(flight.header)
+        if self._timer is not None:
+            self._pace(flight.header)
         fragment = flight.fragment
         self.last_sync = {"fragment": fragment.index, "sent_bytes": sent_bytes}
         self._sent = None
@@ -329,6 +360,12 @@ class DiLoCo(OuterState):
                 for t, mine in zip(fragment.locals(), local, strict=True):
                     t.lerp_(mine, self.mix_alpha)
         return True
+
+    def _pace(self, header: torch.Tensor) -> None:
+        """auto:H: this group's H for the next window, from every group's step time in the summed header."""
+        times = header[len(Slot) :].tolist()
+        h = next_sync_every(self.schedule.clock_every, times, times[self._group])
+        self.schedule = replace(self.schedule, sync_every=rank0_decides(h, header.device))
 
     def agree_initial_weights(self, attempts: int = 3) -> None:
         """Before the first inner step of a fresh run: every group takes the initial weights of the quorum's

@@ -38,14 +38,16 @@ class Slot(IntEnum):
     WORK = 5  # the tokens the contributors trained on since the fragment's last sync (0: unweighted)
 
 
-def layout_signature(fragments: int, codec: str, numel: int) -> float:
+def layout_signature(fragments: int, codec: str, numel: int, ranks: int = 1) -> float:
     """A number that differs between layouts the groups of one run must share (``codec``: its ``key``, which
-    tells topk's densities apart too; ``numel``: this rank's share)."""
-    return float(zlib.crc32(f"{fragments}/{codec}/{numel}".encode()) % (1 << 20) + 1)
+    tells topk's densities apart too; ``numel``: this rank's share; ``ranks``: the group's, since rank r of a
+    group exchanges with rank r of every other group only)."""
+    return float(zlib.crc32(f"{fragments}/{codec}/{numel}/{ranks}".encode()) % (1 << 20) + 1)
 
 
-def new_header(kind: Slot, signature: float, device: torch.device) -> torch.Tensor:
-    header = torch.zeros(len(Slot), dtype=torch.float64, device=device)
+def new_header(kind: Slot, signature: float, device: torch.device, pace_slots: int = 0) -> torch.Tensor:
+    """A round's header; ``pace_slots`` more at its end with ``auto:H`` (one per group: its step time)."""
+    header = torch.zeros(len(Slot) + pace_slots, dtype=torch.float64, device=device)
     header[kind] = 1.0
     header[Slot.SIGNATURE], header[Slot.SIGNATURE_SQUARED] = signature, signature**2
     return header
@@ -60,8 +62,9 @@ def layouts_differ(header: torch.Tensor) -> bool:
 def check_layout(header: torch.Tensor) -> None:
     if layouts_differ(header):
         raise UserError(
-            "the groups of this run sync different layouts (--fragments, --codec, --topk-density or the model differ): "
-            "start every group with the same flags"
+            "the groups of this run sync different layouts (--fragments, --codec, --topk-density, the model or the "
+            "number of ranks per group differ): start every group with the same flags and as many ranks (rank r of a "
+            "group syncs with rank r of the others, one torchft Manager each)"
         )
 
 
@@ -69,9 +72,15 @@ class Exchange:
     """Sends (header, payload) rounds through a torchft Manager, in the background when ``background``."""
 
     def __init__(
-        self, manager: Any, codec: Codec | str, split_group: Optional[Any] = None, background: bool = False
+        self,
+        manager: Any,
+        codec: Codec | str,
+        split_group: Optional[Any] = None,
+        background: bool = False,
+        pace_slots: int = 0,
     ) -> None:
         self.manager = manager
+        self.pace_slots = pace_slots  # every header of the run has them (auto:H): its groups must agree on them
         self.codec: Codec = get_codec(codec) if isinstance(codec, str) else codec
         self.split_group = split_group if split_group is not None and split_group.size() > 1 else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="diloco-sync") if background else None
@@ -146,7 +155,7 @@ def exchange_initial_weights(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """One agreement round (``Slot.AGREEING``): the sender's ``tensors`` flat in fp32, zeros from everyone else;
     returns the summed flat weights and the summed header (the caller reads what the round turned out to be)."""
-    header = new_header(Slot.AGREEING, signature, tensors[0].device)
+    header = new_header(Slot.AGREEING, signature, tensors[0].device, exchange.pace_slots)
     flat = torch.zeros(sum(t.numel() for t in tensors), dtype=torch.float32, device=header.device)
     if sender:
         torch.cat([t.detach().reshape(-1).float() for t in tensors], out=flat)

@@ -32,7 +32,12 @@ from torchx_diloco.cluster import (
     safe_run_id,
     split_replica_id,
 )
-from torchx_diloco.config import LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S, LIGHTHOUSE_IDLE_EXIT_S, LIGHTHOUSE_PORT
+from torchx_diloco.config import (
+    LIGHTHOUSE_FIRST_JOIN_TIMEOUT_S,
+    LIGHTHOUSE_IDLE_EXIT_S,
+    LIGHTHOUSE_PORT,
+    STRAGGLER_GRACE_S,
+)
 from torchx_diloco.errors import report_error
 from torchx_diloco.logs import libraries_level, quiet_libraries
 
@@ -82,8 +87,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument(
         "--join-timeout-ms",
         type=int,
-        default=60000,
-        help="how long a quorum waits for groups that were in the previous one",
+        default=int(STRAGGLER_GRACE_S * 1000),
+        help="the straggler grace: how long a quorum waits for groups that were in the previous one before it "
+        "goes on without them (they heal at the next sync; with 2 groups torchft waits for a live one anyway)",
     )
     p.add_argument("--heartbeat-timeout-ms", type=int, default=5000, help="a group silent this long is dropped")
     p.add_argument(

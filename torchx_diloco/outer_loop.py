@@ -34,6 +34,7 @@ class Schedule:
     fragments: int = 1
     overlap_steps: int = 0
     outer_delay: int = 0
+    clock_every: int = 0  # the H the run's clock counts in, where this group's own changes (auto:H); 0: sync_every
 
     @property
     def steps_per_sync(self) -> int:
@@ -53,7 +54,8 @@ class Schedule:
         """What step ``local_step + 1`` of the window after outer step ``outer_step`` does."""
         step = local_step + 1
         quorum, ends = step == self.send_at, step >= self.steps_per_sync
-        return Upcoming(outer_step * self.steps_per_sync + local_step, quorum, quorum or ends, ends)
+        clock = (self.clock_every or self.sync_every) // self.fragments  # (a group of fewer steps moves faster on it)
+        return Upcoming(outer_step * clock + local_step * clock // self.steps_per_sync, quorum, quorum or ends, ends)
 
 
 class OuterLoop(Protocol):

@@ -9,7 +9,7 @@ never sent to a peer. :class:`OuterState` holds both for :class:`~torchx_diloco.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -129,6 +129,8 @@ class OuterState:
         starting point (``start_0``, ...) and this rank's part of the round in flight (``round``,
         ``round_work``). ``template``: zeros of the round a checkpoint of this step may hold, to load into."""
         state = residuals_of(self._fragments)
+        if self.schedule.clock_every:  # auto:H: this group's H for the window after this step, as decided
+            state["sync_every"] = torch.tensor([self.schedule.sync_every], dtype=torch.int64)
         if not self.schedule.outer_delay:
             return state
         state.update({f"start_{f.index}": f.start for f in self._fragments if f.start is not None})
@@ -144,6 +146,8 @@ class OuterState:
         """Restore :meth:`rank_state` from a checkpoint (residuals: :func:`~torchx_diloco.fragment.load_residuals`;
         without a saved start, a fragment's inner phase starts at its global weights)."""
         load_residuals(self._fragments, saved)
+        if self.schedule.clock_every and "sync_every" in saved:
+            self.schedule = replace(self.schedule, sync_every=int(saved["sync_every"][0]))
         for f in self._fragments:
             start = saved.get(f"start_{f.index}")
             if f.start is not None and start is not None and start.shape == f.start.shape:

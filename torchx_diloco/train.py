@@ -135,6 +135,8 @@ class Trainer:
                 error_feedback=ERROR_FEEDBACK[d.error_feedback],
                 outer_delay=d.outer_delay,
                 tokens_per_step=self.tokens_per_step,
+                group=cfg.cluster.group_id,
+                groups=cfg.cluster.num_groups,
                 quorum_retry_s=cfg.cluster.lighthouse_timeout,
                 split_group=self.parallel.split_group,
             )
