@@ -238,10 +238,10 @@ class DiLoCo(OuterState):
             return self._eager_step(started) if self.local_step == self.schedule.steps_per_sync else False
         if self.local_step == self.schedule.send_at:
             self._send()
-            self._window_sync_s += time.perf_counter() - started
         if self.local_step < self.schedule.steps_per_sync:
+            self._window_sync_s += time.perf_counter() - started  # (a send ahead of its apply: overlapped)
             return False
-        return self._apply_timed(started)
+        return self._apply_timed(started)  # from this call's start: its send too, when it sent
 
     def sync(self) -> bool:
         """Sync now, blocking: apply the fragment in flight if one was sent, else send the next one and apply
