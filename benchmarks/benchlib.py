@@ -39,13 +39,20 @@ def group_env(group: int, groups: int, lighthouse: str) -> Dict[str, str]:
 
 
 def start_lighthouse(
-    log_dir: Path, min_replicas: int, netns: Optional[str] = None, host: str = "127.0.0.1", idle_exit: float = 5.0
+    log_dir: Path,
+    min_replicas: int,
+    netns: Optional[str] = None,
+    host: str = "127.0.0.1",
+    idle_exit: float = 5.0,
+    extra: Sequence[str] = (),
 ) -> Tuple[Lighthouse, str]:
-    """``python -m torchx_diloco.lighthouse`` (in ``netns`` if given); returns (the lighthouse, its URL)."""
+    """``python -m torchx_diloco.lighthouse`` (in ``netns`` if given, with ``extra`` flags); returns (the
+    lighthouse, its URL)."""
     lighthouse = Lighthouse(
         log_dir,
         min_replicas,
         idle_exit=idle_exit,
+        extra=extra,
         netns=netns,
         host=host,
         timeout=60,
@@ -155,8 +162,10 @@ class Run:
         min_replicas: Optional[int] = None,
         lab: Any = None,
         script: Optional[str] = None,
+        lighthouse_args: Sequence[str] = (),
     ) -> None:
-        """``script``: a worker script instead of the training module (it gets ``--out <jsonl>``)."""
+        """``script``: a worker script instead of the training module (it gets ``--out <jsonl>``);
+        ``lighthouse_args``: more flags for the lighthouse."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.groups = groups
@@ -164,10 +173,10 @@ class Run:
         self.started = time.time()
         if lab is not None:
             self.lighthouse, self.url = start_lighthouse(
-                self.workdir, min_replicas or groups, netns=lab.hub, host=HUB_ADDR
+                self.workdir, min_replicas or groups, netns=lab.hub, host=HUB_ADDR, extra=lighthouse_args
             )
         else:
-            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups)
+            self.lighthouse, self.url = start_lighthouse(self.workdir, min_replicas or groups, extra=lighthouse_args)
         self.samplers = [Proc(lab.sampler_argv(g), self.workdir / f"tx{g}.log") for g in range(groups)] if lab else []
         self.script = script
         self.procs: List[Proc] = []

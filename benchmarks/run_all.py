@@ -21,13 +21,14 @@ BENCHMARKS = [
     "bench_model_path",
     "bench_groups",
     "bench_codecs",
+    "bench_unlike",
 ]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="the short versions (default; 16 to 25 min on 2 cores)")
+    mode.add_argument("--quick", action="store_true", help="the short versions (default; 20 to 30 min on 2 cores)")
     mode.add_argument("--full", action="store_true", help="longer runs and more repetitions")
     p.add_argument("--only", action="append", choices=BENCHMARKS, help="run just these (repeatable)")
     a = p.parse_args()
