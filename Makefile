@@ -27,13 +27,17 @@ RUN_ARGS ?= --outer_steps 6 --sync_every 50 --model tiny --lighthouse_idle_exit 
 run: install
 	$(BIN)/torchx run diloco.diloco $(RUN_ARGS)
 
+# Two tests at a time: most wait on processes more than they compute (tests/conftest.py keeps the Slurm and network
+# namespace tests on one worker, one after another). `make test XDIST=` runs them one by one.
+XDIST       ?= -n 2 --dist loadgroup
+
 ## The whole test suite, the end-to-end tests included (what CI runs).
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 ## Everything but the slow end-to-end tests.
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) -m "not slow and not slurm" $(PYTEST_ARGS)
 
 ## Lint (ruff), format check (ruff format) and type check (mypy), as CI runs them before the tests; settings in
 ## pyproject.toml. `ruff check --fix` and `ruff format` (same paths) fix most of what the first two report.

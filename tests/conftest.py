@@ -16,6 +16,20 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import pytest
 
 
+# --- two tests at a time (make test: pytest -n 2 --dist loadgroup) ------------------------------------------------
+# Most tests wait on processes more than they compute, so two run side by side. Those sharing one machine-wide
+# resource run one after another on one worker: the Slurm cluster's fake nodes (the 2x2 test takes all five), and
+# the network namespaces of netlab.
+SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_network_fault.py": "netns"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
+    for item in items:
+        group = SERIAL_GROUPS.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3-protocol server on 127.0.0.1 (moto's server mode, as s3fs's own tests use).
