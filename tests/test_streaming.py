@@ -222,13 +222,18 @@ def test_topk_sum_is_an_all_gather_of_every_groups_payload() -> None:
     assert payload_bytes < 0.06 * 3 * TOPK_CHUNK  # under half a bit a value at 3%: 16-bit values would be 1.5
 
 
-@pytest.mark.parametrize("codec", ["int2", "topk"])
-def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(codec: str) -> None:
+@pytest.mark.parametrize(
+    "codec,collective",
+    [("int2", "alltoall_base"), ("topk", "allgather_into_tensor_coalesced"), ("int2", "allreduce")],
+    ids=["int2-payload", "topk-payload", "header"],
+)
+def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(codec: str, collective: str) -> None:
     """Error feedback on, three groups: a sync commits, then group 2's process group fails inside the payload's
-    collective (aborted, as a broken link): no group commits the next round, every group keeps its global weights
-    and its residuals, and says it sent nothing; the groups' global weights stay identical."""
+    collective, or the header's sum (aborted, as a broken link, leaving what a half-done sum may leave: no sum):
+    no group commits the next round, every group keeps its global weights and its residuals, and says it sent
+    nothing; the groups' global weights stay identical. A failed header is never read as groups of other layouts
+    (chaos: a peer killed mid-sum ended the run with that error)."""
     models = [make_model() for _ in range(3)]
-    collective = "allgather_into_tensor_coalesced" if codec == "topk" else "alltoall_base"
 
     def work(g: int, manager: Any) -> Dict[str, Any]:
         model = models[g]
@@ -251,6 +256,8 @@ def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(cod
             pg = manager._pg
 
             def broken(*args: Any, **kwargs: Any) -> Any:
+                for t in args[0] if isinstance(args[0], list) else []:
+                    t.fill_(12345.0)  # not a sum of anything
                 pg.abort()
                 raise RuntimeError("link down")
 

@@ -125,6 +125,9 @@ class Exchange:
     ) -> int:
         work = float(header[Slot.WORK])
         self.manager.allreduce(header, reduce_op=ReduceOp.SUM).wait()
+        if self.manager.errored() is not None:  # the sum failed (a peer died in it): the header holds no sum
+            header.zero_()  # nothing of it is read: no layout to compare, no work, no step times; no commit follows
+            return 0
         scale = work_scale(header, work)
         if scale != 1.0:  # (this rank's slice only: the group's ranks all-gather the weighted sums after)
             share.mul_(scale)
