@@ -15,7 +15,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
-
 # --- two tests at a time (make test: pytest -n 2 --dist loadgroup) ------------------------------------------------
 # Most tests wait on processes more than they compute, so two run side by side. Those sharing one machine-wide
 # resource run one after another on one worker: the Slurm cluster's fake nodes (the 2x2 test takes all five), and

@@ -22,6 +22,7 @@ import pytest
 from torchx_diloco._fleet.testing import (
     REPO,
     cli_env,
+    committed,
     committed_checksums,
     free_port,
     metrics_url,
@@ -187,15 +188,25 @@ def test_diloco_het_job_runs_heals_a_killed_worker_and_completes_with_status_and
             "4",
             "--checkpoint_dir",
             "ckpt",
+            "--cpu",
+            "1,2",  # groups that differ: each het component asks for its own group's resources
+            "--memMB",
+            "1024,2048",
             *TRAIN,
             *SMALL,
+            "--sync-every",
+            "40,20",  # and each group reads its own H
         ],
         run,
         jobs,
     )
     jid = job_id(handle)
 
-    # while it runs: the groups found the lighthouse through SLURM_JOB_NODELIST_HET_GROUP_0
+    # while it runs: each group's component got its own resources, its worker its own threads
+    shapes = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%j %C %m"], capture_output=True, text=True).stdout
+    for name, cpus, mem in (("replica_group_0-0", 1, "1G"), ("replica_group_1-0", 2, "2G")):  # (1024, 2048 MB)
+        assert re.search(rf"^{name} {cpus} {mem}$", shapes, re.M), shapes
+    # the groups found the lighthouse through SLURM_JOB_NODELIST_HET_GROUP_0
     workers = wait_until(
         lambda: len(train_workers(SLURM_JOB_ID=jid)) == 2 and train_workers(SLURM_JOB_ID=jid),
         90,
@@ -204,6 +215,7 @@ def test_diloco_het_job_runs_heals_a_killed_worker_and_completes_with_status_and
     nodes = subprocess.run(["squeue", "-h", "-j", jid, "-o", "%j %N"], capture_output=True, text=True).stdout
     lighthouse_node = re.search(r"^lighthouse-0 (\S+)$", nodes, re.M).group(1)
     assert {w["TORCHFT_LIGHTHOUSE"] for w in workers} == {f"http://{lighthouse_node}:{port}"}
+    assert sorted((w["REPLICA_GROUP_ID"], w["OMP_NUM_THREADS"]) for w in workers) == [("0", "1"), ("1", "2")]
     assert all(w["SLURM_JOB_NODELIST_HET_GROUP_0"] == lighthouse_node for w in workers)
 
     status = torchx(["status", handle], run)
@@ -243,6 +255,7 @@ def test_diloco_het_job_runs_heals_a_killed_worker_and_completes_with_status_and
     records = read_metrics(metrics_url(job_dir / "ckpt", 1))
     # the restarted group rejoined the other (healed or resumed) instead of training alone
     assert records[-1]["outer_step"] == 10 and records[-1]["participants"] == 2, records[-3:]
+    assert {r["window_steps"] for r in committed(records)} == {20}  # group 1's own H, its restart too
 
     listed = torchx(["list", "-s", "slurm"], run)  # no slurmdbd here: falls back to squeue
     assert listed.returncode == 0, listed.stderr

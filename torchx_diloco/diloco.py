@@ -333,7 +333,7 @@ class DiLoCo(OuterState):
         flight, self._in_flight = self._in_flight, None
         sent_bytes = flight.sent_bytes.result()
         check_layout(flight.header)
-        if self._timer is not None:
+        if self._timer is not None and self.manager.errored() is None:  # (a failed round's header says nothing)
             self._pace(flight.header)
         fragment = flight.fragment
         self.last_sync = {"fragment": fragment.index, "sent_bytes": sent_bytes}
