@@ -133,6 +133,25 @@ def test_two_groups_of_two_ranks_agree_and_their_ranks_train_on_different_batche
 
 
 @pytest.mark.slow
+def test_groups_of_two_and_one_ranks_stop_at_their_first_sync_in_one_line(tmp_path):
+    """Groups submitted apart (the components refuse the mix before launch when they see every group): a 2-rank
+    and a 1-rank group. Rank 1 of the first has no peer in the second; both groups stop at their first exchange
+    (the initial-weight agreement) with the line that names the number of ranks, neither trains."""
+    lighthouse = Lighthouse(tmp_path, min_replicas=2)
+    args = [*ARGS, "--outer-steps", "3", "--checkpoint-dir", str(tmp_path / "ckpt"), "--collective-timeout", "15"]
+    groups = [Group(0, 2, lighthouse.url, args, tmp_path, nproc=2), Group(1, 2, lighthouse.url, args, tmp_path)]
+    try:
+        codes = [g.wait(180) for g in groups]
+    finally:
+        lighthouse.kill()
+    line = "the number of ranks per group differ"
+    for g, rc in zip(groups, codes, strict=True):
+        assert rc != 0 and line in g.output(), g.output()[-3000:]
+        assert "Number of outer optimizer steps completed" not in g.output()
+    assert groups[1].output().strip().splitlines()[-1].startswith("torchx_diloco.train: error: the groups of this run")
+
+
+@pytest.mark.slow
 def test_fsdp_groups_shard_the_model_and_agree(tmp_path):
     """--parallel fsdp: 2 groups x 2 ranks, FSDP2 over each group's ranks; each rank syncs its own shard with
     the same rank of the other group (half the bytes each) and the groups agree at every outer step."""
