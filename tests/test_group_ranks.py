@@ -4,6 +4,7 @@ group's ranks take every decision together, and the groups still agree on the gl
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -239,7 +240,7 @@ def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
         time.sleep(0.1)
     workers = groups[1].workers()
     assert len(workers) == 2, workers
-    kill_pid(workers[1])  # group 1's rank 1, in the middle of whatever it was doing
+    assert kill_pid(workers[1]), "group 1's rank 1 was gone before the kill"  # in the middle of whatever it did
     for g in groups:
         assert g.wait(150) == 0, g.output()[-3000:]
     lighthouse.kill()
@@ -248,7 +249,9 @@ def test_two_rank_groups_stream_int8_and_a_killed_rank_heals(tmp_path):
     common = sorted(set(sums[0]) & set(sums[1]))
     assert len(common) >= 10 and all(sums[0][s] == sums[1][s] for s in common), (sums[0], sums[1])
     out = groups[1].output()
-    assert "failed (exitcode: -9) local_rank: 1" in out, out[-3000:]  # torchrun saw it die, and restarted:
+    # torchrun saw the group fail, and restarted it: it names the first failure it observed, which under load can be
+    # rank 0's (its collective broke when rank 1 died) rather than rank 1's own -9
+    assert re.search(r"failed \(exitcode: -?\d+\) local_rank: [01]", out), out[-3000:]
     assert "group 1 resumed from" in out or "healed from a peer" in out, out[-3000:]
 
 
