@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -42,6 +41,7 @@ import torch.nn as nn
 from torchx_diloco.cluster import group_world_size, rank0_decides, start_quorum
 from torchx_diloco.codecs import Feedback, get_codec
 from torchx_diloco.config import error_feedback_on, streaming_problem
+from torchx_diloco.eager import EagerOuterSteps, InFlight
 from torchx_diloco.exchange import (
     Exchange,
     Slot,
@@ -59,8 +59,8 @@ from torchx_diloco.fragment import (
     split_evenly,
 )
 from torchx_diloco.outer_loop import Schedule, Upcoming
-from torchx_diloco.outer_state import OuterState, Round
-from torchx_diloco.pace import AutoH, StepTimer, next_sync_every
+from torchx_diloco.outer_state import Round
+from torchx_diloco.pace import AutoH, Pacer
 
 __all__ = ["DiLoCo", "STATE_KEY", "local_tensor", "split_evenly"]
 
@@ -83,18 +83,33 @@ def _trainable_parameters(
     return named
 
 
-@dataclass
-class _InFlight:
-    """A fragment's sync between the moment it was sent and the moment it is applied."""
+def _check_arguments(
+    manager: Any,
+    sync_every: int,
+    fragments: int,
+    overlap_steps: int,
+    mix_alpha: float,
+    codec: str,
+    error_feedback: Optional[bool],
+    topk_density: Optional[float],
+    outer_delay: int,
+    tokens_per_step: int,
+) -> None:
+    """DiLoCo's arguments, checked by the same code as the CLI's flags (:func:`config.streaming_problem`)."""
+    if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+    problem = streaming_problem(
+        sync_every, fragments, overlap_steps, mix_alpha, codec, True, error_feedback, topk_density, outer_delay
+    )
+    if problem is not None:
+        raise ValueError(problem)
+    if getattr(manager, "_use_async_quorum", False):
+        raise ValueError("DiLoCo needs a Manager built with use_async_quorum=False")
+    if tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
 
-    fragment: Fragment
-    payload: torch.Tensor
-    header: torch.Tensor
-    sent_bytes: "Future[int]"
-    feedback: Optional[Feedback]  # the fragment's residual, and the one it leaves if the round commits
 
-
-class DiLoCo(OuterState):
+class DiLoCo(EagerOuterSteps):
     """Counts inner steps; syncs a fragment (the whole model by default) every ``sync_every / fragments``.
 
     Args:
@@ -104,33 +119,26 @@ class DiLoCo(OuterState):
         inner_optimizer: steps every batch (AdamW in the paper); only used here to check its parameters.
         outer_optimizer: steps on the averaged pseudo-gradient (SGD, lr 0.7, momentum 0.9, Nesterov); one for
             the whole model, or one per fragment when ``fragments`` is a list of modules.
-        sync_every: H, inner steps between two syncs of the same parameters; ``AutoH(H)`` (``--sync-every auto:H``):
-            H for the fastest group, fewer for the others from their measured step times (:mod:`torchx_diloco.pace`;
-            one fragment, no overlap, no outer delay).
+        sync_every: H, inner steps between two syncs of the same parameters; ``AutoH(H)``: H for the fastest group,
+            fewer for slower ones (:mod:`torchx_diloco.pace`; one fragment, no overlap, no outer delay).
         fragments: P, the number of fragments (contiguous, about equal size, in module order), or a list of
             modules that together hold every trainable parameter once.
         overlap_steps: tau, inner steps between sending a fragment's pseudo-gradient and applying the result.
         mix_alpha: after a fragment's outer step, its weights are ``lerp(global, local, mix_alpha)``.
         codec: what the pseudo-gradient crosses the link as: "fp32", "bf16", "int8", "int4", "int2" or "topk".
-        outer_delay: 1 for eager outer steps (see above): the round sent at the end of a window is applied at the
-            end of the next; ``sync()`` applies the last one. A checkpoint holds this rank's part of the round in
-            flight (:meth:`rank_state`), which a resumed run sends again before its first new one.
+        outer_delay: 1 for eager outer steps (:mod:`torchx_diloco.eager`): a round is applied a window after it
+            was sent; ``sync()`` applies the last one; checkpoints hold this rank's part of it (:meth:`rank_state`).
         topk_density: with ``codec="topk"``, the share of values sent (config.DEFAULT_TOPK_DENSITY by default).
-        error_feedback: each rank adds to a fragment's pseudo-gradient what its (lossy) codec did not send of the
-            fragment's last committed one: ``e <- (delta + e) - decode(encode(delta + e))``, see
-            :mod:`torchx_diloco.codecs` for what "sent" is with each codec. The residuals live on
-            ``backup_device``; a group that heals or adopts a newer step starts from zeros. None (the default):
-            on for the codecs of ``config.ERROR_FEEDBACK_BY_DEFAULT`` (int2, topk), off for the others.
+        error_feedback: ``e <- (delta + e) - decode(encode(delta + e))`` per fragment and rank, added to its next
+            pseudo-gradient (:mod:`torchx_diloco.codecs`); on ``backup_device``; zeros after a heal or an adopted
+            step. None: on for ``config.ERROR_FEEDBACK_BY_DEFAULT`` (int2, topk).
         backup_device: where the global weights are kept between syncs (host memory by default).
         quorum_retry_s: how long a sync keeps retrying the quorum while the lighthouse is unreachable.
-        tokens_per_step: the tokens one inner step of this group trains on (all its ranks, every micro-batch): a
-            fragment's pseudo-gradient weighs in the average by the tokens since its last sync, so groups of other
-            batch sizes, grad accumulation or H count for what they did; equal groups get today's mean exactly.
-        split_group: a ``torch.distributed`` process group of this replica group's ranks when they hold the
-            same weights (DDP): each sends 1/G of the pseudo-gradient to other groups, so the slow link carries
-            the model once per group, not G times. Not for FSDP, whose ranks already hold disjoint shards.
-        group, groups: this replica group's id and the run's number of groups (each group's step time has a slot of
-            its own in the header): needed with ``AutoH`` only.
+        tokens_per_step: the tokens one inner step of this group trains on (all ranks and micro-batches): each
+            pseudo-gradient weighs in the average by its tokens; equal groups get the plain mean exactly.
+        split_group: this replica group's ranks when they hold the same weights (DDP): each sends 1/G of the
+            pseudo-gradient, so the link carries the model once per group. Not for FSDP (already disjoint shards).
+        group, groups: this replica group's id and the run's number of groups (a header slot each): ``AutoH`` only.
         clock: what step times are measured with under ``AutoH`` (``time.perf_counter``; a test's own clock).
     """
 
@@ -158,37 +166,30 @@ class DiLoCo(OuterState):
         groups: int = 1,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        if not isinstance(sync_every, int) or isinstance(sync_every, bool) or sync_every < 1:
-            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
         count = fragments if isinstance(fragments, int) else len(fragments)
-        problem = streaming_problem(
-            sync_every, count, overlap_steps, mix_alpha, codec, True, error_feedback, topk_density, outer_delay
+        _check_arguments(
+            manager,
+            sync_every,
+            count,
+            overlap_steps,
+            mix_alpha,
+            codec,
+            error_feedback,
+            topk_density,
+            outer_delay,
+            tokens_per_step,
         )
-        if problem is not None:
-            raise ValueError(problem)
-        if getattr(manager, "_use_async_quorum", False):
-            raise ValueError("DiLoCo needs a Manager built with use_async_quorum=False")
         one_outer = isinstance(outer_optimizer, torch.optim.Optimizer)
         outers = [outer_optimizer] if isinstance(outer_optimizer, torch.optim.Optimizer) else list(outer_optimizer)
         named = _trainable_parameters(model, inner_optimizer, outers)
         self._fragments = build_fragments(named, fragments, outers[0] if one_outer else outers, backup_device)
-
-        self.manager = manager
-        self.model = model
-        self.outer_optimizers = outers
+        self.manager, self.model, self.outer_optimizers = manager, model, outers
         self._one_outer = one_outer  # its state is saved as one dict, a list of them otherwise
         auto = isinstance(sync_every, AutoH)
-        if auto and not 0 <= group < groups:
-            raise ValueError(f"group {group} must be within 0..groups-1 = {groups - 1} (each group has a slot)")
+        self._pacer = Pacer(int(sync_every), group, groups, len(Slot), clock) if auto else None
         clock_every = int(sync_every) if auto else 0
         self.schedule = Schedule(int(sync_every), len(self._fragments), overlap_steps, outer_delay, clock_every)
-        self._group = group
-        self._timer = StepTimer(clock) if auto else None
-        self.mix_alpha = mix_alpha
-        if tokens_per_step < 1:
-            raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
-        self.tokens_per_step = tokens_per_step
-        self.quorum_retry_s = quorum_retry_s
+        self.mix_alpha, self.tokens_per_step, self.quorum_retry_s = mix_alpha, tokens_per_step, quorum_retry_s
         self._params = [p for _, p in named]
         # this rank's layout: groups of a run must cut and shard the model alike (checked at every exchange)
         wire = get_codec(codec, topk_density)
@@ -202,7 +203,7 @@ class DiLoCo(OuterState):
                 f.zero_residual(self._exchange.share_numel(f.numel))
             if outer_delay:
                 f.start_eagerly()
-        self._in_flight: Optional[_InFlight] = None
+        self._in_flight: Optional[InFlight] = None
         self._sent: Optional[Round] = None  # eager outer steps: this rank's part of the round in flight
         self._resend: Optional[Round] = None  # ... and of the one a checkpoint held, sent again at the next sync
         self._healed = False
@@ -221,13 +222,10 @@ class DiLoCo(OuterState):
 
     def step(self) -> bool:
         """Call after each inner optimizer step. Returns True when this call committed an outer step."""
-        if self._timer is None:
+        if self._pacer is None:
             return self._step()
-        self._timer.step_started()
-        try:
+        with self._pacer.timer.outside_inner_step():
             return self._step()
-        finally:
-            self._timer.step_ended()
 
     def _step(self) -> bool:
         started = time.perf_counter()
@@ -253,34 +251,6 @@ class DiLoCo(OuterState):
             self._send(quorum=not healed)
         return self._apply_timed(started)
 
-    def _eager_step(self, started: float) -> bool:
-        """The end of a window with eager outer steps: the round sent at the last one is applied (a resumed run's
-        saved round is sent again first, blocking), then this window's round is sent and the next window starts
-        where its outer step will about land (:meth:`Fragment.eager_restart`)."""
-        committed, healed = False, False
-        if self._resend is not None:
-            healed = self._send_again()
-        if self._in_flight is not None:
-            committed = self._apply()
-        else:
-            self.last_sync = {}  # nothing was in flight: the run's first window, or right after a heal
-        self._send(quorum=not healed)
-        self.local_step = 0
-        self.last_sync["sync_s"] = self._window_sync_s + time.perf_counter() - started
-        return committed
-
-    def _send_again(self) -> bool:
-        """Take the quorum and send the round a checkpoint held; True when the quorum healed this group instead
-        (the round belongs to a step the others have moved past: it is dropped, the quorum serves the next)."""
-        saved, self._resend = self._resend, None
-        assert saved is not None
-        self._step_at_sync = self.manager.current_step()
-        start_quorum(self.manager, self.quorum_retry_s)
-        if self._healed:
-            return True
-        self._start_round(self._fragments[self.schedule.fragment_at(self._step_at_sync)], saved)
-        return False
-
     def close(self) -> None:
         """Wait for a sync in flight and stop the thread that sends them."""
         self._drop_in_flight()
@@ -296,8 +266,7 @@ class DiLoCo(OuterState):
     def _send(self, quorum: bool = True) -> None:
         """The quorum (a group behind heals here), the fragment's pseudo-gradient, and its exchange started."""
         if quorum:
-            self._step_at_sync = self.manager.current_step()
-            start_quorum(self.manager, self.quorum_retry_s)
+            self._quorum()
         fragment = self._fragments[self.schedule.fragment_at(self.manager.current_step())]
         if self._healed:  # our local weights predate the global ones we just received (and our residuals are zeros)
             sending = Round(torch.zeros(fragment.numel, dtype=torch.float32, device=self._params[0].device), 0.0)
@@ -311,15 +280,20 @@ class DiLoCo(OuterState):
         if self._sent is not None:
             fragment.eager_restart(self._sent.payload if sending.work > 0 else None)
 
+    def _quorum(self) -> None:
+        """Ask for the quorum of this sync (a group behind heals in it: :meth:`_load_healed_state`)."""
+        self._step_at_sync = self.manager.current_step()
+        start_quorum(self.manager, self.quorum_retry_s)
+
     def _start_round(self, fragment: Fragment, sending: Round) -> None:
         header = new_header(Slot.SYNCING, self._signature, self._params[0].device, self._exchange.pace_slots)
         header[Slot.CONTRIBUTORS], header[Slot.WORK] = float(sending.work > 0), sending.work
-        if self._timer is not None:
-            header[len(Slot) + self._group] = self._timer.take()
+        if self._pacer is not None:
+            self._pacer.stamp(header)
         residual = fragment.residual
         feedback = None if residual is None else Feedback(residual, torch.zeros_like(residual))
         sent = self._exchange.start(sending.payload, header, feedback)
-        self._in_flight = _InFlight(fragment, sending.payload, header, sent, feedback)
+        self._in_flight = InFlight(fragment, sending.payload, header, sent, feedback)
 
     def _drop_in_flight(self) -> None:
         if self._in_flight is not None:
@@ -333,8 +307,9 @@ class DiLoCo(OuterState):
         flight, self._in_flight = self._in_flight, None
         sent_bytes = flight.sent_bytes.result()
         check_layout(flight.header)
-        if self._timer is not None and self.manager.errored() is None:  # (a failed round's header says nothing)
-            self._pace(flight.header)
+        if self._pacer is not None and self.manager.errored() is None:  # (a failed round's header says nothing)
+            h = rank0_decides(self._pacer.next_sync_every(flight.header), flight.header.device)
+            self.schedule = replace(self.schedule, sync_every=h)
         fragment = flight.fragment
         self.last_sync = {"fragment": fragment.index, "sent_bytes": sent_bytes}
         self._sent = None
@@ -361,40 +336,23 @@ class DiLoCo(OuterState):
                     t.lerp_(mine, self.mix_alpha)
         return True
 
-    def _pace(self, header: torch.Tensor) -> None:
-        """auto:H: this group's H for the next window, from every group's step time in the summed header."""
-        times = header[len(Slot) :].tolist()
-        h = next_sync_every(self.schedule.clock_every, times, times[self._group])
-        self.schedule = replace(self.schedule, sync_every=rank0_decides(h, header.device))
-
     def agree_initial_weights(self, attempts: int = 3) -> None:
-        """Before the first inner step of a fresh run: every group takes the initial weights of the quorum's
-        first group (participating rank 0), whatever the model's factory did (unseeded, seeded per group).
-
-        One quorum and one exchange in which rank 0 sends its weights and the others zeros. Its header says
-        it is an agreement, so a group that meets others in the middle of a sync joins that sync instead: it
-        heals to their step (at a later step) and contributes nothing; at step 0, the round is dropped for
-        all (its header has both kinds), and everyone restores its global weights, which the step-0 heal just
-        made the quorum's primary's.
-        """
+        """Before the first inner step of a fresh run: every group takes the quorum's first group's initial weights
+        (participating rank 0), whatever the model's factory did. One quorum and one exchange (rank 0 sends its
+        weights, the others zeros) whose header says it is an agreement: a group meeting others mid-sync heals to
+        their step and contributes nothing; at step 0 that round is dropped for all (its header has both kinds)
+        and everyone restores its global weights, which the step-0 heal made the quorum primary's."""
         for attempt in range(1, attempts + 1):
-            self._step_at_sync = self.manager.current_step()
-            start_quorum(self.manager, self.quorum_retry_s)
+            self._quorum()
             if self.manager.current_step() > self._step_at_sync:  # healed: the others are syncing a later step
                 self._send(quorum=False)
                 if not self.schedule.outer_delay:  # (eagerly, the next window's end applies it, as theirs)
                     self._apply()
                 return
-            locals_ = self._locals()
             sender = self.manager.participating_rank() == 0
-            flat, header = exchange_initial_weights(self._exchange, locals_, self._signature, sender)
+            flat, header = exchange_initial_weights(self._exchange, self._locals(), self._signature, sender)
             if self.manager.errored() is None and float(header[Slot.SYNCING]) == 0:
-                with torch.no_grad():  # everyone in the quorum is starting: take rank 0's weights
-                    for t, part in zip(locals_, flat.split([t.numel() for t in locals_]), strict=True):
-                        t.copy_(part.view_as(t))
-                for f in self._fragments:
-                    f.save_backup()
-                    f.restore_backup()  # (and an eager start at them)
+                self._start_from(flat)  # everyone in the quorum is starting: take rank 0's weights
                 return
             if float(header[Slot.SYNCING]) > 0:  # met a sync at step 0: everyone drops it (see above)
                 self.manager.should_commit()

@@ -9,12 +9,14 @@ never sent to a peer. :class:`OuterState` holds both for :class:`~torchx_diloco.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from torchx_diloco.codecs import Feedback
 from torchx_diloco.fragment import Fragment, load_residuals, residuals_of
 from torchx_diloco.outer_loop import Schedule
 
@@ -46,6 +48,17 @@ class Round:
     work: float  # the tokens it trained on for it (its weight in the average); 0 when it had just healed: zeros
 
 
+@dataclass
+class InFlight:
+    """A fragment's sync between the moment it was sent and the moment it is applied."""
+
+    fragment: Fragment
+    payload: torch.Tensor
+    header: torch.Tensor
+    sent_bytes: "Future[int]"
+    feedback: Optional[Feedback]  # the fragment's residual, and the one it leaves if the round commits
+
+
 class OuterState:
     """The global state and each rank's own, over the fragments; the loop (a subclass) sets the attributes."""
 
@@ -67,6 +80,16 @@ class OuterState:
 
     def _locals(self) -> List[torch.Tensor]:
         return [t for f in self._fragments for t in f.locals()]
+
+    def _start_from(self, flat: torch.Tensor) -> None:
+        """A fresh run starts from these weights (every local tensor's, flat in module order): global and local."""
+        locals_ = self._locals()
+        with torch.no_grad():
+            for t, part in zip(locals_, flat.split([t.numel() for t in locals_]), strict=True):
+                t.copy_(part.view_as(t))
+        for f in self._fragments:
+            f.save_backup()
+            f.restore_backup()  # (and an eager start at them)
 
     @property
     def local_differs_from_global(self) -> bool:

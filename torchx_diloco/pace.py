@@ -11,7 +11,8 @@ group trained on (:mod:`torchx_diloco.exchange`), so the slower group's fewer st
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 
 class AutoH(int):
@@ -42,16 +43,39 @@ class StepTimer:
         self._last_end: float | None = None
         self._seconds, self._steps = 0.0, 0
 
-    def step_started(self) -> None:
+    @contextmanager
+    def outside_inner_step(self) -> Iterator[None]:
+        """Around a ``DiLoCo.step()`` call: the time since the last one ended was an inner step."""
         if self._last_end is not None:
             self._seconds += self.clock() - self._last_end
             self._steps += 1
-
-    def step_ended(self) -> None:
-        self._last_end = self.clock()
+        try:
+            yield
+        finally:
+            self._last_end = self.clock()
 
     def take(self) -> float:
         """The mean step time since the last ``take`` (0.0: nothing measured), and start over."""
         mean = self._seconds / self._steps if self._steps else 0.0
         self._seconds, self._steps = 0.0, 0
         return mean
+
+
+class Pacer:
+    """auto:H for one group of ``groups``: times its inner steps, writes their mean into its own slot of a sync's
+    header (slots from ``first_slot`` on, one per group) and reads every group's back for its next H."""
+
+    def __init__(self, top: int, group: int, groups: int, first_slot: int, clock: Callable[[], float]) -> None:
+        if not 0 <= group < groups:
+            raise ValueError(f"group {group} must be within 0..groups-1 = {groups - 1} (each group has a slot)")
+        self.top, self.group, self.groups, self.first_slot = top, group, groups, first_slot
+        self.timer = StepTimer(clock)
+
+    def stamp(self, header: Any) -> None:
+        """This group's mean step time since the last sync, into its slot of the header it sends."""
+        header[self.first_slot + self.group] = self.timer.take()
+
+    def next_sync_every(self, summed_header: Any) -> int:
+        """This group's H for the next window, from every group's time in the quorum's summed header."""
+        times = [float(t) for t in summed_header[self.first_slot :]]
+        return next_sync_every(self.top, times, times[self.group])
