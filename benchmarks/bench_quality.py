@@ -261,8 +261,14 @@ def main() -> int:
                 curve = curve_diloco(records, H // fragments * step_tokens)
                 # what group 0 says it sent (the codec's count; a ring all-reduce's for fp32)
                 sent = sum(r.get("sent_bytes", 0) for r in bl.committed(records))
+                # a dropped round (a group that timed out on a loaded machine) changes the result: say so
+                planned, made = cfg["steps"] // H * fragments, len(bl.committed(records))
+                if made < planned:
+                    print(f"  {name}: only {made} of {planned} outer steps committed (rounds were dropped)")
             curves[name] = curve
             runs[name] = {"wall_s": round(time.time() - t, 1), "curve": curve, "bytes_sent_per_group": sent}
+            if H is not None:
+                runs[name]["committed_outer_steps"] = made
             if a.full:
                 bl.RESULTS.mkdir(parents=True, exist_ok=True)
                 done[name] = runs[name]
