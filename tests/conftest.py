@@ -20,11 +20,16 @@ import pytest
 # resource run one after another on one worker: the Slurm cluster's fake nodes (the 2x2 test takes all five), and
 # the network namespaces of netlab.
 SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_network_fault.py": "netns"}
+# Module fixtures that train or launch (tens of seconds): the tests using one stay on one worker, so it is built
+# once, not once per worker (the documented commands' dry runs were built twice).
+SHARED_FIXTURES = {"dry_runs", "hf_run", "nano_run", "bf16_run", "accum_run"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     for item in items:
         group = SERIAL_GROUPS.get(item.path.name)
+        if group is None and SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            group = f"{item.path.name}-fixtures"
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
