@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 
 from torchx_diloco._fleet.testing import PYTHON, REPO, Group, Lighthouse, clean_env, free_port, train_workers
+from torchx_diloco.cluster import lighthouse_status, live_replicas
 from torchx_diloco.errors import ERROR_FILE_ENV, read_error_file
 from torchx_diloco.lighthouse import default_bind_host
 
@@ -195,6 +196,11 @@ def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(
     # its run mark, a heartbeat, holds the run's first quorum until it expires: 1 s here, not the default 5 s
     lighthouse = Lighthouse(tmp_path, extra=["--run-id", "run-a", "--heartbeat-timeout-ms", "1000"])
     try:
+        # the lighthouse shows its mark as it starts (lighthouse.py): the intruder comes once it is up
+        deadline = time.monotonic() + 30
+        while not any(".lighthouse_" in r for r in live_replicas(lighthouse_status(lighthouse.url))):
+            assert time.monotonic() < deadline, lighthouse_status(lighthouse.url)[-2000:]
+            time.sleep(0.02)
         intruder = Group(
             0,
             1,
@@ -208,6 +214,11 @@ def test_a_group_refuses_the_lighthouse_of_another_run_even_when_it_comes_first(
         lines = [ln for ln in intruder.output().splitlines() if "torchx_diloco.train: error:" in ln]
         assert len(lines) == 1 and f"the lighthouse at {lighthouse.url} serves another run" in lines[0], lines
         assert "not run run-b" in lines[0]
+        # the intruder's marks (its heartbeats) expire at the lighthouse before the run's own group looks
+        deadline = time.monotonic() + 60
+        while any(r.startswith("run-b") for r in live_replicas(lighthouse_status(lighthouse.url))):
+            assert time.monotonic() < deadline, lighthouse_status(lighthouse.url)[-2000:]
+            time.sleep(0.1)
         own = Group(
             0,
             1,

@@ -185,6 +185,8 @@ def serve(args: argparse.Namespace) -> int:
         return report_error(PROG, f"cannot listen on {bind} ({e}): pick a free --port", 1)
     local = host in ("127.0.0.1", "::1", "0.0.0.0", "::")
     url = f"http://{'localhost' if local else host}:{args.port}"
+    mark = RunMark(url, args.run_id)
+    mark.show(True)  # at once: a group of another run that comes in the first half second is refused too
     run = f", run {args.run_id}" if args.run_id else ""
     print(f"lighthouse: serving on {bind} ({why}), min_replicas={args.min_replicas}{run}", flush=True)
 
@@ -193,7 +195,6 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda s, _f: stop.update(signal=s))
 
     watch = RunWatch(args.run_id)
-    mark = RunMark(url, args.run_id)
     started, last_live = time.monotonic(), time.monotonic()
     try:
         while stop["signal"] is None:
