@@ -25,6 +25,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import fsspec
 
+from torchx_diloco._fleet.zygote import maybe_fork
+
 REPO = Path(__file__).resolve().parents[2]  # the checkout: torchx_diloco/_fleet/testing.py
 PYTHON = sys.executable
 BIN = Path(PYTHON).parent  # this environment's scripts: torchrun, torchx
@@ -106,6 +108,9 @@ class Proc:
         self.proc: subprocess.Popen = self._spawn()
 
     def _spawn(self) -> subprocess.Popen:
+        forked = maybe_fork(self.argv, self.env, self.cwd, self.log, PYTHON)  # (tests only: _fleet/zygote.py)
+        if forked is not None:
+            return forked  # type: ignore[return-value]
         with open(self.log, "ab") as out:
             return subprocess.Popen(
                 self.argv, env=self.env, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
