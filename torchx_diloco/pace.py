@@ -68,7 +68,7 @@ class Pacer:
     def __init__(self, top: int, group: int, groups: int, first_slot: int, clock: Callable[[], float]) -> None:
         if not 0 <= group < groups:
             raise ValueError(f"group {group} must be within 0..groups-1 = {groups - 1} (each group has a slot)")
-        self.top, self.group, self.groups, self.first_slot = top, group, groups, first_slot
+        self.top, self.group, self.first_slot = top, group, first_slot
         self.timer = StepTimer(clock)
 
     def stamp(self, header: Any) -> None:
