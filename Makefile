@@ -27,8 +27,8 @@ RUN_ARGS ?= --outer_steps 6 --sync_every 50 --model tiny --lighthouse_idle_exit 
 run: install
 	$(BIN)/torchx run diloco.diloco $(RUN_ARGS)
 
-# Two tests at a time (pytest-xdist). tests/conftest.py asks to keep the Slurm and network namespace tests on one
-# worker, which pytest 9 with xdist 3.8 does not honour (see there). `make test XDIST=` runs them one by one.
+# Two tests at a time (pytest-xdist). tests/conftest.py keeps the Slurm and network namespace tests, and those sharing
+# a module fixture that trains, on one worker. `make test XDIST=` runs them one by one.
 XDIST       ?= -n 2 --dist loadgroup
 
 ## The whole test suite, the end-to-end tests included (what CI runs).

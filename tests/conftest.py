@@ -27,10 +27,8 @@ os.environ.setdefault(ZYGOTE_ENV, "1")
 # the network namespaces of netlab.
 SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_network_fault.py": "netns"}
 # Module fixtures that train or launch (tens of seconds): the tests using one are meant to stay on one worker, so
-# it is built once (the documented commands' dry runs are built by both).
-# NOT IN EFFECT with pytest 9 and pytest-xdist 3.8: xdist marks a group by setting item._nodeid, which pytest 9 no
-# longer reads (Node.nodeid is str(item._id)), so --dist loadgroup schedules as --dist load and these groups, and
-# SERIAL_GROUPS, are not honoured (found 2026-12-03; the Slurm tests have been passing side by side).
+# it is built once. pytest 9.2 ignores the groups (pytest-dev/pytest-xdist#1386): pyproject.toml pins pytest below
+# it, and tests/test_xdist_groups.py fails if a group is split again.
 SHARED_FIXTURES = {"dry_runs", "hf_run", "nano_run", "bf16_run", "accum_run"}
 
 
