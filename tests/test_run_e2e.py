@@ -6,6 +6,7 @@ Logs are read where TorchX's local scheduler writes them: <log_dir>/torchx/<app_
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import shlex
@@ -295,7 +296,8 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_how_to_resume_and_the_group_log
     """Ctrl-C (SIGINT to the terminal's process group) mid-run: `torchx run` stops the app and ends with one line
     saying how to resume, no traceback and no group's last words; nothing of the run is left running. The
     groups' logs (kept, no log_dir given) hold no torchft INFO line and no HTTP access line of the heal at the
-    first sync (torchft re-syncs every group from one at step 0)."""
+    first sync (torchft re-syncs every group from one at step 0). Before that, while the run trains, a second
+    `torchx run` pointed at its --checkpoint_dir is refused before launch in one line and writes nothing there."""
     proc = start_nano_run(tmp_path, None, outer=200, max_restarts=0, idle_exit=3, train_flags=[], log_dir_cfg=False)
     log_dir = tmp_path / "torchx_logs"
     port = 0
@@ -308,6 +310,17 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_how_to_resume_and_the_group_log
             assert time.monotonic() < deadline, "the groups never committed 2 outer steps"
             time.sleep(0.5)
         port = lighthouse_port(log_dir)
+        holder = json.loads(read(tmp_path / "ckpt" / "LEASE.json"))["run"]  # the run's groups hold their folder
+        intruder = tmp_path / "intruder"
+        intruder.mkdir()
+        ckpt = tmp_path / "ckpt"
+        third = start_nano_run(intruder, None, outer=3, max_restarts=0, idle_exit=3, train_flags=[], ckpt=ckpt)
+        assert third.wait(timeout=120) != 0
+        refusal = read(intruder / "torchx.log").strip().splitlines()[-1]
+        assert f"{ckpt} is held by run 'diloco-" in refusal and "another --checkpoint-dir" in refusal, refusal
+        assert not (intruder / "logs").exists()  # nothing was launched
+        assert proc.poll() is None, "the run ended before the test stopped it: the refusal was not tested against it"
+        assert json.loads(read(tmp_path / "ckpt" / "LEASE.json"))["run"] == holder
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=60)
         deadline = time.monotonic() + 60
@@ -333,9 +346,8 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_how_to_resume_and_the_group_log
 @pytest.mark.timeout(300)
 def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alone(tmp_path):
     """Each run gets its own lighthouse port and run id: no group trains in the other run's quorum (which would
-    average the two runs' pseudo-gradients), and a run's weights are those it has when it runs alone. A third
-    run pointed at the second's --checkpoint_dir while it trains is refused in about a second, in one line, and
-    the second run's weights are still those it has alone."""
+    average the two runs' pseudo-gradients), and a run's weights are those it has when it runs alone. (A run
+    pointed at a folder another run holds: the Ctrl-C test, whose run is held open until the test stops it.)"""
     runs = {seed: tmp_path / f"seed{seed}" for seed in (0, 1)}
     flags = ["--min-replicas", "2", "--group-wait", "60"]  # both groups in every quorum: deterministic weights
     procs = {}
@@ -344,18 +356,6 @@ def test_two_default_runs_at_once_both_succeed_each_with_the_weights_it_has_alon
         procs[seed] = start_nano_run(
             folder, None, outer=3, max_restarts=0, idle_exit=3, sync_every=10, train_flags=[*flags, "--seed", str(seed)]
         )
-    lease, deadline = runs[1] / "ckpt" / "LEASE.json", time.monotonic() + 120
-    while not lease.exists():  # the second run's groups hold their folder
-        assert time.monotonic() < deadline and procs[1].poll() is None, read(runs[1] / "torchx.log")[-3000:]
-        time.sleep(0.1)
-    intruder = tmp_path / "intruder"
-    intruder.mkdir()
-    started = time.monotonic()
-    third = start_nano_run(intruder, None, outer=3, max_restarts=0, idle_exit=3, train_flags=[], ckpt=runs[1] / "ckpt")
-    assert third.wait(timeout=60) != 0
-    refusal = read(intruder / "torchx.log").strip().splitlines()[-1]
-    assert f"{runs[1] / 'ckpt'} is held by run 'diloco-" in refusal and "another --checkpoint-dir" in refusal, refusal
-    assert time.monotonic() - started < 30 and not (intruder / "logs").exists()  # about a second; nothing started
     try:
         for seed, proc in procs.items():
             assert proc.wait(timeout=240) == 0, read(runs[seed] / "torchx.log")[-4000:]
