@@ -28,10 +28,11 @@ os.environ.setdefault(ZYGOTE_ENV, "1")
 SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_network_fault.py": "netns"}
 # Module fixtures that train or launch (tens of seconds): the tests using one are meant to stay on one worker, so
 # it is built once. pytest 9.2 ignores the groups (pytest-dev/pytest-xdist#1386): pyproject.toml pins pytest below
-# it, and tests/test_xdist_groups.py fails if a group is split again.
+# it. tests/test_xdist_groups.py fails if a group is split again.
 SHARED_FIXTURES = {"dry_runs", "hf_run", "nano_run", "bf16_run", "accum_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks (after it, they group nothing)
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     for item in items:
         group = SERIAL_GROUPS.get(item.path.name)
