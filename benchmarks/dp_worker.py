@@ -42,6 +42,7 @@ def main() -> int:
     from torchft import Manager
     from torchft.process_group import ProcessGroupGloo
 
+    from torchx_diloco.cluster import replica_id
     from torchx_diloco.data import Corpus, eval_batches, read_corpus
     from torchx_diloco.model import build_model
     from torchx_diloco.train import build_optimizers, inner_lr
@@ -69,7 +70,9 @@ def main() -> int:
         state_dict=None,
         min_replica_size=groups,
         use_async_quorum=True,
-        replica_id=f"dp_group_{group}",
+        # the trainer's name for group g: the lighthouse launcher counts only groups so named as having joined
+        # (a run of other names was ended after its --first-join-timeout, 600 s, mid-training)
+        replica_id=replica_id(group),
         timeout=timeout,
         quorum_timeout=timeout,
         connect_timeout=timeout,
