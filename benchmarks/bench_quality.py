@@ -47,6 +47,9 @@ FULL_PLAN: List[tuple] = [  # (the rows nearest the goal first: a run cut short 
 ]
 
 
+PALETTE = ("orange", "green", "purple", "brown", "pink", "gray", "olive", "cyan", "red", "blue")
+
+
 def curve_dp(records: List[Dict[str, Any]], tokens_per_step: int) -> List[tuple]:
     return [(r["step"] * tokens_per_step, r["eval_loss"]) for r in records if "eval_loss" in r]
 
@@ -77,10 +80,13 @@ def plot(curves: Dict[str, List[tuple]], title: str, path: Path) -> None:
         "Streaming P=4 tau=1 H=40 int4": ("tab:olive", ":"),
         "DiLoCo H=100 int4": ("tab:gray", ":"),
     }
+    # rows without a style of their own take colours no styled row of this plot has (matplotlib's cycle repeats them)
+    taken = {styles[name][0] for name in curves if name in styles}
+    spare = iter([c for c in (f"tab:{c}" for c in PALETTE) if c not in taken] * 2)
     for name, pts in curves.items():
         if not pts:
             continue
-        color, ls = styles.get(name, (None, "-"))
+        color, ls = styles[name] if name in styles else (next(spare), "-")
         xs, ys = zip(*pts, strict=True)
         ax.plot(
             [x / 1e6 for x in xs],
