@@ -26,7 +26,7 @@ os.environ.setdefault(ZYGOTE_ENV, "1")
 # resource run one after another on one worker: the Slurm cluster's fake nodes (the 2x2 test takes all five), and
 # the network namespaces of netlab.
 SERIAL_GROUPS = {"test_slurm.py": "slurm", "test_network_fault.py": "netns"}
-# Module fixtures that train or launch (tens of seconds): the tests using one are meant to stay on one worker, so
+# Module fixtures that train or launch (tens of seconds): the tests using one stay on one worker, so
 # it is built once. pytest 9.2 ignores the groups (pytest-dev/pytest-xdist#1386): pyproject.toml pins pytest below
 # it. tests/test_xdist_groups.py fails if a group is split again.
 SHARED_FIXTURES = {"dry_runs", "hf_run", "nano_run", "bf16_run", "accum_run"}
