@@ -310,17 +310,17 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_how_to_resume_and_the_group_log
             assert time.monotonic() < deadline, "the groups never committed 2 outer steps"
             time.sleep(0.5)
         port = lighthouse_port(log_dir)
-        holder = json.loads(read(tmp_path / "ckpt" / "LEASE.json"))["run"]  # the run's groups hold their folder
+        ckpt = tmp_path / "ckpt"
+        holder = json.loads(read(ckpt / "LEASE.json"))["run"]  # the run's groups hold their folder
         intruder = tmp_path / "intruder"
         intruder.mkdir()
-        ckpt = tmp_path / "ckpt"
         third = start_nano_run(intruder, None, outer=3, max_restarts=0, idle_exit=3, train_flags=[], ckpt=ckpt)
         assert third.wait(timeout=120) != 0
         refusal = read(intruder / "torchx.log").strip().splitlines()[-1]
         assert f"{ckpt} is held by run 'diloco-" in refusal and "another --checkpoint-dir" in refusal, refusal
         assert not (intruder / "logs").exists()  # nothing was launched
         assert proc.poll() is None, "the run ended before the test stopped it: the refusal was not tested against it"
-        assert json.loads(read(tmp_path / "ckpt" / "LEASE.json"))["run"] == holder
+        assert json.loads(read(ckpt / "LEASE.json"))["run"] == holder
         os.killpg(proc.pid, signal.SIGINT)
         rc = proc.wait(timeout=60)
         deadline = time.monotonic() + 60

@@ -22,8 +22,7 @@ def test_the_conftest_groups_run_on_one_worker(tmp_path: Path) -> None:
     record.mkdir()
     assert f'"{GROUPED_FILE}": ' in CONFTEST.read_text()
     shutil.copy(CONFTEST, tmp_path / "conftest.py")
-    grouped_file = GROUPED_FILE
-    for name in (grouped_file, "test_free.py"):
+    for name in (GROUPED_FILE, "test_free.py"):
         (tmp_path / name).write_text(
             textwrap.dedent(
                 f"""
@@ -47,10 +46,10 @@ def test_the_conftest_groups_run_on_one_worker(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    grouped = {(record / f"{grouped_file}-{i}").read_text() for i in range(TESTS)}
+    grouped = {(record / f"{GROUPED_FILE}-{i}").read_text() for i in range(TESTS)}
     workers = {p.read_text() for p in record.iterdir()}
     assert len(workers) == 2, f"the scratch suite ran on {workers}: it cannot show a group kept together"
     assert len(grouped) == 1, (
-        f"{grouped_file}'s tests ran on workers {sorted(grouped)}: --dist loadgroup did not keep tests/conftest.py's "
+        f"{GROUPED_FILE}'s tests ran on workers {sorted(grouped)}: --dist loadgroup did not keep tests/conftest.py's "
         "group together (the conftest hook must run before xdist's; pytest must be below 9.2 with xdist 3.8)"
     )
