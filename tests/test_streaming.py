@@ -232,11 +232,16 @@ def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(cod
     collective, or the header's sum (aborted, as a broken link, leaving what a half-done sum may leave: no sum):
     no group commits the next round, every group keeps its global weights and its residuals, and says it sent
     nothing; the groups' global weights stay identical. A failed header is never read as groups of other layouts
-    (chaos: a peer killed mid-sum ended the run with that error)."""
+    (chaos: a peer killed mid-sum ended the run with that error). A member whose collective failed closes its
+    process group: the peers waiting on it fail at once, none waits out its collective timeout (in a ring
+    all-gather, the member after the failed one waited for a live peer that had stopped sending)."""
     models = [make_model() for _ in range(3)]
 
     def work(g: int, manager: Any) -> Dict[str, Any]:
         model = models[g]
+        errors: List[str] = []
+        report = manager.report_error
+        manager.report_error = lambda e: (errors.append(str(e)), report(e))  # type: ignore[method-assign]
         x, y = data_of(g)
         inner, outer = torch.optim.AdamW(model.parameters(), lr=0.01), torch.optim.SGD(model.parameters(), lr=0.7)
         diloco = DiLoCo(manager, model, inner, outer, sync_every=3, codec=codec, error_feedback=True)
@@ -263,18 +268,28 @@ def test_a_failed_collective_drops_the_round_and_keeps_weights_and_residuals(cod
 
             setattr(pg, collective, broken)
         committed = train(3)
+        sent = diloco.last_sync["sent_bytes"]
+        after = {"global": [t.clone() for t in diloco.global_weights()], "residuals": dict(diloco.rank_state())}
+        if g == 2:
+            delattr(pg, collective)  # the link is back
+        recovered = train(3)  # the next quorum reconfigures the closed process groups
         diloco.close()
-        return {"committed": committed, "before": before, "diloco": diloco, "sent": diloco.last_sync["sent_bytes"]}
+        final = {"global": [t.clone() for t in diloco.global_weights()]}
+        return dict(committed=committed, sent=sent, errors=errors, recovered=recovered, before=before, after=after,
+                    final=final)  # fmt: skip
 
     results = run_in_groups(3, work)
     for r in results:
         assert not r["committed"] and r["sent"] == 0
-        assert all(torch.equal(a, b) for a, b in zip(r["diloco"].global_weights(), r["before"]["global"], strict=True))
-        assert r["diloco"].rank_state() == r["before"]["residuals"]  # the very tensors: not replaced
+        assert not any("timed out" in e.lower() or "timeout" in e.lower() for e in r["errors"]), r["errors"]
+        assert all(torch.equal(a, b) for a, b in zip(r["after"]["global"], r["before"]["global"], strict=True))
+        assert r["after"]["residuals"] == r["before"]["residuals"]  # the very tensors: not replaced
         assert all(float(t.abs().max()) > 0 for t in r["before"]["residuals"].values())
-    assert all(
-        torch.equal(a, b) for a, b in zip(results[0]["before"]["global"], results[1]["before"]["global"], strict=True)
-    )
+        assert r["recovered"], "the round after the failed one commits"
+    for when in ("before", "final"):  # the groups' global weights are identical before the failure and after it
+        for r in results[1:]:
+            pairs = zip(results[0][when]["global"], r[when]["global"], strict=True)
+            assert all(torch.equal(a, b) for a, b in pairs), when
 
 
 @pytest.mark.parametrize("codec", ["int8", "int4", "int2", "fp32"])

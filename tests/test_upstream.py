@@ -10,7 +10,7 @@ import inspect
 import time
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Callable, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator
 
 import pytest
 import torch
@@ -113,20 +113,30 @@ def _quorum_future(request: pytest.FixtureRequest) -> None:
         assert _failed_quorum(m) is not first, "resetting _quorum_future no longer makes start_quorum ask again"
 
 
-@checks("torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced)")
+@checks("torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced, .abort())")
 def _manager_pg(request: pytest.FixtureRequest) -> None:
-    """The collectives codecs.py calls, on a real Manager's configured process group (a world of one)."""
+    """The collectives codecs.py calls, on a real Manager's configured process group (a world of one); after
+    ``abort()`` and a failed commit, the next quorum gives the group a working process group again."""
     from torch.distributed.distributed_c10d import AllgatherOptions, AllToAllOptions
+
+    def collectives_work(pg: Any) -> bool:
+        sent, received = torch.arange(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
+        pg.alltoall_base(received, sent, [4], [4], AllToAllOptions()).wait()
+        gathered = torch.zeros(4, dtype=torch.uint8)
+        pg.allgather_into_tensor_coalesced([gathered], [sent], AllgatherOptions()).wait()
+        return torch.equal(received, sent) and torch.equal(gathered, sent)
 
     with lighthouse() as url, manager(url) as m:
         m.start_quorum()
         pg = m._pg
         assert pg.size() == 1, f"a one-group quorum's process group has size {pg.size()}"
-        sent, received = torch.arange(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
-        pg.alltoall_base(received, sent, [4], [4], AllToAllOptions()).wait()
-        gathered = torch.zeros(4, dtype=torch.uint8)
-        pg.allgather_into_tensor_coalesced([gathered], [sent], AllgatherOptions()).wait()
-        assert torch.equal(received, sent) and torch.equal(gathered, sent)
+        assert collectives_work(pg)
+        m.report_error(RuntimeError("a collective failed"))
+        pg.abort()
+        assert not m.should_commit()
+        m.start_quorum()
+        m.wait_quorum()
+        assert collectives_work(m._pg), "the quorum after a failed commit no longer reconfigures an aborted group"
 
 
 @checks("torchft.local_sgd.DiLoCo._fragments[i].original_parameters / .restore_parameters()")

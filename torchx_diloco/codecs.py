@@ -263,6 +263,9 @@ def allreduce_sum(manager: Any, payload: torch.Tensor, codec: Codec, feedback: O
     if codec.name == "fp32":
         assert feedback is None, "fp32 is lossless: nothing to feed back"
         manager.allreduce(payload, reduce_op=ReduceOp.SUM).wait()
+        if manager.errored() is not None:  # (torchft's all-reduce reports its failure instead of raising it)
+            abort_for_peers(manager)
+            return 0
         return ring_allreduce_bytes(payload.numel() * 4, manager._pg.size())
     if not manager.is_participating():  # as torchft's all-reduce: a healing member adds nothing
         payload.zero_()
@@ -275,7 +278,16 @@ def allreduce_sum(manager: Any, payload: torch.Tensor, codec: Codec, feedback: O
         return _reduce_scatter_all_gather(manager._pg, payload, codec, left)
     except Exception as e:  # noqa: BLE001 - any failed collective drops the round, as torchft's own does
         manager.report_error(e)
+        abort_for_peers(manager)
         return 0
+
+
+def abort_for_peers(manager: Any) -> None:
+    """After a failed collective: close this member's process group, so that the peers still waiting on it (in a
+    ring, the next member) fail now instead of at their collective timeout, and close theirs in turn. The round is
+    dropped for all in any case; the next quorum reconfigures the process group (a failed commit changes the
+    quorum's id)."""
+    manager._pg.abort()
 
 
 def _leave(left: Optional[torch.Tensor], meant: torch.Tensor, sent: torch.Tensor) -> None:

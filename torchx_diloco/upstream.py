@@ -51,9 +51,10 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         ("torchx_diloco/cluster.py",),
     ),
     PrivateUse(
-        "torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced)",
+        "torchft.Manager._pg (.size(), .alltoall_base, .allgather_into_tensor_coalesced, .abort())",
         "send low-bit pseudo-gradients as a reduce-scatter (all-to-all) then an all-gather through the "
-        "manager's reconfigurable process group (torchft's own quantized path needs Triton and CUDA)",
+        "manager's reconfigurable process group (torchft's own quantized path needs Triton and CUDA); close it "
+        "after a failed collective so the peers waiting on this member fail at once (the next quorum reconfigures it)",
         ("torchx_diloco/codecs.py",),
     ),
     PrivateUse(
