@@ -125,13 +125,13 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
     PrivateUse(
         "torchx.specs.file_linter.TorchXArgumentHelpFormatter._get_help_string",
         'stop `torchx run diloco.diloco --help` from marking the optional *script_args "(required)"',
-        ("components/diloco.py",),
+        ("components/_roles.py",),
     ),
     PrivateUse(
         "torchx.specs.builders._create_args_parser",
         "parse our components' flags strictly: no abbreviations (`--outer_step 3` is refused, not taken for "
         "--outer_steps) and one-line errors; we wrap it, and torchx run reaches it through builders.parse_args",
-        ("components/diloco.py",),
+        ("components/_roles.py",),
     ),
     PrivateUse(
         "torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs",
