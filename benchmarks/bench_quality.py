@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -118,11 +119,16 @@ def plot_frontier(rows: List[list], dp_loss: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=130)
+    placed: List[tuple] = []
     for name, loss, mb in rows:
         if loss is None or not mb:
             continue
         ax.scatter([mb], [loss], s=18, color="tab:blue" if "data-parallel" in name else "tab:red")
-        ax.annotate(name.replace(", 4 groups", ""), (mb, loss), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        # a label near one already placed (rows of about the same bytes and loss) goes one line lower
+        near = sum(abs(math.log10(mb / m)) < 0.3 and abs(loss - lo) < 0.02 for lo, m in placed)
+        placed.append((loss, mb))
+        label = name.replace(", 4 groups", "")
+        ax.annotate(label, (mb, loss), fontsize=6, xytext=(3, 2 - 7 * near), textcoords="offset points")
     ax.axhline(1.02 * dp_loss, color="k", ls=":", lw=1, label="data-parallel + 2%")
     ax.set_xscale("log")
     ax.set_xlabel("MB sent per group (log)")
