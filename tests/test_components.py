@@ -25,7 +25,7 @@ from torchx.schedulers import get_scheduler_factories
 from torchx.specs import file_linter, finder
 from torchx.specs.api import InvalidRunConfigException
 
-from torchx_diloco._fleet.testing import REPO
+from torchx_diloco._fleet.testing import REPO, run_cli
 from torchx_diloco.config import FLAG_DEFAULTS
 from torchx_diloco.gpus import machine_gpus
 from torchx_diloco_components import diloco as comp
@@ -55,9 +55,7 @@ def eight_gpus(monkeypatch, tmp_path):
 def torchx_cli(*args: str, cwd: Path, env: Dict[str, str] = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}")
     full_env.update(env or {})
-    return subprocess.run(
-        [str(BIN / "torchx"), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=120
-    )
+    return run_cli([str(BIN / "torchx"), *args], cwd=cwd, env=full_env, timeout=120)
 
 
 def local_dryrun(app, tmp_path, **cfg) -> Dict[str, List[Dict[str, str]]]:

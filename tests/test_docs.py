@@ -247,16 +247,15 @@ def eight_gpu_machine(tmp_path_factory) -> Dict[str, str]:
 def dry_runs(eight_gpu_machine) -> Dict[str, Any]:
     """Every documented `torchx run` as a real dry run, four at a time: each is mostly a Python interpreter
     starting and importing TorchX, so one after the other they cost the suite minutes."""
-    import subprocess
     from concurrent.futures import ThreadPoolExecutor
+
+    from torchx_diloco._fleet.testing import run_cli
 
     def dry_run(command: str) -> Any:
         env, argv = split_command(command)
         if "--dryrun" not in argv and "--help" not in argv:
             argv.insert(2, "--dryrun")
-        return subprocess.run(
-            argv, cwd=REPO, env={**eight_gpu_machine, **env}, capture_output=True, text=True, timeout=300
-        )
+        return run_cli(argv, cwd=REPO, env={**eight_gpu_machine, **env}, timeout=300)
 
     commands = sorted({c for _, c in documented_commands() if split_command(c)[1][:2] == ["torchx", "run"]})
     with ThreadPoolExecutor(4) as pool:

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from torchx_diloco._fleet.testing import BIN, REPO, cli_env
+from torchx_diloco._fleet.testing import BIN, REPO, cli_env, run_cli
 from torchx_diloco_components import diloco as comp
 
 
@@ -80,7 +80,7 @@ def test_local_cwd_refuses_groups_of_several_nodes_at_submit_in_one_line(tmp_pat
         url = ["--lighthouse_url", "http://localhost:29510"] if component == "replica_group" else []
         argv = [str(BIN / "torchx"), "run", "-s", "local_cwd", "-cfg", f"log_dir={logs}"]
         argv += [f"{REPO}/components/diloco.py:{component}", *url, "--nodes_per_group", "2"]
-        p = subprocess.run(argv, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+        p = run_cli(argv, cwd=tmp_path, env=cli_env(), timeout=120)
         assert p.returncode == 1, p.stdout + p.stderr
         lines = [ln for ln in p.stderr.splitlines() if "--nodes_per_group 2 needs Slurm" in ln]
         assert len(lines) == 1 and lines[0].endswith("or submit with -s slurm"), p.stderr

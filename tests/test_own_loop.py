@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import wait_until
-from torchx_diloco._fleet.testing import BIN, PYTHON, REPO, Lighthouse, clean_env, cli_env, group_env
+from torchx_diloco._fleet.testing import BIN, PYTHON, REPO, Lighthouse, clean_env, cli_env, group_env, run_cli
 from torchx_diloco.cluster import lighthouse_status, live_replicas
 from torchx_diloco_components import diloco as component
 
@@ -164,14 +164,8 @@ def test_script_and_m_are_refused_with_one_line(kwargs, message, in_repo):
 
 
 def test_torchx_cli_refuses_a_missing_script_before_launch(tmp_path):
-    run = subprocess.run(
-        [str(BIN / "torchx"), "run", "-s", "local_cwd", "diloco.diloco", "--script", "train.py", "--", "--a", "1"],
-        cwd=tmp_path,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    argv = [str(BIN / "torchx"), "run", "-s", "local_cwd", "diloco.diloco", "--script", "train.py", "--", "--a", "1"]
+    run = run_cli(argv, cwd=tmp_path, env=cli_env(), timeout=120)
     assert run.returncode != 0 and "--script 'train.py' does not exist in" in run.stderr + run.stdout
 
 

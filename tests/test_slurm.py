@@ -29,6 +29,7 @@ from torchx_diloco._fleet.testing import (
     parent_pid,
     proc_state,
     read_metrics,
+    run_cli,
     train_workers,
 )
 
@@ -77,7 +78,7 @@ def env() -> Dict[str, str]:
 
 
 def torchx(args: List[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(["torchx", *args], cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    return run_cli(["torchx", *args], cwd=cwd, env=env(), timeout=timeout)
 
 
 def submit(args: List[str], cwd: Path, jobs: List[str], wait: bool = False, timeout: float = 120) -> str:

@@ -330,6 +330,24 @@ def _component_args_parser(request: pytest.FixtureRequest) -> None:
     assert builders._create_args_parser(echo).allow_abbrev, "a component of another package was changed"
 
 
+@checks("torchx.runner.config.DEFAULT_CONFIG_DIRS")
+def _config_dirs(request: pytest.FixtureRequest) -> None:
+    """Still the list find_configs searches when given no directories: [$HOME, the working directory at import]."""
+    import os
+    from pathlib import Path
+
+    from torchx.runner import config
+
+    assert config.DEFAULT_CONFIG_DIRS == [str(Path.home()), os.getcwd()], config.DEFAULT_CONFIG_DIRS
+    tmp = request.getfixturevalue("tmp_path")
+    (tmp / ".torchxconfig").write_text("[local_cwd]\n")
+    saved, config.DEFAULT_CONFIG_DIRS = config.DEFAULT_CONFIG_DIRS, [str(tmp)]
+    try:
+        assert config.find_configs() == [str(tmp / ".torchxconfig")], "find_configs no longer reads the list"
+    finally:
+        config.DEFAULT_CONFIG_DIRS = saved
+
+
 @checks("torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs")
 def _job_dirs(request: pytest.FixtureRequest) -> None:
     from torchx.schedulers import slurm_scheduler as upstream

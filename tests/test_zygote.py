@@ -4,12 +4,14 @@ would have started (its exit code, its log, its environment, its own session), a
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
 import pytest
 
-from torchx_diloco._fleet.testing import PYTHON, Lighthouse, Proc, clean_env, free_port
+from torchx_diloco._fleet import testing
+from torchx_diloco._fleet.testing import PYTHON, Lighthouse, Proc, clean_env, cli_env, free_port
 from torchx_diloco._fleet.zygote import ZYGOTE_ENV, ForkedProcess
 
 
@@ -53,3 +55,24 @@ def test_what_a_fork_cannot_be_starts_a_fresh_interpreter(tmp_path, monkeypatch)
         assert other_path.wait(60) == 0 and other_module.wait(60) == 0
     finally:
         switched_off.kill()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "diloco.diloco", "--outer_step", "3"]], ids=["help", "bad-flag"])
+def test_a_torchx_call_is_forked_and_prints_what_the_script_prints(tmp_path, monkeypatch, args):
+    """``run_cli`` of the ``torchx`` script forks TorchX's CLI from the zygote; its exit code, stdout and stderr
+    (usage lines name the program: ``torchx``) are the script's own, from a fresh interpreter."""
+    forks: list = []
+    fork = testing.maybe_fork
+    monkeypatch.setattr(testing, "maybe_fork", lambda *a, **kw: forks.append(fork(*a, **kw)) or forks[-1])
+    argv = ["torchx", *args]
+    forked = testing.run_cli(argv, cwd=tmp_path, env=cli_env(), timeout=120)
+    assert [type(f) for f in forks] == [ForkedProcess]
+    fresh = subprocess.run(argv, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+
+    def seen(out: subprocess.CompletedProcess) -> tuple:  # (its log lines' times aside)
+        return out.returncode, *(
+            re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", "<time>", t) for t in (out.stdout, out.stderr)
+        )
+
+    assert seen(forked) == seen(fresh)
+    assert "torchx" in (fresh.stdout + fresh.stderr).splitlines()[0]

@@ -134,6 +134,12 @@ PRIVATE_USES: Tuple[PrivateUse, ...] = (
         ("components/_roles.py",),
     ),
     PrivateUse(
+        "torchx.runner.config.DEFAULT_CONFIG_DIRS",
+        "the tests' torchx calls are forked from an interpreter that imported TorchX elsewhere: the child sets the "
+        "directories TorchX reads .torchxconfig from ([$HOME, cwd], computed at import) to its own",
+        ("torchx_diloco/_fleet/zygote.py",),
+    ),
+    PrivateUse(
         "torchx.schedulers.slurm_scheduler._save_job_dir / _get_job_dirs",
         "note a Slurm job's directory at submission where upstream's own log reader finds it (torchx log)",
         ("torchx_diloco/slurm.py",),

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -51,6 +53,31 @@ def clean_env(**overrides: str) -> Dict[str, str]:
 def cli_env(**overrides: str) -> Dict[str, str]:
     """For ``torchx`` CLI runs: :func:`clean_env` with this environment's scripts first on PATH (torchx, torchrun)."""
     return clean_env(PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **overrides)
+
+
+def run_cli(
+    argv: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float
+) -> "subprocess.CompletedProcess[str]":
+    """``subprocess.run(argv, capture_output=True, text=True)``; a call of this environment's ``torchx`` script is
+    forked from the tests' zygote when it can be (TorchX's CLI module as ``__main__``, as the script runs it)."""
+    script = shutil.which(argv[0], path=env.get("PATH")) if argv else None
+    if script is not None and Path(script) == BIN / "torchx":
+        with tempfile.TemporaryDirectory(prefix="torchx-cli-") as tmp:
+            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+            command = [PYTHON, "-m", "torchx.cli.main", *argv[1:]]
+            forked = maybe_fork(command, env, Path(cwd), out, PYTHON, err=err, argv0=script)
+            if forked is not None:
+                try:
+                    code = forked.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    forked.kill()
+                    raise
+                return subprocess.CompletedProcess(list(argv), code, _text_of(out), _text_of(err))
+    return subprocess.run(list(argv), cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout)
+
+
+def _text_of(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def group_env(group: int, groups: int, lighthouse: str, extra: Optional[Mapping[str, str]] = None) -> Dict[str, str]:

@@ -1,10 +1,13 @@
-"""The test fleet's trainer and lighthouse processes, forked from one interpreter that has imported them already.
+"""The test fleet's trainer and lighthouse processes and its ``torchx`` CLI calls, forked from one interpreter that
+has imported them already.
 
 A fresh ``python -m torchx_diloco.train`` spends about 4.5 s of CPU before its first line of training: 2.5 s
 importing torch and torchft, 2 s importing ``torch._dynamo``, which torch's optimizers import on their first call.
 The suite starts a few hundred of them on two cores. The zygote pays that once per test worker: it imports them,
 then forks one real process per request, which takes its own session, log, working directory, environment and
-thread count and runs the module as ``__main__`` (as ``python -m`` does), so tests see what they would see.
+thread count and runs the module as ``__main__`` (as ``python -m`` does), so tests see what they would see. A
+``torchx`` call (about 0.7 s of imports each; the suite makes about a hundred, most of them dry runs) is TorchX's
+CLI module run the same way (:func:`torchx_diloco._fleet.testing.run_cli`).
 
 Only for ``[python, -m, <one of MODULES>, ...]`` and an environment whose interpreter-start settings
 (``PYTHONPATH`` and the like) match the zygote's; anything else starts a fresh interpreter, as does everything when
@@ -26,8 +29,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 ZYGOTE_ENV = "TORCHX_DILOCO_ZYGOTE"
-MODULES = ("torchx_diloco.train", "torchx_diloco.lighthouse")
-PRELOAD = (*MODULES, "torch._dynamo")
+# the trainer, the lighthouse, and TorchX's CLI (what the ``torchx`` script runs: ``torchx run``, dry runs included)
+MODULES = ("torchx_diloco.train", "torchx_diloco.lighthouse", "torchx.cli.main")
+# and what those import later: the optimizers' dynamo, our components and the schedulers TorchX loads by entry point
+PRELOAD = (*MODULES, "torch._dynamo", "torchx_diloco_components.diloco", "torchx_diloco.local", "torchx_diloco.slurm")
 # read when an interpreter starts: a child that asks for other values gets a fresh interpreter
 STARTUP_VARS = ("PYTHONPATH", "PYTHONHASHSEED", "PYTHONWARNINGS", "PYTHONFAULTHANDLER", "PYTHONDEVMODE", "TORCH_LOGS")
 
@@ -62,10 +67,10 @@ def _run_child(request: Dict[str, Any]) -> None:
     code: Any = 1
     try:
         os.setsid()
-        log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.close(log)
+        for fd, path in ((1, request["log"]), (2, request.get("err") or request["log"])):
+            log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(log, fd)
+            os.close(log)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -86,8 +91,11 @@ def _run_child(request: Dict[str, Any]) -> None:
             import torch
 
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        sys.path[0] = os.getcwd()  # `python -m` puts the working directory first
-        sys.argv = [request["module"], *request["args"]]
+        script = request.get("argv0")  # a console script that runs the module's main (`torchx`)
+        # `python -m` puts the working directory first, a script its own directory
+        sys.path[0] = os.path.dirname(os.path.abspath(script)) if script else os.getcwd()
+        sys.argv = [script or request["module"], *request["args"]]
+        _as_if_imported_here(request["module"])
         import runpy
 
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -95,7 +103,8 @@ def _run_child(request: Dict[str, Any]) -> None:
 
         # (runpy's warning that the module was imported before it ran as __main__: the zygote imported it)
         warnings.filterwarnings("ignore", ".*found in sys.modules after import of package", RuntimeWarning)
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        # (alter_sys would make sys.argv[0] the module's file: a script's usage lines name the script)
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=not script)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -122,6 +131,18 @@ def _run_child(request: Dict[str, Any]) -> None:
             except BaseException:  # noqa: BLE001
                 pass
         os._exit(code or 0)
+
+
+def _as_if_imported_here(module: str) -> None:
+    """What a module computed from its process's working directory when the zygote imported it, computed again
+    in the child: TorchX finds ``.torchxconfig`` in the directories of ``DEFAULT_CONFIG_DIRS``, set at its import
+    (registered in torchx_diloco/upstream.py)."""
+    if module == "torchx.cli.main":
+        from pathlib import Path
+
+        from torchx.runner import config
+
+        config.DEFAULT_CONFIG_DIRS = [str(Path.home()), str(Path.cwd())]
 
 
 def serve(fd: int) -> None:
@@ -251,14 +272,23 @@ class Zygote:
             and all(env.get(k) == self.env.get(k) for k in STARTUP_VARS)
         )
 
-    def spawn(self, argv: Sequence[str], env: Mapping[str, str], cwd: Path, log: Path) -> Optional[ForkedProcess]:
-        """A forked ``argv`` (see :meth:`accepts`), or None when the zygote cannot fork now (start it fresh)."""
+    def spawn(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: Path,
+        log: Path,
+        err: Optional[Path] = None,
+        argv0: Optional[str] = None,
+    ) -> Optional[ForkedProcess]:
+        """A forked ``argv`` (see :meth:`accepts`), or None when the zygote cannot fork now (start it fresh).
+        ``err``: stderr to a file of its own (else into ``log``); ``argv0``: the program's ``sys.argv[0]``."""
         with self._cond:
             if self._closed:
                 return None
             request_id, self._next_id = self._next_id, self._next_id + 1
         request = {"id": request_id, "module": argv[2], "args": list(argv[3:]), "env": dict(env)}
-        request.update(cwd=str(cwd), log=str(log))
+        request.update(cwd=str(cwd), log=str(log), err=str(err) if err else None, argv0=argv0)
         with self._send_lock:
             _send(self.sock, request)
         with self._cond:
@@ -279,7 +309,13 @@ def enabled() -> bool:
 
 
 def maybe_fork(
-    argv: Sequence[str], env: Optional[Mapping[str, str]], cwd: Path, log: Path, python: str
+    argv: Sequence[str],
+    env: Optional[Mapping[str, str]],
+    cwd: Path,
+    log: Path,
+    python: str,
+    err: Optional[Path] = None,
+    argv0: Optional[str] = None,
 ) -> Optional[ForkedProcess]:
     """``argv`` forked from the zygote when it can be (:mod:`this module <torchx_diloco._fleet.zygote>`), else None."""
     if not enabled():
@@ -288,7 +324,7 @@ def maybe_fork(
     zygote = Zygote.shared(python, {k: v for k, v in os.environ.items() if k != ZYGOTE_ENV})
     if not zygote.accepts(argv, env, python):
         return None
-    return zygote.spawn(argv, env, cwd, log)
+    return zygote.spawn(argv, env, cwd, log, err, argv0)
 
 
 def _main(argv: List[str]) -> None:
