@@ -314,3 +314,41 @@ def _tensors(tree: Any) -> List[torch.Tensor]:
     if isinstance(tree, (list, tuple)):
         return [t for v in tree for t in _tensors(v)]
     return []
+
+
+def test_with_one_group_eager_outer_steps_train_as_blocking_ones_a_window_later() -> None:
+    """One group: its own pseudo-gradient is the average, so the eager start is exactly where the blocking outer
+    step lands. A real model trained by AdamW (Nesterov outer steps): the local weights match blocking DiLoCo's after
+    every window, and the global weights after window k + 1 are blocking's after window k. Anything but the
+    stand-in for the average that differed from DiLoCo (an outer step applied twice, a lost window) breaks this."""
+    from tests.test_streaming import data_of
+
+    def trained(outer_delay: int) -> List[Dict[str, torch.Tensor]]:
+        def work(g: int, manager: Any) -> List[Dict[str, torch.Tensor]]:
+            model = make_model()
+            x, y = data_of(g)
+            inner = torch.optim.AdamW(model.parameters(), lr=0.01)
+            outer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, nesterov=True)
+            diloco = DiLoCo(manager, model, inner, outer, sync_every=3, outer_delay=outer_delay)
+            windows = []
+            for step in range(1, 3 * 6 + 1):
+                ((model(x) - y) ** 2).mean().backward()
+                inner.step()
+                inner.zero_grad()
+                diloco.step()
+                if step % 3 == 0:
+                    glob = torch.cat([t.reshape(-1) for t in diloco.global_weights()])
+                    windows.append(
+                        {"global": glob, "local": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+                    )
+            diloco.close()
+            return windows
+
+        return run_in_groups(1, work)[0]
+
+    blocking, eager = trained(0), trained(1)
+    for k in range(len(blocking)):
+        assert torch.equal(eager[k]["local"], blocking[k]["local"]), f"window {k}: local weights"
+        if k + 1 < len(eager):
+            assert torch.equal(eager[k + 1]["global"], blocking[k]["global"]), f"window {k}: global weights"
+    assert not torch.equal(blocking[1]["global"], blocking[0]["global"])  # the outer steps moved them
