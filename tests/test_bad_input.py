@@ -223,10 +223,8 @@ def test_cli_prints_help_for_every_flag():
 )
 def test_no_entry_point_takes_an_abbreviated_flag(module, args):
     """A prefix of a flag is a typo, refused in one line, never taken for the flag it begins."""
-    import subprocess
+    from torchx_diloco._fleet.testing import PYTHON, clean_env, run_cli
 
-    from torchx_diloco._fleet.testing import PYTHON, clean_env
-
-    done = subprocess.run([PYTHON, "-m", module, *args], env=clean_env(), capture_output=True, text=True, timeout=120)
+    done = run_cli([PYTHON, "-m", module, *args], cwd=Path.cwd(), env=clean_env(), timeout=120)
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"unrecognized arguments: {args[-2]}" in done.stderr, done.stderr

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from torchx_diloco._fleet.testing import PYTHON, REPO, Group, Lighthouse, clean_env, free_port, train_workers
+from torchx_diloco._fleet.testing import PYTHON, REPO, Group, Lighthouse, clean_env, free_port, run_cli, train_workers
 from torchx_diloco.cluster import lighthouse_status, live_replicas
 from torchx_diloco.errors import ERROR_FILE_ENV, read_error_file
 from torchx_diloco.lighthouse import default_bind_host
@@ -152,9 +152,7 @@ def test_lighthouse_on_a_busy_port_fails_with_one_line():
     ],
 )
 def test_lighthouse_bad_flags(args, message):
-    result = subprocess.run(
-        [PYTHON, "-m", "torchx_diloco.lighthouse", *args], capture_output=True, text=True, timeout=60, cwd=REPO
-    )
+    result = run_cli([PYTHON, "-m", "torchx_diloco.lighthouse", *args], cwd=REPO, env=clean_env(), timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
 

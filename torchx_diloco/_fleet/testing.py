@@ -58,21 +58,23 @@ def cli_env(**overrides: str) -> Dict[str, str]:
 def run_cli(
     argv: Sequence[str], cwd: Path, env: Mapping[str, str], timeout: float
 ) -> "subprocess.CompletedProcess[str]":
-    """``subprocess.run(argv, capture_output=True, text=True)``; a call of this environment's ``torchx`` script is
-    forked from the tests' zygote when it can be (TorchX's CLI module as ``__main__``, as the script runs it)."""
+    """``subprocess.run(argv, capture_output=True, text=True)``, forked from the tests' zygote when it can be: a
+    ``python -m`` of a module it has imported, or this environment's ``torchx`` script (TorchX's CLI module as
+    ``__main__``, as the script runs it)."""
     script = shutil.which(argv[0], path=env.get("PATH")) if argv else None
+    command, argv0 = list(argv), None
     if script is not None and Path(script) == BIN / "torchx":
-        with tempfile.TemporaryDirectory(prefix="torchx-cli-") as tmp:
-            out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-            command = [PYTHON, "-m", "torchx.cli.main", *argv[1:]]
-            forked = maybe_fork(command, env, Path(cwd), out, PYTHON, err=err, argv0=script)
-            if forked is not None:
-                try:
-                    code = forked.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    forked.kill()
-                    raise
-                return subprocess.CompletedProcess(list(argv), code, _text_of(out), _text_of(err))
+        command, argv0 = [PYTHON, "-m", "torchx.cli.main", *argv[1:]], script
+    with tempfile.TemporaryDirectory(prefix="captured-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        forked = maybe_fork(command, env, Path(cwd), out, PYTHON, err=err, argv0=argv0)
+        if forked is not None:
+            try:
+                code = forked.wait(timeout)
+            except subprocess.TimeoutExpired:
+                forked.kill()
+                raise
+            return subprocess.CompletedProcess(list(argv), code, _text_of(out), _text_of(err))
     return subprocess.run(list(argv), cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -305,14 +307,8 @@ def train_once(
     args: Sequence[str], env: Optional[Mapping[str, str]] = None, timeout: float = 120, cwd: Optional[Path] = None
 ) -> subprocess.CompletedProcess:
     """The training module in the foreground, output captured (for bad-input checks); no group unless ``env``."""
-    return subprocess.run(
-        [PYTHON, *train_module_args(args)],
-        env=clean_env(OMP_NUM_THREADS="1", **(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd or REPO,
-    )
+    argv = [PYTHON, *train_module_args(args)]
+    return run_cli(argv, cwd=cwd or REPO, env=clean_env(OMP_NUM_THREADS="1", **(env or {})), timeout=timeout)
 
 
 # --- finding processes through /proc ---------------------------------------------------------------------------
