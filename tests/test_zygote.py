@@ -61,7 +61,7 @@ def test_what_a_fork_cannot_be_starts_a_fresh_interpreter(tmp_path, monkeypatch)
 def test_a_torchx_call_is_forked_and_prints_what_the_script_prints(tmp_path, monkeypatch, args):
     """``run_cli`` of the ``torchx`` script forks TorchX's CLI from the zygote; its exit code, stdout and stderr
     (usage lines name the program: ``torchx``) are the script's own, from a fresh interpreter."""
-    forks: list = []
+    forks: list = []  # what the real maybe_fork returned: the wrapper only records it (nothing is replaced)
     fork = testing.maybe_fork
     monkeypatch.setattr(testing, "maybe_fork", lambda *a, **kw: forks.append(fork(*a, **kw)) or forks[-1])
     argv = ["torchx", *args]
