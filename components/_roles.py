@@ -247,7 +247,7 @@ def program(
     """What torchrun runs in each group: ``-m torchx_diloco.train <checked flags>``, or the user's script or
     module with the user's arguments (not ours to check)."""
     if script is None and module is None:
-        return ["-m", TRAIN_MODULE, *train_args(groups, min_replicas, trainer, script_args, run)]
+        return ["-m", TRAIN_MODULE, *checked_train_args(groups, min_replicas, trainer, script_args, run)]
     if script is not None and module is not None:
         raise ComponentError("--script and --m both given: pass one of them (a script path or a module name)")
     if trainer:
@@ -265,7 +265,7 @@ def program(
     return [script, *script_args]
 
 
-def train_args(
+def checked_train_args(
     groups: int, min_replicas: int, trainer: Dict[str, str], script_args: List[str], run: Optional[str]
 ) -> List[str]:
     """The training module's flags, checked now with its own parser (a typo fails before anything starts), and
