@@ -608,3 +608,24 @@ def test_bad_per_group_values_fail_in_one_line(no_gpus, kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         comp.diloco(replica_groups=3, **kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_local_cwd_answers_after_close_as_torchx_log_threads_ask_it(tmp_path):
+    """`torchx run`'s log threads (daemons) tail each replica by asking the scheduler how the app is: after Ctrl-C
+    they may ask once more after our close() forgot the app's request. A failed app must still be described (a
+    KeyError there printed a thread's traceback under the one-line stop message)."""
+    from torchx.specs import AppDef, AppState, Role
+
+    from torchx_diloco.local import create_scheduler
+
+    scheduler = create_scheduler("test")
+    role = Role("fails", image=str(tmp_path), entrypoint=sys.executable, args=["-c", "import sys; sys.exit(3)"])
+    app_id = scheduler.schedule(scheduler.submit_dryrun(AppDef("fails", roles=[role]), {"log_dir": str(tmp_path)}))
+    deadline = time.monotonic() + 60
+    while (resp := scheduler.describe(app_id)) is None or resp.state != AppState.FAILED:
+        assert time.monotonic() < deadline, f"the app did not fail: {resp}"
+        time.sleep(0.05)
+    scheduler.close()
+    after = scheduler.describe(app_id)
+    assert after is not None and after.state == AppState.FAILED
+    assert list(scheduler.log_iter(app_id, "fails", should_tail=True)) == []  # tails to the end, quietly

@@ -96,9 +96,10 @@ class LocalCwdScheduler(LocalScheduler):
 
     def describe(self, app_id: str) -> Optional[DescribeAppResponse]:
         resp = super().describe(app_id)
-        if resp is not None:
+        request = self._requests.get(app_id)  # gone after close(), when TorchX's log threads still ask
+        if resp is not None and request is not None:
             self._states[app_id] = resp.state
-            failure = first_failure(self._requests[app_id]) if resp.state == AppState.FAILED else None
+            failure = first_failure(request) if resp.state == AppState.FAILED else None
             if failure is not None:
                 resp.msg = f"{failure[0]}: {failure[1]}"
         return resp
