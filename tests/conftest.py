@@ -20,6 +20,13 @@ from torchx_diloco._fleet.zygote import ZYGOTE_ENV
 # Trainers and lighthouses the tests start are forked from an interpreter that imported them already (about 4.5 s
 # of CPU each saved; torchx_diloco/_fleet/zygote.py). `TORCHX_DILOCO_ZYGOTE=0 make test` starts each one fresh.
 os.environ.setdefault(ZYGOTE_ENV, "1")
+# Every TCPStore (torchft's per group, torchrun's, each process group's) looks up the host name of each client it
+# accepts, for its log lines (c10d's formatSockAddr); on loopback that is a reverse DNS query for ::ffff:127.0.0.1,
+# which /etc/hosts does not answer. Where the DNS server drops some of them (this project's machines: about one in
+# 25), glibc waits 5 s before its retry: one in ~12 Managers built here took 5 s longer. One try of 1 s instead: the
+# lookup fails with EAI_AGAIN and torch logs addresses, not names, for the rest of that process (it says so once).
+# In this process and every process the tests start; forward lookups of the names used here are /etc/hosts'.
+os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
 
 # --- two tests at a time (make test: pytest -n 2 --dist loadgroup) ------------------------------------------------
 # Most tests wait on processes more than they compute, so two run side by side. Those sharing one machine-wide
