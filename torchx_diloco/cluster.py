@@ -417,6 +417,16 @@ def init_group_process_group(backend: str) -> None:
         dist.init_process_group(backend, store=life, rank=group_rank(), world_size=group_world_size())
 
 
+def leave_group_process_group() -> None:
+    """Destroy this group's process groups before the process exits. Left to the interpreter's exit, Gloo's
+    threads are sometimes destroyed while still joinable: the process aborts ("terminate called without an
+    active exception", SIGABRT; 3 to 8 exits in 20 of two ranks here) and torchrun reports a failed worker."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def group_rank() -> int:
     """This process's rank inside its replica group (0 outside torchrun)."""
     return int(os.environ.get("RANK", "0"))

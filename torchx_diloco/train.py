@@ -26,6 +26,7 @@ from torchx_diloco.cluster import (
     group_rank,
     group_world_size,
     join_run,
+    leave_group_process_group,
     pick_device,
 )
 from torchx_diloco.config import ERROR_FEEDBACK, TrainConfig, parse_config
@@ -321,7 +322,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     keep_freed_memory()
     try:
         cfg = parse_config(argv)
-        return Trainer(cfg).run()
+        code = Trainer(cfg).run()
+        leave_group_process_group()  # (after an error the process exits without: a peer may be gone)
+        return code
     except UserError as e:
         report_error("torchx_diloco.train", str(e), e.exit_code)
         end_run_on_user_error(str(e), e.exit_code)
