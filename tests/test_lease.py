@@ -141,3 +141,62 @@ def test_a_lease_whose_process_died_on_this_host_is_taken_at_once(folder):
     assert lease.holder().run == "run-new"
     mine = lease.holder()
     assert mine.fresh() and not mine.died_here()  # this process lives
+
+
+BLOCKED_HOLDER = """
+import os, signal, sys
+from datetime import timedelta
+import torch.distributed as dist
+from torchx_diloco.lease import Lease
+from torchx_diloco.sigterm import on_sigterm
+lease = Lease(sys.argv[1], "run-stopped", 600)
+lease.acquire()
+lease.start()
+on_sigterm(lease.release)
+on_sigterm(lambda: print("a cancelled callback ran", flush=True))()  # registered, then cancelled at once
+child = os.fork()  # a DataLoader worker: its SIGTERM must not reach the parent's callbacks through a shared pipe
+if child == 0:
+    print("child's wakeup fd", signal.set_wakeup_fd(-1), signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=600))
+print("blocked", store.port, flush=True)
+store.wait(["go"])  # native code, as a trainer in a quorum or a collective: Python runs no handler meanwhile
+print("the wait returned", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_releases_the_lease_at_once_while_the_main_thread_is_blocked_then_the_process_dies_of_it(tmp_path):
+    """scancel, Ctrl-C and preemption send SIGTERM; Slurm SIGKILLs 30 s later (KillWait). A trainer blocked in a
+    quorum or collective for longer must still free its folder for the resubmitted job (torchx_diloco/sigterm.py):
+    a Python signal handler alone would run only once the blocking call returned, after the SIGKILL."""
+    import signal
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    folder = str(tmp_path / "ckpt")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED_HOLDER, folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        child, line = proc.stdout.readline(), proc.stdout.readline()
+        assert child.split() == ["child's", "wakeup", "fd", "-1", "True"], child  # as before on_sigterm
+        assert line.startswith("blocked"), (line, proc.stderr.read() if proc.poll() is not None else "")
+        lease = Lease(folder, "run-next", ttl_s=600)
+        assert lease.holder().run == "run-stopped"
+        proc.send_signal(signal.SIGTERM)
+        while lease.holder() is not None:  # (the timeout above bounds this; the holder's wait lasts 600 s)
+            time.sleep(0.02)
+        assert proc.poll() is None, "the lease went only with the process: it was not released while blocked"
+        lease.acquire()  # the next run has the folder at once
+        dist.TCPStore("127.0.0.1", int(line.split()[1]), 1, False, timeout=timedelta(seconds=30)).set("go", "1")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM, err[-2000:]  # it still dies of SIGTERM, as without the handler
+    assert "a cancelled callback ran" not in out, out
+    assert lease.holder().run == "run-next"  # the stopped run's release did not touch the next run's lease

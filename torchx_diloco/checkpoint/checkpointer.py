@@ -10,10 +10,7 @@ quorum published its part (or a patience ran out).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +29,7 @@ from torchx_diloco.lease import Lease
 from torchx_diloco.metrics import MetricsLog, TensorBoardLog, weights_checksum
 from torchx_diloco.modeling import fingerprint_mismatch
 from torchx_diloco.outer_loop import OuterLoop
+from torchx_diloco.sigterm import on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +101,7 @@ class Checkpointer:
         self.publish_now = threading.Event()  # set while the loop waits for the writer (see before_sync)
         self.fingerprint: Dict[str, Any] = {}
         self.resume_from: Optional[Checkpoint] = None
+        self._forget_sigterm: Callable[[], None] = lambda: None
         self._pg: Optional[Any] = None  # several ranks: they write and read DCP shards over this process group
 
     # --- start -------------------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ class Checkpointer:
         if self.lease is not None:  # every check passed: this run holds the folder from now on
             self.lease.acquire(self.take_over)
             self.lease.start()
-            _release_on_sigterm(self.lease)
+            self._forget_sigterm = on_sigterm(self.lease.release)  # scancel, Ctrl-C, preemption: free at once
         self.resume_from = newest
         return newest
 
@@ -322,22 +321,5 @@ class Checkpointer:
         self.writer.close()
         self.metrics.close()
         if self.lease is not None:
+            self._forget_sigterm()
             self.lease.stop()
-
-
-def _release_on_sigterm(lease: Lease) -> None:
-    """A group stopped on purpose (Ctrl-C through TorchX, scancel, a preempted Slurm job: SIGTERM) releases the
-    folder before it dies as SIGTERM would have made it."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        with contextlib.suppress(Exception):  # best effort: it goes stale anyway
-            lease.release()
-        if callable(previous):
-            previous(signum, frame)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
