@@ -278,6 +278,9 @@ def test_cancelled_job_resubmitted_resumes_from_newest_checkpoint(tmp_path, jobs
     wait_until(lambda: newest_complete(ckpt) >= 2, 150, "a complete checkpoint at step >= 2")
     subprocess.run(["scancel", job_id(first)], check=True)  # the whole job is lost
     assert wait_done(job_id(first), 60) == "CANCELLED"
+    # its groups released the folder, even one blocked in a quorum when SIGTERM came (KillWait is 5 s here; a
+    # lease left behind is never deleted, and the resubmitted job would be refused while it is fresh)
+    wait_until(lambda: not (ckpt / "LEASE.json").exists(), 30, "the cancelled job to release its lease")
     newest = newest_complete(ckpt)
 
     second = submit(
