@@ -159,8 +159,8 @@ if child == 0:
     print("child's wakeup fd", signal.set_wakeup_fd(-1), signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, flush=True)
     os._exit(0)
 os.waitpid(child, 0)
-store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=600))
-print("blocked", store.port, flush=True)
+store = dist.TCPStore("127.0.0.1", int(sys.argv[2]), None, False, timeout=timedelta(seconds=600))
+print("blocked", flush=True)
 store.wait(["go"])  # native code, as a trainer in a quorum or a collective: Python runs no handler meanwhile
 print("the wait returned", flush=True)
 """
@@ -179,8 +179,14 @@ def test_sigterm_releases_the_lease_at_once_while_the_main_thread_is_blocked_the
     import torch.distributed as dist
 
     folder = str(tmp_path / "ckpt")
+    # the store the holder waits on is this process's: a signal to the holder can break a server it hosted itself
+    # (its connections reset), not a client's wait, which retries
+    store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=60), wait_for_workers=False)
     proc = subprocess.Popen(
-        [sys.executable, "-c", BLOCKED_HOLDER, folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", BLOCKED_HOLDER, folder, str(store.port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         child, line = proc.stdout.readline(), proc.stdout.readline()
@@ -193,7 +199,7 @@ def test_sigterm_releases_the_lease_at_once_while_the_main_thread_is_blocked_the
             time.sleep(0.02)
         assert proc.poll() is None, "the lease went only with the process: it was not released while blocked"
         lease.acquire()  # the next run has the folder at once
-        dist.TCPStore("127.0.0.1", int(line.split()[1]), 1, False, timeout=timedelta(seconds=30)).set("go", "1")
+        store.set("go", "1")
         out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
